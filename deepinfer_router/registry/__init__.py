@@ -1,0 +1,1 @@
+"""Registry sources: static engines, the embedded registry and Redis."""

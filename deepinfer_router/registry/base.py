@@ -1,0 +1,38 @@
+"""Registry sources: where the router learns which engines exist.
+
+Each source keeps its own view of engine records and calls `on_change()` when that view
+changes; the fleet merges the views of all sources. Sources do I/O; the fleet does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..engine_record import EngineRecord
+
+OnChange = Callable[[], None]
+
+
+class RegistrySource(Protocol):
+    name: str  # "static" | "local" | "redis"
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def snapshot(self) -> dict[str, EngineRecord]:
+        """Engines this source knows now, by id."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """State for /ready and /admin: at least {"backend": name, "up": bool}."""
+        ...
+
+
+class WritableRegistry(RegistrySource, Protocol):
+    """A source that the admin API can write to (embedded or Redis)."""
+
+    async def register(self, record: EngineRecord, ttl_s: float | None = None) -> None: ...
+
+    async def deregister(self, engine_id: str) -> bool: ...

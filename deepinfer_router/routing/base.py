@@ -1,0 +1,83 @@
+"""The policy interface: pure decision code, no I/O, time passed in.
+
+A policy gets the request's features and the candidate engines (already filtered to
+healthy, non-draining engines serving the model) and returns a Decision. The router calls
+`on_routed` once the request is actually sent, `on_complete` when it ends, and
+`forget_engine` when an engine leaves or restarts (new instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class RequestFeatures:
+    """What routing knows about a request."""
+
+    model: str
+    session_key: str | None = None
+    # Chained xxhash of fixed-size prompt character chunks: hashes[i] covers chars
+    # [0, (i+1)*chunk). Empty when no policy asked for the prompt text.
+    chunk_hashes: list[int] = field(default_factory=list)
+    prompt_chars: int = 0
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One engine that may take the request, with what the router knows of its load."""
+
+    id: str
+    instance: str
+    inflight: int = 0  # requests this router has in flight to it (exact)
+    waiting: float = 0.0  # scraped vllm:num_requests_waiting (0 when stale)
+    running: float = 0.0  # scraped vllm:num_requests_running (0 when stale)
+    kv_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc in [0, 1]
+    kv_capacity_chars: int = 0  # KV capacity of the engine in prompt characters
+
+    @property
+    def load(self) -> float:
+        """Load for balancing: in flight here plus queued at the engine."""
+        return self.inflight + self.waiting
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    engine_id: str
+    reason: str  # goes to x-deepinfer-route and deepinfer_routing_decisions_total{reason}
+    matched_chars: int = 0
+
+
+class RoutingPolicy(Protocol):
+    name: str
+    needs_prompt: bool  # False: the router skips prompt extraction and hashing
+
+    def select(
+        self, request: RequestFeatures, candidates: Sequence[Candidate], now: float
+    ) -> Decision: ...
+
+    def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None: ...
+
+    def on_complete(
+        self, request: RequestFeatures, engine_id: str, ok: bool, now: float
+    ) -> None: ...
+
+    def forget_engine(self, engine_id: str) -> None: ...
+
+
+class PolicyBase:
+    """No-op hooks, so a simple policy only writes `select`."""
+
+    name = "base"
+    needs_prompt = False
+
+    def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
+        return None
+
+    def on_complete(self, request: RequestFeatures, engine_id: str, ok: bool, now: float) -> None:
+        return None
+
+    def forget_engine(self, engine_id: str) -> None:
+        return None

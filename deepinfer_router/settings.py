@@ -1,0 +1,173 @@
+"""Router settings: every option once, with its flag, environment variable and TOML key
+derived from the field name (see settings_loader)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .settings_loader import CsvList
+
+ENV_PREFIX = "DEEPINFER_"
+
+PolicyName = Literal["kv-aware", "session", "least-conn", "round-robin"]
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    # --- serving -------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    engine: CsvList = Field(
+        default_factory=list,
+        description="Static engine base URL (with or without /v1); repeatable. The models "
+        "served are read from URL/v1/models.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Shared Redis registry (redis://, rediss:// with TLS, user:password@ for "
+        "AUTH). Without it the router keeps an embedded in-memory registry.",
+    )
+    registry_namespace: str = Field(
+        "deepinfer",
+        min_length=1,
+        description="Key prefix in Redis, so that several fleets can share one Redis.",
+    )
+    engine_ttl_s: float = Field(
+        15.0, gt=0, description="Seconds an engine registered through the admin API stays "
+        "without a heartbeat before it is dropped."
+    )
+    sim_engines: int = Field(
+        0, ge=0, le=64, description="Demo: start N simulated engines in-process and route to them."
+    )
+    sim_model: str = Field("sim-model", description="Model name served by --sim-engines.")
+    sim_kv_blocks: int = Field(
+        2048, ge=16, description="KV cache blocks of each --sim-engines engine."
+    )
+    sim_speed: float = Field(
+        1.0, gt=0, description="Clock speed-up of --sim-engines engines (2 = twice as fast)."
+    )
+
+    # --- routing -------------------------------------------------------------------
+    policy: PolicyName = Field("kv-aware", description="Routing policy.")
+    session_header: str = Field(
+        "X-Session-ID",
+        description="Request header carrying the session key (the body's `user` field is "
+        "used when the header is absent).",
+    )
+    chars_per_token: float = Field(
+        4.0, gt=0, description="Characters per token, to turn engine token capacities into "
+        "prompt characters."
+    )
+    prefix_chunk_chars: int = Field(
+        128, ge=8, le=8192, description="Characters per hashed prompt chunk."
+    )
+    prefix_max_chars: int = Field(
+        65536, ge=0, description="Cap on the prompt characters hashed per request (0: no cap)."
+    )
+    balance_factor: float = Field(
+        1.25, ge=1.0, description="Bounded-load factor c: an engine takes a request only while "
+        "load+1 <= ceil(c*(total load+1)/candidates)."
+    )
+    session_ttl_s: float = Field(
+        1800.0, gt=0, description="Seconds a session binding lives after its last request."
+    )
+    max_sessions: int = Field(
+        200_000, ge=1, description="Bound on remembered session bindings (oldest dropped first)."
+    )
+    default_engine_kv_tokens: int = Field(
+        100_000, ge=1, description="KV capacity in tokens assumed for an engine that reports none."
+    )
+
+    # --- engine observation ----------------------------------------------------------
+    scrape_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between scrapes of each engine's /metrics."
+    )
+    scrape_timeout_s: float = Field(0.8, gt=0, description="Timeout of one /metrics scrape.")
+    scrape_stale_s: float = Field(
+        5.0, gt=0, description="Scraped load older than this is ignored (marked stale)."
+    )
+    health_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between active /health checks of each engine."
+    )
+    health_timeout_s: float = Field(2.0, gt=0, description="Timeout of one /health check.")
+
+    # --- reliability -----------------------------------------------------------------
+    connect_timeout_s: float = Field(5.0, gt=0, description="Timeout to connect to an engine.")
+    first_byte_timeout_s: float = Field(
+        300.0, gt=0, description="Timeout until the engine's response headers arrive."
+    )
+    stream_idle_timeout_s: float = Field(
+        120.0, gt=0, description="Longest silence between two chunks of an engine's response."
+    )
+    request_timeout_s: float = Field(
+        1800.0, gt=0, description="Total time allowed for one request."
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="Retries on another engine for failures before the first "
+        "byte reached the client (connect errors, resets, 502/503)."
+    )
+    retry_backoff_s: float = Field(
+        0.02, ge=0, description="Base of the jittered exponential backoff between retries."
+    )
+    eject_after_failures: int = Field(
+        3, ge=1, description="Consecutive failures that take an engine out of routing."
+    )
+    eject_cooldown_s: float = Field(
+        5.0, gt=0, description="Seconds an ejected engine waits before a half-open probe."
+    )
+    max_inflight: int = Field(
+        4096, ge=1, description="Router-wide limit on requests being proxied at once."
+    )
+    max_inflight_per_engine: int = Field(
+        512, ge=1, description="Limit on requests in flight to one engine."
+    )
+    max_queue: int = Field(
+        1024, ge=0, description="Requests allowed to wait for a free slot; beyond it 429."
+    )
+    queue_timeout_s: float = Field(
+        10.0, ge=0, description="Longest wait for a free slot before 429."
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, time given to in-flight requests to finish."
+    )
+
+    # --- security --------------------------------------------------------------------
+    api_key: CsvList = Field(
+        default_factory=list,
+        description="Accepted client API key (Authorization: Bearer); repeatable. None: open.",
+    )
+    admin_key: str | None = Field(
+        None, description="Key for /admin routes. Without it they answer loopback clients only."
+    )
+    engine_api_key: str | None = Field(
+        None, description="Authorization bearer sent to engines (the client's key is stripped)."
+    )
+    allow_private_engine_urls: bool = Field(
+        False, description="Accept link-local / cloud-metadata engine addresses at registration."
+    )
+    max_body_mb: float = Field(32.0, gt=0, description="Largest request body, in MiB.")
+
+    # --- logging ---------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine URL must start with http:// or https://: {url!r}")
+        return urls
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url or None

@@ -1,0 +1,1 @@
+"""deepinfer-engine: starts, supervises and registers vLLM engines (and simulated ones)."""

@@ -1,0 +1,117 @@
+"""Engine-side registration: a heartbeat with a TTL into the router's embedded registry
+(`http://router:8080`) or a shared Redis (`redis://...`). A clean stop deregisters at once.
+
+Used by `deepinfer-engine sim` and `deepinfer-engine launch` alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+import aiohttp
+
+from deepinfer_router.engine_record import EngineRecord
+
+log = logging.getLogger("deepinfer.engine.registration")
+
+DEFAULT_HEARTBEAT_S = 2.0
+DEFAULT_TTL_S = 6.0
+
+
+class Registrar(Protocol):
+    async def start(self, record: EngineRecord) -> None:
+        """Register now (raising if the first attempt fails) and keep heart-beating."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop heart-beating and deregister."""
+        ...
+
+
+class HttpRegistrar:
+    """Registers with a router's embedded registry through its admin API."""
+
+    def __init__(
+        self,
+        router_url: str,
+        admin_key: str | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        self._base = router_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self._heartbeat_s = heartbeat_s
+        self._ttl_s = ttl_s
+        self._record: EngineRecord | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _post(self) -> None:
+        assert self._record is not None and self._session is not None
+        self._record.heartbeat_at = time.time()
+        payload = {**self._record.model_dump(mode="json"), "ttl_s": self._ttl_s}
+        async with self._session.post(
+            f"{self._base}/admin/engines", json=payload, headers=self._headers
+        ) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(
+                    f"registration at {self._base} refused: {resp.status} {await resp.text()}"
+                )
+
+    async def start(self, record: EngineRecord) -> None:
+        self._record = record
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        await self._post()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                await self._post()
+                if failing:
+                    log.info("registration at %s restored", self._base)
+                failing = False
+            except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as exc:
+                if not failing:  # log once per outage, not every heartbeat
+                    log.warning("heartbeat to %s failed: %s", self._base, exc)
+                failing = True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None and self._record is not None:
+            try:
+                async with self._session.delete(
+                    f"{self._base}/admin/engines/{self._record.id}", headers=self._headers
+                ):
+                    pass
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("deregistration at %s failed: %s", self._base, exc)
+        if self._session is not None:
+            await self._session.close()
+
+
+def make_registrar(
+    url: str,
+    key: str | None = None,
+    *,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    ttl_s: float = DEFAULT_TTL_S,
+    namespace: str = "deepinfer",
+) -> Registrar:
+    """`http(s)://router` -> the router's embedded registry; `redis://` -> shared Redis."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_registration import RedisRegistrar  # the Redis issue provides it
+
+        return RedisRegistrar(url, heartbeat_s=heartbeat_s, ttl_s=ttl_s, namespace=namespace)
+    if url.startswith(("http://", "https://")):
+        return HttpRegistrar(url, key, heartbeat_s=heartbeat_s, ttl_s=ttl_s)
+    raise ValueError(f"registry URL must be http(s):// (a router) or redis://: {url!r}")
