@@ -81,6 +81,25 @@ class RouterSettings(BaseSettings):
     default_engine_kv_tokens: int = Field(
         100_000, ge=1, description="KV capacity in tokens assumed for an engine that reports none."
     )
+    balance_slack: int = Field(
+        0, ge=0, le=1024, description="Requests an engine may take beyond the bounded-load "
+        "limit (0: KubeAI's guard exactly; more keeps affinity longer at low load)."
+    )
+    load_cost_chars: float = Field(
+        4096.0, ge=0, description="kv-aware scoring: cached prefix characters that one request "
+        "of load is worth (score = matched chars - this x load cost)."
+    )
+    running_load_weight: float = Field(
+        0.5, ge=0, description="kv-aware scoring: load cost of one running request reported by "
+        "the engine beyond this router's in-flight count (other routers' requests)."
+    )
+    kv_usage_load_weight: float = Field(
+        1.0, ge=0, description="kv-aware scoring: load cost added at 100% vllm:kv_cache_usage_perc."
+    )
+    placement_window: float = Field(
+        0.5, ge=0, description="kv-aware: a prompt nobody holds goes to an engine within this "
+        "load cost of the least loaded, chosen by rendezvous hash of its first chunk."
+    )
 
     # --- engine observation ----------------------------------------------------------
     scrape_interval_s: float = Field(

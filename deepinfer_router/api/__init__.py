@@ -1,0 +1,1 @@
+"""HTTP handlers: OpenAI routes (proxied), models, health, admin, metrics."""

@@ -1,0 +1,162 @@
+"""Admin routes: list, register/heartbeat, remove and drain engines.
+
+With `--admin-key` they need `Authorization: Bearer <admin key>`; without it they answer
+only clients on loopback."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from ..engine_record import EngineRecord
+from ..errors import RouterError
+from ..state import STATE, RouterState
+
+# Cloud metadata endpoints reachable without being link-local addresses.
+_METADATA_HOSTS = frozenset(("metadata.google.internal", "metadata", "instance-data"))
+
+
+def is_loopback_peer(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin(state: RouterState, request: web.Request) -> None:
+    key = state.settings.admin_key
+    if key:
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise RouterError(401, "Admin routes need the admin key.", "invalid_admin_key")
+    elif not is_loopback_peer(request):
+        raise RouterError(
+            403, "Admin routes answer loopback clients only when no --admin-key is set.",
+            "admin_loopback_only",
+        )
+
+
+def check_engine_url(url: str, allow_private: bool) -> None:
+    """Refuse addresses an attacker could use to reach the host's metadata service."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise RouterError(400, "Engine URL must be http(s)://host[:port].", "invalid_engine_url")
+    if allow_private:
+        return
+    if host in _METADATA_HOSTS:
+        raise RouterError(400, f"Engine URL host {host!r} is refused.", "engine_url_refused")
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            return  # unresolvable now: routing will find it unhealthy, not dangerous
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
+        if address.is_link_local or address.is_multicast or address.is_unspecified:
+            raise RouterError(
+                400,
+                f"Engine URL address {address} is link-local/metadata and refused "
+                "(--allow-private-engine-urls to permit).",
+                "engine_url_refused",
+            )
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def _admin(handler: Any) -> Any:
+    async def wrapped(request: web.Request) -> web.Response:
+        state = request.app[STATE]
+        try:
+            check_admin(state, request)
+            return await handler(state, request)  # type: ignore[no-any-return]
+        except RouterError as exc:
+            return exc.response()
+
+    return wrapped
+
+
+@_admin
+async def list_engines(state: RouterState, request: web.Request) -> web.Response:
+    now = time.monotonic()
+    engines = []
+    for s in sorted(state.fleet.engines.values(), key=lambda s: s.id):
+        fresh = s.load.at and now - s.load.at <= state.settings.scrape_stale_s
+        engines.append(
+            {
+                **s.record.model_dump(mode="json"),
+                "source": s.source,
+                "state": s.state(now),
+                "inflight": s.inflight,
+                "load": {
+                    "waiting": s.load.waiting,
+                    "running": s.load.running,
+                    "kv_cache_usage": s.load.kv_usage,
+                    "num_gpu_blocks": s.load.num_gpu_blocks,
+                    "block_size": s.load.block_size,
+                    "stale": not fresh,
+                },
+                "consecutive_failures": s.consecutive_failures,
+            }
+        )
+    return _json({"engines": engines, "registry": [src.status() for src in state.sources]})
+
+
+@_admin
+async def register_engine(state: RouterState, request: web.Request) -> web.Response:
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise RouterError(400, f"Malformed JSON body: {exc}", "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise RouterError(400, "The body must be an engine record object.", "invalid_body")
+    ttl = payload.pop("ttl_s", None)
+    if ttl is not None and (not isinstance(ttl, int | float) or ttl <= 0 or ttl > 86400):
+        raise RouterError(400, "`ttl_s` must be a number of seconds in (0, 86400].", "invalid_ttl")
+    try:
+        record = EngineRecord.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "record"
+        raise RouterError(400, f"Invalid engine record: {field}: {first['msg']}",
+                          "invalid_engine_record") from None
+    check_engine_url(record.url, state.settings.allow_private_engine_urls)
+    if state.writable is None:
+        raise RouterError(503, "No writable registry.", "no_registry")
+    await state.writable.register(record, ttl)
+    return _json({"id": record.id, "instance": record.instance, "registered": True})
+
+
+@_admin
+async def delete_engine(state: RouterState, request: web.Request) -> web.Response:
+    engine_id = request.match_info["id"]
+    removed = state.writable is not None and await state.writable.deregister(engine_id)
+    if not removed:
+        raise RouterError(404, f"No registered engine {engine_id!r}.", "engine_not_found")
+    return _json({"id": engine_id, "removed": True})
+
+
+@_admin
+async def drain_engine(state: RouterState, request: web.Request) -> web.Response:
+    engine_id = request.match_info["id"]
+    undo = request.query.get("undo") in ("1", "true")
+    if not state.fleet.set_draining(engine_id, not undo):
+        raise RouterError(404, f"No engine {engine_id!r}.", "engine_not_found")
+    engine = state.fleet.engines[engine_id]
+    return _json({"id": engine_id, "draining": engine.draining, "inflight": engine.inflight})

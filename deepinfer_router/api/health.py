@@ -1,0 +1,33 @@
+"""`/health` (the process is alive) and `/ready` (at least one healthy engine)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from ..state import STATE
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = time.monotonic()
+    counts = state.fleet.state_counts(now)
+    is_ready = counts["healthy"] > 0 and not state.shutting_down
+    detail = {
+        "ready": is_ready,
+        "engines": counts,
+        "models": state.fleet.models(now),
+        "registry": [source.status() for source in state.sources],
+        "shutting_down": state.shutting_down,
+    }
+    return web.Response(
+        status=200 if is_ready else 503,
+        body=orjson.dumps(detail),
+        content_type="application/json",
+    )

@@ -1,0 +1,99 @@
+"""deepinfer-router: parse settings, start the app on uvloop, shut down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from . import __version__
+from .app import build_app
+from .logs import AccessLogger, configure_logging
+from .settings import ENV_PREFIX, RouterSettings
+from .settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
+from .state import STATE
+
+log = logging.getLogger("deepinfer.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepinfer-router",
+        description="OpenAI-compatible router in front of a fleet of vLLM engines. "
+        f"Every option can also be set as {ENV_PREFIX}<FLAG> or in the --config TOML file.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file.")
+    parser.add_argument("--version", action="version", version=f"deepinfer {__version__}")
+    parser.add_argument(
+        "--print-config-example", action="store_true",
+        help="Print an example TOML file with every option, and exit.",
+    )
+    add_settings_arguments(parser, RouterSettings)
+    return parser
+
+
+def load(argv: list[str] | None = None) -> RouterSettings:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    config = ns.pop("config", None)
+    if ns.pop("print_config_example", False):
+        print(render_example_toml(RouterSettings, "deepinfer-router settings", ENV_PREFIX))
+        raise SystemExit(0)
+    return parse_or_exit(RouterSettings, ns, config, ENV_PREFIX, "deepinfer-router")
+
+
+async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), then drain: refuse new requests, let
+    in-flight ones finish up to --shutdown-grace-s, and close."""
+    app = build_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("deepinfer.access"),
+        handler_cancellation=True,  # a client that leaves cancels its upstream request
+        shutdown_timeout=settings.shutdown_grace_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
+    await site.start()
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    state = app[STATE]
+    state.shutting_down = True
+    log.info("shutting down: waiting up to %.0fs for in-flight requests",
+             settings.shutdown_grace_s)
+    deadline = time.monotonic() + settings.shutdown_grace_s
+    # Stop listening first so the load balancer moves on; open connections keep going.
+    await site.stop()
+    while state.admission.inflight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    import uvloop
+
+    try:
+        uvloop.run(serve(settings))
+    except OSError as exc:
+        print(f"deepinfer-router: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

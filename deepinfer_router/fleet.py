@@ -1,0 +1,228 @@
+"""The router's live view of its engines: records merged from every registry source,
+plus what the router observes (in-flight counts, scraped load, health, ejection, drain).
+
+Pure state: the scraper, the health checker and the proxy feed it; the clock is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .engine_record import EngineRecord
+from .routing.base import Candidate
+
+
+@dataclass(slots=True)
+class ScrapedLoad:
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
+    prefix_queries: float | None = None
+    prefix_hits: float | None = None
+    at: float = 0.0  # when scraped; 0 = never
+
+
+@dataclass(slots=True)
+class EngineState:
+    record: EngineRecord
+    source: str
+    inflight: int = 0
+    load: ScrapedLoad = field(default_factory=ScrapedLoad)
+    healthy: bool = True  # last active health check (or passive evidence)
+    draining: bool = False
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0  # circuit open until then; then half-open
+    probing: bool = False  # half-open: one request allowed through
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def state(self, now: float) -> str:
+        if self.draining:
+            return "draining"
+        if self.ejected_until > now:
+            return "ejected"
+        if not self.record.models:
+            return "pending"  # models not known yet
+        return "healthy" if self.healthy else "unhealthy"
+
+
+class Fleet:
+    """Engines by id. `sync` takes the records of every source; listeners hear about
+    engines that left or restarted (so routing state about them can be dropped)."""
+
+    def __init__(
+        self,
+        *,
+        chars_per_token: float,
+        default_kv_tokens: int,
+        stale_after_s: float,
+        eject_after_failures: int,
+        eject_cooldown_s: float,
+    ) -> None:
+        self.engines: dict[str, EngineState] = {}
+        self._chars_per_token = chars_per_token
+        self._default_kv_tokens = default_kv_tokens
+        self._stale_after_s = stale_after_s
+        self._eject_after = eject_after_failures
+        self._eject_cooldown = eject_cooldown_s
+        self._forget_listeners: list[Callable[[str], None]] = []
+        self._sorted_ids: list[str] = []
+        self._by_model: dict[str, list[EngineState]] = {}
+
+    def on_forget(self, listener: Callable[[str], None]) -> None:
+        self._forget_listeners.append(listener)
+
+    # --- membership --------------------------------------------------------------
+    def sync(self, sources: Iterable[tuple[str, Mapping[str, EngineRecord]]]) -> None:
+        """Merge source views; later sources win for the same id."""
+        merged: dict[str, tuple[str, EngineRecord]] = {}
+        for source, records in sources:
+            for engine_id, record in records.items():
+                merged[engine_id] = (source, record)
+        for engine_id in list(self.engines):
+            if engine_id not in merged:
+                # Requests in flight keep their EngineState reference and finish.
+                del self.engines[engine_id]
+                self._forget(engine_id)
+        for engine_id, (source, record) in merged.items():
+            state = self.engines.get(engine_id)
+            if state is None:
+                self.engines[engine_id] = EngineState(record=record, source=source)
+            elif state.record.instance != record.instance:
+                # A restart: its cache is empty and its old failures are history.
+                self._forget(engine_id)
+                inflight = state.inflight
+                self.engines[engine_id] = EngineState(
+                    record=record, source=source, inflight=inflight, draining=state.draining
+                )
+            else:
+                state.record = record
+                state.source = source
+        self._reindex()
+
+    def _forget(self, engine_id: str) -> None:
+        for listener in self._forget_listeners:
+            listener(engine_id)
+
+    def _reindex(self) -> None:
+        self._sorted_ids = sorted(self.engines)
+        by_model: dict[str, list[EngineState]] = {}
+        for engine_id in self._sorted_ids:
+            state = self.engines[engine_id]
+            for model in state.record.models:
+                by_model.setdefault(model, []).append(state)
+        self._by_model = by_model
+
+    # --- queries -------------------------------------------------------------------
+    def models(self, now: float, routable_only: bool = True) -> list[str]:
+        if not routable_only:
+            return sorted(self._by_model)
+        return sorted(
+            model
+            for model, states in self._by_model.items()
+            if any(self.routable(s, now) for s in states)
+        )
+
+    def known_model(self, model: str) -> bool:
+        return model in self._by_model
+
+    def routable(self, state: EngineState, now: float) -> bool:
+        if state.draining or not state.healthy:
+            return False
+        if state.ejected_until > now:
+            return False
+        if state.ejected_until and state.probing:
+            return False  # half-open: the one probe is already out
+        return True
+
+    def candidates(
+        self, model: str, now: float, exclude: Iterable[str] = ()
+    ) -> list[Candidate]:
+        states = self._by_model.get(model)
+        if not states:
+            return []
+        out: list[Candidate] = []
+        excluded = set(exclude)
+        for s in states:
+            if s.id in excluded or not self.routable(s, now):
+                continue
+            out.append(self.candidate(s, now))
+        return out
+
+    def candidate(self, s: EngineState, now: float) -> Candidate:
+        load = s.load
+        fresh = load.at and now - load.at <= self._stale_after_s
+        return Candidate(
+            id=s.id,
+            instance=s.record.instance,
+            inflight=s.inflight,
+            waiting=load.waiting if fresh else 0.0,
+            running=load.running if fresh else 0.0,
+            kv_usage=load.kv_usage if fresh else 0.0,
+            kv_capacity_chars=self.kv_capacity_chars(s),
+        )
+
+    def kv_capacity_chars(self, s: EngineState) -> int:
+        blocks, block_size = s.load.num_gpu_blocks, s.load.block_size
+        if blocks is None or block_size is None:
+            blocks, block_size = s.record.capacity.kv_blocks, s.record.capacity.block_size
+        tokens = blocks * block_size if blocks and block_size else self._default_kv_tokens
+        return int(tokens * self._chars_per_token)
+
+    def state_counts(self, now: float) -> dict[str, int]:
+        counts = dict.fromkeys(("healthy", "unhealthy", "ejected", "draining", "pending"), 0)
+        for s in self.engines.values():
+            counts[s.state(now)] += 1
+        return counts
+
+    # --- observations ---------------------------------------------------------------
+    def request_started(self, engine_id: str) -> EngineState | None:
+        state = self.engines.get(engine_id)
+        if state is not None:
+            state.inflight += 1
+            if state.ejected_until:
+                state.probing = True
+        return state
+
+    def request_finished(self, state: EngineState, ok: bool, now: float) -> None:
+        """`ok` False for engine faults (connect errors, resets, timeouts, 5xx)."""
+        state.inflight -= 1
+        if ok:
+            state.consecutive_failures = 0
+            state.ejected_until = 0.0
+            state.probing = False
+            state.healthy = True
+        else:
+            self.record_failure(state, now)
+
+    def record_failure(self, state: EngineState, now: float) -> None:
+        state.consecutive_failures += 1
+        state.probing = False
+        if state.consecutive_failures >= self._eject_after:
+            state.ejected_until = now + self._eject_cooldown
+
+    def health_result(self, engine_id: str, ok: bool, now: float) -> None:
+        state = self.engines.get(engine_id)
+        if state is None:
+            return
+        if ok:
+            state.healthy = True
+            if state.ejected_until and state.ejected_until <= now:
+                # Half-open probe by health check succeeded: close the circuit.
+                state.ejected_until = 0.0
+                state.consecutive_failures = 0
+                state.probing = False
+        else:
+            state.healthy = False
+
+    def set_draining(self, engine_id: str, draining: bool = True) -> bool:
+        state = self.engines.get(engine_id)
+        if state is None:
+            return False
+        state.draining = draining
+        return True

@@ -1,0 +1,75 @@
+"""Logging: text or JSON lines, and one access-log line per request."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+_STD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp logs every client disconnect at error level with a traceback; those are
+    # normal for a proxy and are accounted for in our own access log and metrics.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """method, route, model, engine, status, duration, request id: one line a request.
+    API keys are never logged (no headers are)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, elapsed: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        engine = response.headers.get("x-deepinfer-engine", "-")
+        route = response.headers.get("x-deepinfer-route", "-")
+        model = request.get("model", "-")
+        rid = request.get("rid") or response.headers.get("X-Request-Id", "-")
+        self.logger.info(
+            '%s %s model=%s engine=%s route=%s status=%s duration=%.4f request_id=%s',
+            request.method, request.path, model, engine, route, response.status, elapsed, rid,
+            extra={
+                "method": request.method, "path": request.path, "model": model,
+                "engine": engine, "route": route, "status": response.status,
+                "duration_s": round(elapsed, 6), "request_id": rid,
+                "at": round(time.time(), 3),
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,129 @@
+"""Router metrics (prefix `deepinfer_`, base units), on a per-application registry.
+
+Gauges that mirror fleet state (in-flight per engine, engines by state) are computed at
+scrape time from the fleet itself, so they can never drift from the truth or leak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0, 160.0, 640.0,
+)
+TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 2.5, 5.0,
+)
+DECISION_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.01,
+)
+
+
+class _FleetCollector(Collector):
+    def __init__(
+        self,
+        inflight: Callable[[], Iterable[tuple[str, int]]],
+        states: Callable[[], dict[str, int]],
+    ) -> None:
+        self._inflight = inflight
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily(
+            "deepinfer_engine_inflight_requests",
+            "Requests this router has in flight to each engine.",
+            labels=["engine"],
+        )
+        for engine, n in self._inflight():
+            g.add_metric([engine], n)
+        yield g
+        s = GaugeMetricFamily(
+            "deepinfer_engines", "Engines known to this router, by state.", labels=["state"]
+        )
+        for state, n in self._states().items():
+            s.add_metric([state], n)
+        yield s
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "deepinfer_requests_total",
+            "Requests answered, by model, engine, routing reason and HTTP status.",
+            ["model", "engine", "route", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "deepinfer_request_duration_seconds",
+            "Time from request arrival to the end of the response.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "deepinfer_time_to_first_token_seconds",
+            "Streaming requests: time from arrival to the first content chunk.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "deepinfer_inter_token_latency_seconds",
+            "Streaming requests: time between successive chunks.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "deepinfer_upstream_errors_total",
+            "Failures talking to engines, by kind (connect, reset, timeout, status_5xx, ...).",
+            ["engine", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "deepinfer_retries_total", "Requests retried on another engine, by reason.",
+            ["reason"], registry=r,
+        )
+        self.rejected = Counter(
+            "deepinfer_rejected_requests_total",
+            "Requests refused by the router itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.routing_decisions = Counter(
+            "deepinfer_routing_decisions_total",
+            "Routing decisions, by policy and reason.",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.routing_decision_seconds = Histogram(
+            "deepinfer_routing_decision_seconds",
+            "Time to choose an engine, prompt hashing included.",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "deepinfer_queue_wait_seconds",
+            "Time requests waited for admission.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.registry_up = Gauge(
+            "deepinfer_registry_up", "1 when the engine registry backend is reachable.",
+            registry=r,
+        )
+        self.registry_up.set(1)
+
+    def watch_fleet(
+        self,
+        inflight: Callable[[], Iterable[tuple[str, int]]],
+        states: Callable[[], dict[str, int]],
+    ) -> None:
+        self.registry.register(_FleetCollector(inflight, states))

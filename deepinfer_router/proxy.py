@@ -1,0 +1,461 @@
+"""The hot path: read the request, pick an engine, forward the body unchanged, relay the
+answer (streams chunk by chunk), retry on another engine while nothing has reached the
+client yet, and account for every request exactly once.
+
+Which failures retry: connection refused/reset, the engine closing the connection, and a
+5xx status from the engine (except 501), as long as no byte has reached the client. A
+timeout does not retry (the engine may still be working on it); 4xx never retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import hmac
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .admission import AdmissionRejected
+from .errors import RouterError, sse_error_event
+from .fleet import EngineState
+from .routing.base import Decision, RequestFeatures
+from .routing.features import request_features
+from .state import RouterState
+
+log = logging.getLogger("deepinfer.proxy")
+
+# Headers that belong to one connection, or that the router sets itself.
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server",
+    )
+)
+_ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id"))
+
+
+class _Retryable(Exception):
+    """An engine failure before any byte reached the client: try another engine."""
+
+    def __init__(self, kind: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Call:
+    """One client request as it moves through the proxy."""
+
+    request: web.Request
+    rid: str
+    model: str
+    body: bytes
+    stream: bool
+    features: RequestFeatures
+    started: float
+    route: str = "none"
+    engine: str = ""
+    status: int = 499  # until known: the client went away
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get("rid")
+    if rid is None:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request["rid"] = rid
+    return rid
+
+
+def check_api_key(state: RouterState, request: web.Request) -> None:
+    keys = state.settings.api_key
+    if not keys:
+        return
+    auth = request.headers.get("Authorization", "")
+    token = auth[7:] if auth[:7].lower() == "bearer " else ""
+    # Compare against every key in constant time, so timing tells nothing about a key.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    if not matched:
+        raise RouterError(401, "Invalid or missing API key.", "invalid_api_key")
+
+
+def _multipart_model(content_type: str, body: bytes) -> str | None:
+    """The `model` form field of a multipart body (audio routes)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "model":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                return payload.decode("utf-8", "replace").strip()
+    return None
+
+
+class Proxy:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        s = state.settings
+        self._engine_auth = f"Bearer {s.engine_api_key}" if s.engine_api_key else None
+        self._strip_client_auth = bool(s.api_key) or self._engine_auth is not None
+        self._first_byte_timeout = s.first_byte_timeout_s
+        self._idle_timeout = s.stream_idle_timeout_s
+        self._policy_needs_prompt = state.policy.needs_prompt
+
+    # --- entry point ------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        rid = request_id(request)
+        started = time.monotonic()
+        call: _Call | None = None
+        try:
+            if state.shutting_down:
+                raise RouterError(503, "The router is shutting down.", "shutting_down")
+            check_api_key(state, request)
+            call = await self._parse(request, rid, started)
+            return await self._admit_and_route(call)
+        except RouterError as exc:
+            reason = exc.code or str(exc.status)
+            state.metrics.rejected.labels(reason).inc()
+            model = call.model if call else request.get("model", "")
+            state.metrics.requests.labels(
+                model, call.engine if call else "", call.route if call else "none",
+                str(exc.status),
+            ).inc()
+            resp = exc.response()
+            resp.headers["X-Request-Id"] = rid
+            return resp
+
+    # --- parsing ------------------------------------------------------------------------
+    async def _parse(self, request: web.Request, rid: str, started: float) -> _Call:
+        state = self.state
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RouterError(
+                413,
+                f"Request body larger than {state.settings.max_body_mb:g} MiB.",
+                "body_too_large",
+            ) from None
+        content_type = request.headers.get("Content-Type", "")
+        parsed: dict[str, Any] | None = None
+        if content_type.startswith("multipart/"):
+            try:
+                model: Any = _multipart_model(content_type, body)
+            except (ValueError, LookupError, TypeError):
+                raise RouterError(400, "Malformed multipart body.", "invalid_body") from None
+        else:
+            try:
+                value = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise RouterError(400, f"Malformed JSON body: {exc}", "invalid_json") from None
+            if not isinstance(value, dict):
+                raise RouterError(400, "The request body must be a JSON object.", "invalid_body")
+            parsed = value
+            model = parsed.get("model")
+        now = time.monotonic()
+        if model is None or model == "":
+            served = state.fleet.models(now)
+            if len(served) != 1:
+                raise RouterError(
+                    400,
+                    "The request has no `model`; this router serves "
+                    f"{len(served)} models: {', '.join(served) or 'none'}.",
+                    "model_required",
+                )
+            model = served[0]
+            if parsed is not None:  # the engine needs it too
+                parsed["model"] = model
+                body = orjson.dumps(parsed)
+        if not isinstance(model, str):
+            raise RouterError(400, "`model` must be a string.", "invalid_model")
+        request["model"] = model
+        stream = parsed is not None and parsed.get("stream") is True
+        session_key = request.headers.get(state.settings.session_header)
+        if session_key is None and parsed is not None:
+            user = parsed.get("user")
+            session_key = user if isinstance(user, str) and user else None
+        features = (
+            request_features(
+                parsed,
+                model,
+                session_key,
+                with_prompt=True,
+                chunk_chars=state.settings.prefix_chunk_chars,
+                max_chars=state.settings.prefix_max_chars,
+            )
+            if self._policy_needs_prompt and parsed is not None
+            else RequestFeatures(model=model, session_key=session_key)
+        )
+        return _Call(request, rid, model, body, stream, features, started)
+
+    # --- admission and routing ---------------------------------------------------------
+    async def _admit_and_route(self, call: _Call) -> web.StreamResponse:
+        state = self.state
+        fleet = state.fleet
+        if not fleet.known_model(call.model):
+            served = fleet.models(time.monotonic())
+            raise RouterError(
+                404,
+                f"The model `{call.model}` does not exist. Available models: "
+                f"{', '.join(served) or 'none'}.",
+                "model_not_found",
+                available_models=served,
+            )
+        admission = state.admission
+        if not admission.try_acquire():
+            wait_started = time.monotonic()
+            try:
+                await admission.acquire()
+            except AdmissionRejected as exc:
+                raise RouterError(
+                    429, "The router is at capacity; retry shortly.", exc.reason,
+                    headers={"Retry-After": "1"},
+                ) from None
+            state.metrics.queue_wait.observe(time.monotonic() - wait_started)
+        try:
+            return await self._route_with_retries(call)
+        finally:
+            admission.release()
+
+    async def _route_with_retries(self, call: _Call) -> web.StreamResponse:
+        state = self.state
+        settings = state.settings
+        tried: list[str] = []
+        last: _Retryable | None = None
+        for attempt in range(settings.max_retries + 1):
+            now = time.monotonic()
+            candidates = [
+                c for c in state.fleet.candidates(call.model, now, exclude=tried)
+                if c.inflight < settings.max_inflight_per_engine
+            ]
+            if not candidates:
+                if last is not None:
+                    break
+                if state.fleet.candidates(call.model, now):
+                    raise RouterError(
+                        429, "Every engine serving this model is at its limit; retry shortly.",
+                        "engine_limit", headers={"Retry-After": "1"},
+                    )
+                raise RouterError(
+                    503, f"No healthy engine serves `{call.model}` right now.", "no_engine",
+                    headers={"Retry-After": "2"},
+                )
+            t0 = time.perf_counter()
+            decision = state.policy.select(call.features, candidates, now)
+            state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
+            state.metrics.routing_decisions.labels(state.policy.name, decision.reason).inc()
+            try:
+                return await self._attempt(call, decision, now)
+            except _EngineTimeout as exc:
+                raise RouterError(exc.status, exc.message, exc.kind) from None
+            except _Retryable as exc:
+                last = exc
+                tried.append(decision.engine_id)
+                if attempt < settings.max_retries:
+                    state.metrics.retries.labels(exc.kind).inc()
+                    log.info(
+                        "request %s: engine %s failed (%s), retrying on another engine",
+                        call.rid, decision.engine_id, exc.message,
+                    )
+                    backoff = settings.retry_backoff_s * (2**attempt)
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+        assert last is not None
+        raise RouterError(last.status, last.message, last.kind)
+
+    # --- one attempt on one engine ----------------------------------------------------
+    def _upstream_headers(self, call: _Call) -> dict[str, str]:
+        headers = {
+            k: v
+            for k, v in call.request.headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in _ROUTER_REQUEST_HEADERS
+        }
+        auth = call.request.headers.get("Authorization")
+        if self._engine_auth is not None:
+            headers["Authorization"] = self._engine_auth
+        elif auth is not None and not self._strip_client_auth:
+            headers["Authorization"] = auth
+        headers["X-Request-Id"] = call.rid
+        return headers
+
+    async def _attempt(
+        self, call: _Call, decision: Decision, now: float
+    ) -> web.StreamResponse:
+        state = self.state
+        fleet = state.fleet
+        engine = fleet.request_started(decision.engine_id)
+        if engine is None:  # left between selection and now
+            raise _Retryable("gone", 503, "engine left the fleet")
+        state.policy.on_routed(call.features, decision, now)
+        call.engine, call.route = engine.id, decision.reason
+        call.status = 499
+        engine_ok = True
+        final = True  # False when the error goes back to the retry loop
+        try:
+            return await self._exchange(call, engine)
+        except _Retryable as exc:
+            engine_ok = final = False
+            state.metrics.upstream_errors.labels(engine.id, exc.kind).inc()
+            raise
+        finally:
+            end = time.monotonic()
+            if call.status in (502, 504):  # broke mid-stream
+                engine_ok = False
+            fleet.request_finished(engine, engine_ok, end)
+            state.policy.on_complete(call.features, engine.id, engine_ok, end)
+            if final:
+                state.metrics.requests.labels(
+                    call.model, engine.id, call.route, str(call.status)
+                ).inc()
+                state.metrics.request_duration.labels(call.model).observe(end - call.started)
+
+    async def _exchange(self, call: _Call, engine: EngineState) -> web.StreamResponse:
+        """Send the request to `engine` and relay the answer, setting `call.status`;
+        raises _Retryable while nothing has been sent to the client."""
+        state = self.state
+        request = call.request
+        url = engine.record.url + request.path_qs
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                upstream = await state.client().request(
+                    request.method,
+                    url,
+                    data=call.body,
+                    headers=self._upstream_headers(call),
+                )
+        except TimeoutError:
+            raise _EngineTimeout() from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Retryable("connect", 502, f"cannot connect to engine: {exc}") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise _Retryable("reset", 502, f"engine closed the connection: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable("upstream", 502, f"engine request failed: {exc}") from None
+        try:
+            if upstream.status >= 500 and upstream.status != 501:
+                text = (await upstream.read())[:500].decode("utf-8", "replace")
+                raise _Retryable(
+                    f"status_{upstream.status}",
+                    502,
+                    f"engine answered {upstream.status}: {text}",
+                )
+            content_type = upstream.headers.get("Content-Type", "")
+            if content_type.startswith("text/event-stream"):
+                return await self._relay_stream(call, engine, upstream)
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    payload = await upstream.read()
+            except TimeoutError:
+                raise _EngineTimeout() from None
+            except aiohttp.ClientError as exc:
+                raise _Retryable("reset", 502, f"engine response broke off: {exc}") from None
+            call.status = upstream.status
+            return web.Response(
+                status=upstream.status, body=payload, headers=self._client_headers(upstream, call)
+            )
+        finally:
+            upstream.close()  # never pool a connection whose response we did not finish
+
+    def _client_headers(
+        self, upstream: aiohttp.ClientResponse, call: _Call
+    ) -> dict[str, str]:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["x-deepinfer-engine"] = call.engine
+        headers["x-deepinfer-route"] = call.route
+        headers["X-Request-Id"] = call.rid
+        return headers
+
+    async def _relay_stream(
+        self, call: _Call, engine: EngineState, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        metrics = self.state.metrics
+        content = upstream.content
+        idle = self._idle_timeout
+        # Wait for the first chunk before answering the client: until then a failure can
+        # still be retried elsewhere.
+        try:
+            async with asyncio.timeout(idle):
+                first = await content.readany()
+        except TimeoutError:
+            raise _EngineTimeout() from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable("reset", 502, f"engine stream broke off: {exc}") from None
+        if not first:
+            raise _Retryable("reset", 502, "engine closed the stream before any data")
+        response = web.StreamResponse(
+            status=upstream.status, headers=self._client_headers(upstream, call)
+        )
+        await response.prepare(call.request)
+        last = time.monotonic()
+        metrics.ttft.labels(call.model).observe(last - call.started)
+        itl = metrics.itl.labels(call.model)
+        await response.write(first)
+        chunk = first
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    return await self._fail_stream(call, engine, response, "timeout", 504)
+                except aiohttp.ClientError as exc:
+                    return await self._fail_stream(call, engine, response, "reset", 502, exc)
+                if not chunk:
+                    break
+                now = time.monotonic()
+                itl.observe(now - last)
+                last = now
+                await response.write(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The client left: closing `upstream` (in the caller) stops the engine.
+            call.status = 499
+            return response
+        call.status = upstream.status
+        return response
+
+    async def _fail_stream(
+        self,
+        call: _Call,
+        engine: EngineState,
+        response: web.StreamResponse,
+        kind: str,
+        status: int,
+        exc: BaseException | None = None,
+    ) -> web.StreamResponse:
+        """The engine failed after the client got bytes: end the client's stream with
+        one SSE error event instead of leaving it hanging."""
+        message = (
+            "engine stream stalled" if kind == "timeout" else f"engine stream broke off: {exc}"
+        )
+        self.state.metrics.upstream_errors.labels(engine.id, kind).inc()
+        log.warning("request %s: %s on engine %s", call.rid, message, engine.id)
+        call.status = status
+        try:
+            await response.write(sse_error_event(status, message, "upstream_error"))
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return response
+
+
+class _EngineTimeout(_Retryable):
+    """No byte from the engine in time. Not retried: the engine may still be working."""
+
+    def __init__(self) -> None:
+        super().__init__("timeout", 504, "the engine did not answer in time")

@@ -1,0 +1,78 @@
+"""The embedded registry: engines registered through `POST /admin/engines`, kept in
+memory with a TTL that each heartbeat renews."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..engine_record import EngineRecord
+from .base import OnChange
+
+
+class LocalRegistry:
+    name = "local"
+
+    def __init__(
+        self,
+        on_change: OnChange,
+        default_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._on_change = on_change
+        self._default_ttl_s = default_ttl_s
+        self._clock = clock
+        self._records: dict[str, EngineRecord] = {}
+        self._expires: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._sweep_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def snapshot(self) -> dict[str, EngineRecord]:
+        return self._records
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "local", "up": True, "engines": len(self._records)}
+
+    async def register(self, record: EngineRecord, ttl_s: float | None = None) -> None:
+        now = self._clock()
+        record.heartbeat_at = now
+        previous = self._records.get(record.id)
+        self._records[record.id] = record
+        self._expires[record.id] = now + (ttl_s or self._default_ttl_s)
+        # A heartbeat of an unchanged engine does not need a fleet resync.
+        if previous is None or previous.model_dump(exclude={"heartbeat_at"}) != record.model_dump(
+            exclude={"heartbeat_at"}
+        ):
+            self._on_change()
+
+    async def deregister(self, engine_id: str) -> bool:
+        if self._records.pop(engine_id, None) is None:
+            return False
+        self._expires.pop(engine_id, None)
+        self._on_change()
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        gone = [engine_id for engine_id, at in self._expires.items() if at <= now]
+        for engine_id in gone:
+            self._records.pop(engine_id, None)
+            self._expires.pop(engine_id, None)
+        if gone:
+            self._on_change()
+        return gone
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.expire(self._clock())

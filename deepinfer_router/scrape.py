@@ -1,0 +1,117 @@
+"""Polls each engine's `/metrics` (concurrently, with a timeout) for the load figures
+routing uses. Parsing goes through prometheus_client's own text parser: once a second
+per engine is far off the hot path, so the well-kept library wins over a faster
+hand-written parser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .fleet import Fleet, ScrapedLoad
+
+log = logging.getLogger("deepinfer.scrape")
+
+# Current vLLM names first, older names as fallbacks.
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_PREFIX_QUERIES = ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
+_PREFIX_HITS = ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
+
+
+def parse_engine_metrics(text: str, at: float) -> ScrapedLoad:
+    """Load figures from a vLLM `/metrics` page, summed over label sets (one engine may
+    serve several models or data-parallel ranks)."""
+    sums: dict[str, float] = {}
+    load = ScrapedLoad(at=at)
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        if name == "vllm:cache_config_info":
+            for sample in family.samples:
+                blocks = sample.labels.get("num_gpu_blocks")
+                size = sample.labels.get("block_size")
+                if blocks and blocks.isdigit():
+                    load.num_gpu_blocks = int(blocks)
+                if size and size.isdigit():
+                    load.block_size = int(size)
+            continue
+        for sample in family.samples:
+            # Counters: the parser names the family without `_total`; use the samples.
+            if sample.name.endswith(("_created", "_bucket", "_sum", "_count")):
+                continue
+            sums[name] = sums.get(name, 0.0) + sample.value
+    load.waiting = sums.get("vllm:num_requests_waiting", 0.0)
+    load.running = sums.get("vllm:num_requests_running", 0.0)
+    load.kv_usage = _first(sums, _KV_USAGE) or 0.0
+    load.prefix_queries = _first(sums, _PREFIX_QUERIES)
+    load.prefix_hits = _first(sums, _PREFIX_HITS)
+    return load
+
+
+def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        if name in values:
+            return values[name]
+    return None
+
+
+class Scraper:
+    def __init__(
+        self,
+        fleet: Fleet,
+        session: aiohttp.ClientSession,
+        interval_s: float,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fleet = fleet
+        self._session = session
+        self._interval_s = interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._headers = headers
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._failing: set[str] = set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def scrape_all(self) -> None:
+        states = list(self._fleet.engines.values())
+        await asyncio.gather(*(self._scrape(s.id, s.record.url) for s in states))
+
+    async def _scrape(self, engine_id: str, url: str) -> None:
+        try:
+            async with self._session.get(
+                f"{url}/metrics", timeout=self._timeout, headers=self._headers
+            ) as resp:
+                resp.raise_for_status()
+                text = await resp.text()
+            load = parse_engine_metrics(text, self._clock())
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            if engine_id not in self._failing:  # log once per outage
+                log.info("scrape of %s failed: %s", url, exc or type(exc).__name__)
+                self._failing.add(engine_id)
+            return
+        self._failing.discard(engine_id)
+        state = self._fleet.engines.get(engine_id)
+        if state is not None:
+            state.load = load
+
+    async def _loop(self) -> None:
+        while True:
+            started = self._clock()
+            await self.scrape_all()
+            await asyncio.sleep(max(0.05, self._interval_s - (self._clock() - started)))

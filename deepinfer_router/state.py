@@ -1,0 +1,37 @@
+"""Everything a running router holds, hung off the aiohttp application (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .admission import Admission
+from .fleet import Fleet
+from .metrics import RouterMetrics
+from .registry.base import RegistrySource, WritableRegistry
+from .routing.base import RoutingPolicy
+from .settings import RouterSettings
+
+
+@dataclass
+class RouterState:
+    settings: RouterSettings
+    fleet: Fleet
+    policy: RoutingPolicy
+    metrics: RouterMetrics
+    admission: Admission
+    sources: list[RegistrySource] = field(default_factory=list)
+    writable: WritableRegistry | None = None  # where POST /admin/engines writes
+    session: aiohttp.ClientSession | None = None
+    closers: list[Any] = field(default_factory=list)  # started services with close()
+    shutting_down: bool = False
+
+    def client(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "router not started"
+        return self.session
+
+
+STATE: web.AppKey[RouterState] = web.AppKey("deepinfer_state", RouterState)
