@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import signal
 import sys
-
+import time
+from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: deepinfer-engine {gpus,launch,sim,list,stop} ...
 
@@ -13,6 +20,235 @@ USAGE = """usage: deepinfer-engine {gpus,launch,sim,list,stop} ...
   list     engines launched on this host, or registered in a registry
   stop     stop an engine launched on this host
 """
+
+
+# --- gpus ----------------------------------------------------------------------------------
+
+
+def gpus_main(argv: list[str]) -> int:
+    from .gpus import format_table, to_json
+    from .nvml import NvmlUnavailable, open_gpu_source
+
+    parser = argparse.ArgumentParser(prog="deepinfer-engine gpus",
+                                     description="This host's GPUs, as NVML sees them.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = parser.parse_args(argv)
+    try:
+        snap = open_gpu_source().snapshot()
+    except NvmlUnavailable as exc:
+        print(f"deepinfer-engine gpus: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(snap) if ns.json else format_table(snap))
+    return 0
+
+
+# --- launch --------------------------------------------------------------------------------
+
+
+def parse_launch(argv: list[str]) -> Any:
+    from deepinfer_router.settings_loader import add_settings_arguments, parse_or_exit
+
+    from .launch_settings import ENV_PREFIX, LaunchSettings
+
+    extra: list[str] | None = None
+    if "--" in argv:  # everything after `--` goes to `vllm serve` untouched
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    parser = argparse.ArgumentParser(
+        prog="deepinfer-engine launch",
+        usage="deepinfer-engine launch MODEL [options] [-- extra vllm serve args]",
+        description="Start vLLM on free GPUs of this host, wait until it serves, register "
+        "it, restart it after crashes, and stop it cleanly on SIGTERM/SIGINT. Each option "
+        f"also reads {ENV_PREFIX}<OPTION> and the TOML key <option> (snake_case).",
+    )
+    parser.add_argument("model_arg", nargs="?", metavar="MODEL",
+                        help="model to serve (Hugging Face id or local path)")
+    parser.add_argument("--config", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
+                        help="TOML settings file (see configs/engine.toml)")
+    add_settings_arguments(parser, LaunchSettings, skip=("extra_args",))
+    ns = parser.parse_args(argv)
+    values = {k: v for k, v in vars(ns).items() if k not in ("model_arg", "config")}
+    if ns.model_arg and "model" in values and values["model"] != ns.model_arg:
+        parser.error("MODEL given twice (argument and --model)")
+    if ns.model_arg:
+        values["model"] = ns.model_arg
+    if extra is not None:
+        values["extra_args"] = extra
+    settings = parse_or_exit(LaunchSettings, values, ns.config, ENV_PREFIX,
+                             "deepinfer-engine launch")
+    if not settings.model:
+        parser.error("MODEL is required (argument, TOML key model, or DEEPINFER_ENGINE_MODEL)")
+    return settings
+
+
+def launch_main(argv: list[str]) -> int:
+    from .supervisor import run_launch
+
+    return run_launch(parse_launch(argv))
+
+
+# --- list ----------------------------------------------------------------------------------
+
+
+async def _list_http(url: str, key: str | None) -> list[dict[str, Any]]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(f"{url.rstrip('/')}/admin/engines", headers=headers) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
+            body = await resp.json(content_type=None)
+    engines = body.get("engines", []) if isinstance(body, dict) else body
+    return [e for e in engines if isinstance(e, dict)]
+
+
+async def list_registry(url: str, key: str | None, namespace: str) -> list[dict[str, Any]]:
+    """The engines a registry holds, by URL scheme (as make_registrar picks a registrar):
+    engines/registry_list.py reads Redis and routers; without it, routers only."""
+    try:
+        from .registry_list import list_registered
+    except ImportError:
+        if url.startswith(("http://", "https://")):
+            return await _list_http(url, key)
+        raise RuntimeError("listing a Redis registry needs engines/registry_list.py") from None
+    return [r.model_dump(mode="json") for r in await list_registered(url, key, namespace)]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _age(ts: float) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def list_main(argv: list[str]) -> int:
+    from .state import StateDir, resolve_state_dir
+
+    parser = argparse.ArgumentParser(
+        prog="deepinfer-engine list",
+        description="Engines launched on this host, or (with --registry) registered engines.")
+    parser.add_argument("--registry", default=os.environ.get("DEEPINFER_ENGINE_REGISTRY"),
+                        help="list a registry (http://router:8080 or redis://...) instead")
+    parser.add_argument("--registry-key", default=os.environ.get("DEEPINFER_ENGINE_REGISTRY_KEY"),
+                        help="admin key of the router's embedded registry")
+    parser.add_argument("--registry-namespace",
+                        default=os.environ.get("DEEPINFER_ENGINE_REGISTRY_NAMESPACE", "deepinfer"),
+                        help="key prefix in a Redis registry")
+    parser.add_argument("--state-dir", default=None, help="host-local state directory")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = parser.parse_args(argv)
+
+    if ns.registry:
+        try:
+            engines = asyncio.run(
+                list_registry(ns.registry, ns.registry_key, ns.registry_namespace))
+        except Exception as exc:  # one line for the operator, whatever went wrong
+            print(f"deepinfer-engine list: {exc}", file=sys.stderr)
+            return 1
+        if ns.json:
+            print(json.dumps(engines, indent=2))
+            return 0
+        rows = [["ID", "URL", "MODELS", "GPUS", "KV BLOCKS", "DEVICE", "UP"]]
+        for rec in engines:
+            rows.append([str(rec.get("id", "")), str(rec.get("url", "")),
+                         ",".join(rec.get("models", [])), str(len(rec.get("gpus", []))),
+                         str((rec.get("capacity") or {}).get("kv_blocks") or "-"),
+                         (rec.get("labels") or {}).get("device", "-"),
+                         _age(float(rec.get("started_at") or 0))])
+        print(_table(rows) if engines else "no engines registered")
+        return 0
+
+    state = StateDir(resolve_state_dir(ns.state_dir))
+    entries = state.entries()
+    if ns.json:
+        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no engines launched on this host (state: {state.path})")
+        return 0
+    rows = [["ID", "MODEL", "URL", "PID", "GPUS", "STATE", "RESTARTS", "UP"]]
+    for e in entries:
+        rows.append([e.id, e.model, e.url, str(e.pid),
+                     ",".join(map(str, e.gpu_indices)) or "none", e.state, str(e.restarts),
+                     _age(e.started_at)])
+    print(_table(rows))
+    return 0
+
+
+# --- stop ----------------------------------------------------------------------------------
+
+
+def stop_main(argv: list[str]) -> int:
+    from .launcher import signal_group
+    from .state import StateDir, group_alive, pid_alive, resolve_state_dir
+
+    parser = argparse.ArgumentParser(
+        prog="deepinfer-engine stop",
+        description="Stop an engine launched on this host: its supervisor deregisters it, "
+        "then stops vLLM's process group.")
+    parser.add_argument("id", metavar="ID", help="engine id (or a unique prefix), or its port")
+    parser.add_argument("--state-dir", default=None, help="host-local state directory")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the stop (default: the engine's stop "
+                        "timeout + 15)")
+    parser.add_argument("--no-wait", action="store_true", help="signal and return at once")
+    ns = parser.parse_args(argv)
+
+    state = StateDir(resolve_state_dir(ns.state_dir))
+    entries = state.entries()
+    matches = [e for e in entries if e.id == ns.id or str(e.port) == ns.id]
+    if not matches:
+        matches = [e for e in entries if e.id.startswith(ns.id)]
+    if len(matches) != 1:
+        what = "no engine" if not matches else "several engines"
+        known = ", ".join(f"{e.id} (port {e.port})" for e in entries) or "none running"
+        print(f"deepinfer-engine stop: {what} match {ns.id!r}; launched here: {known}",
+              file=sys.stderr)
+        return 1
+    entry = matches[0]
+    timeout = ns.timeout if ns.timeout is not None else entry.stop_timeout_s + 15
+    if entry.state == "orphaned":  # the supervisor died; stop vLLM's group ourselves
+        signal_group(entry.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + min(timeout, entry.stop_timeout_s)
+        while group_alive(entry.pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        signal_group(entry.pgid, signal.SIGKILL)
+        state.remove(entry.id)
+        print(f"stopped orphaned engine {entry.id} (process group {entry.pgid})")
+        return 0
+    try:
+        os.kill(entry.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.remove(entry.id)
+        print(f"engine {entry.id} was not running")
+        return 0
+    if ns.no_wait:
+        print(f"stopping engine {entry.id} (supervisor pid {entry.pid})")
+        return 0
+    deadline = time.monotonic() + timeout
+    while pid_alive(entry.pid, entry.pid_start):
+        if time.monotonic() > deadline:
+            print(f"deepinfer-engine stop: engine {entry.id} still stopping after {timeout:g}s "
+                  f"(supervisor pid {entry.pid}); log: {entry.log_file}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"stopped engine {entry.id}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "gpus": gpus_main,
+    "launch": launch_main,
+    "list": list_main,
+    "stop": stop_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         from .sim.main import main as sim_main
 
         return sim_main(rest)
+    if command in COMMANDS:
+        return COMMANDS[command](rest)
     print(f"deepinfer-engine: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,442 @@
+"""`deepinfer-engine launch`: reserve GPUs, start vLLM, wait for readiness, register, and
+keep it running: restart with exponential backoff after crashes, except for failures a
+retry cannot heal (out of memory, model not found, bad argument), which are reported with
+the tail of the engine's log. SIGTERM/SIGINT: deregister first, then stop vLLM's whole
+process group (SIGTERM, SIGKILL after --stop-timeout-s).
+
+Exit codes: 0 stopped on request; 1 the engine failed (permanently, or too many restarts);
+2 refused before starting (bad option, no GPU fits, no driver, port taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+
+from deepinfer_router.engine_record import EngineRecord, engine_id_for
+
+from .gpus import SelectionError, select_gpus
+from .launch_settings import LaunchSettings
+from .launcher import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    EngineCommand,
+    EngineExited,
+    LaunchError,
+    become_subreaper,
+    build_command,
+    pipeline_parallel_size,
+    port_free,
+    read_capacity,
+    spawn,
+    stop_group,
+    wait_ready,
+)
+from .nvml import GpuSource, NvmlUnavailable, open_gpu_source
+from .registration import Registrar, make_registrar
+from .state import LaunchEntry, StateDir, process_start_time, resolve_state_dir
+
+log = logging.getLogger("deepinfer.engine")
+
+TAIL_LINES = 40
+
+# --- failure classification --------------------------------------------------------------
+
+# Messages vLLM, PyTorch, transformers and huggingface_hub print for failures that come
+# back identically on every retry. Anything else (a segfault, NCCL timeout, a killed
+# worker) is worth a restart.
+PERMANENT_FAILURES: list[tuple[str, re.Pattern[str]]] = [
+    ("out of memory", re.compile(
+        r"OutOfMemoryError|CUDA out of memory|CUDA error: out of memory"
+        r"|less than desired GPU memory utilization|No available memory for the cache blocks"
+        r"|larger than the available KV cache memory"
+        r"|larger than the maximum number of tokens that can be stored in KV cache")),
+    ("model not found", re.compile(
+        r"Repository Not Found for url|RepositoryNotFoundError|GatedRepoError"
+        r"|Cannot access gated repo|is not a local folder and is not a valid model identifier"
+        r"|Invalid repository ID or local directory specified"
+        r"|does not appear to have a file named config\.json|RevisionNotFoundError")),
+    ("bad argument", re.compile(
+        r"^\S*(vllm|api_server\.py|serve)\S*: error: |unrecognized arguments:"
+        r"|error: argument --|validation errors? for (\w*Config|EngineArgs|\w*Args)",
+        re.MULTILINE)),
+]
+
+
+def classify_failure(log_text: str, returncode: int | None = None) -> tuple[str, str] | None:
+    """(kind, the matching line) for a failure a restart will not heal, else None."""
+    for kind, pattern in PERMANENT_FAILURES:
+        m = pattern.search(log_text)
+        if m:
+            start = log_text.rfind("\n", 0, m.start()) + 1
+            end = log_text.find("\n", m.end())
+            return kind, log_text[start: end if end >= 0 else None].strip()
+    if returncode == 2:  # argparse's exit status for a usage error
+        return "bad argument", "engine exited with code 2 (usage error)"
+    return None
+
+
+def read_from(path: Path, offset: int, limit: int = 1 << 20) -> str:
+    """The log written since `offset` (at most the last `limit` bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(offset, size - limit))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+# --- the plan: what to run where -----------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    entry: LaunchEntry
+    command: EngineCommand
+    probe_base: str  # where we check readiness (loopback when listening on all addresses)
+    advertise_url: str
+    log_path: Path
+
+
+def _local_base(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def default_advertise_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        host = socket.getfqdn() or socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def make_plan(
+    s: LaunchSettings, state: StateDir, gpu_source: Callable[[], GpuSource] = open_gpu_source
+) -> Plan:
+    """Select GPUs and record the launch under the host lock. Raises LaunchError,
+    SelectionError or NvmlUnavailable to refuse."""
+    assert s.model
+    advertise = (s.advertise_url or default_advertise_url(s.host, s.port)).rstrip("/")
+    engine_id = engine_id_for(advertise)
+    pp = pipeline_parallel_size(s.extra_args)
+    mem_util = s.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+    log_path = Path(s.log_file) if s.log_file else state.logs / f"{engine_id}.log"
+    holder: dict[str, EngineCommand] = {}
+
+    def factory(entries: list[LaunchEntry]) -> LaunchEntry:
+        for e in entries:
+            if e.id == engine_id or e.port == s.port:
+                raise LaunchError(
+                    f"engine {e.id} ({e.model}, port {e.port}) is already launched on this host "
+                    f"(supervisor pid {e.pid}); stop it first: deepinfer-engine stop {e.id}"
+                )
+        if not port_free(s.host, s.port):
+            raise LaunchError(f"port {s.port} on {s.host} is already in use; choose --port")
+        indices: list[int] = []
+        uuids: list[str] = []
+        if s.gpus == "none":
+            tp, cvd = s.tp or 1, None
+        else:
+            named = len(s.gpus.split(",")) if s.gpus != "auto" else None
+            tp = s.tp or (max(1, named // pp) if named else 1)
+            reserved = {u for e in entries for u in e.gpus}
+            sel = select_gpus(gpu_source().snapshot(), s.gpus, tp * pp, mem_util, reserved)
+            indices, uuids, cvd = sel.indices, sel.uuids, sel.cuda_visible_devices
+        cmd = build_command(s, cvd, tp)
+        holder["cmd"] = cmd
+        return LaunchEntry(
+            id=engine_id, model=cmd.served_name, url=advertise, port=s.port, pid=os.getpid(),
+            pid_start=process_start_time(os.getpid()), gpus=uuids, gpu_indices=indices,
+            started_at=time.time(), log_file=str(log_path), registry=s.registry,
+            stop_timeout_s=s.stop_timeout_s, command=cmd.argv,
+        )
+
+    entry = state.claim(factory)
+    return Plan(entry=entry, command=holder["cmd"], probe_base=_local_base(s.host, s.port),
+                advertise_url=advertise, log_path=log_path)
+
+
+# --- registration ------------------------------------------------------------------------
+
+
+class Registration:
+    """Registers in the background, retrying until the registry answers, so an engine
+    that is up does not die because a router is briefly away."""
+
+    def __init__(self, factory: Callable[[], Registrar]) -> None:
+        self._factory = factory
+        self._task: asyncio.Task[None] | None = None
+        self._active: Registrar | None = None
+        self.registered = asyncio.Event()
+
+    def start(self, record: EngineRecord) -> None:
+        self._task = asyncio.create_task(self._run(record))
+
+    async def _run(self, record: EngineRecord) -> None:
+        delay, warned = 1.0, False
+        while True:
+            registrar = self._factory()
+            try:
+                await registrar.start(record)
+                self._active = registrar
+                self.registered.set()
+                log.info("registered %s (instance %s)", record.id, record.instance)
+                return
+            except Exception as exc:  # any registry failure: retry, never crash the engine
+                if not warned:
+                    log.warning("registration failed (%s); retrying", exc)
+                    warned = True
+                with contextlib.suppress(Exception):
+                    await registrar.stop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._active is not None:
+            active, self._active = self._active, None
+            try:
+                await asyncio.wait_for(active.stop(), timeout=10)
+                log.info("deregistered")
+            except Exception as exc:
+                log.warning("deregistration failed: %s", exc)
+        self.registered.clear()
+
+
+# --- supervision -------------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, s: LaunchSettings, plan: Plan, state: StateDir, logf: TextIO) -> None:
+        self.s = s
+        self.logf = logf
+        self.plan = plan
+        self.state = state
+        self.stopping = asyncio.Event()
+        self.restarts = 0
+
+    def _update(self, **changes: object) -> None:
+        self.state.update(self.plan.entry.id, **changes)
+
+    def _registration(self) -> Registration | None:
+        if not self.s.registry:
+            return None
+        url, key = self.s.registry, self.s.registry_key
+        return Registration(lambda: make_registrar(
+            url, key, heartbeat_s=self.s.heartbeat_s, ttl_s=self.s.registry_ttl_s,
+            namespace=self.s.registry_namespace))
+
+    async def _wait_stop(self, seconds: float) -> bool:
+        """Sleep, waking early on stop; True if stopping."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        return self.stopping.is_set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        become_subreaper()
+        backoff = self.s.restart_backoff_s
+        while True:
+            started = time.monotonic()
+            code = await self._attempt(self.logf)
+            if code is not None:
+                return code
+            # A crash worth a restart.
+            if time.monotonic() - started >= self.s.restart_reset_s:
+                self.restarts, backoff = 0, self.s.restart_backoff_s
+            if self.restarts >= self.s.max_restarts:
+                log.error("engine failed %d time(s) in a row; giving up (--max-restarts %d)",
+                          self.restarts + 1, self.s.max_restarts)
+                self._update(state="failed")
+                return 1
+            self.restarts += 1
+            self._update(state="restarting", restarts=self.restarts, pgid=0)
+            log.warning("restarting the engine in %.1fs (restart %d of at most %d)",
+                        backoff, self.restarts, self.s.max_restarts)
+            if await self._wait_stop(backoff):
+                return 0
+            backoff = min(max(backoff * 2, 0.1), self.s.restart_backoff_max_s)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            log.info("%s received: stopping", signal.Signals(sig).name)
+        self.stopping.set()
+
+    async def _attempt(self, logf: TextIO) -> int | None:
+        """One run of the engine. An exit code to finish with, or None to restart."""
+        p = self.plan
+        if not await self._port_released():
+            log.warning("port %d still in use; trying anyway", p.entry.port)
+        offset = logf.tell()
+        logf.write(f"\n=== deepinfer-engine {time.strftime('%Y-%m-%d %H:%M:%S')}: starting "
+                   f"{' '.join(p.command.argv)}\n")
+        try:
+            proc = await spawn(p.command, logf)
+        except LaunchError as exc:
+            log.error("%s", exc)
+            self._update(state="failed")
+            return 1
+        pgid = proc.pid  # leader of its own new session/process group
+        self._update(pgid=pgid, state="starting")
+        log.info("engine started (pid %d), waiting for readiness at %s; log: %s",
+                 proc.pid, p.probe_base, p.log_path)
+        registration = self._registration()
+        try:
+            outcome = await self._run_started(proc, registration)
+        finally:
+            if registration is not None:
+                await registration.stop()  # deregister before the engine goes away
+            # Always, even after the leader exited: its workers may still hold the GPUs.
+            timeout = self.s.stop_timeout_s if self.stopping.is_set() else min(
+                self.s.stop_timeout_s, 5.0)
+            await stop_group(proc, pgid, timeout, log.warning)
+        if outcome == "stopped":
+            log.info("engine stopped")
+            return 0
+        text = read_from(p.log_path, offset)
+        if outcome == "exited":
+            failure = classify_failure(text, proc.returncode)
+            log.error("engine exited with code %s; last lines of %s:\n%s",
+                      proc.returncode, p.log_path, tail(text))
+            if failure is not None:
+                kind, line = failure
+                log.error("permanent failure (%s), not restarting: %s", kind, line)
+                self._update(state="failed")
+                return 1
+        return None
+
+    async def _port_released(self, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not port_free(self.s.host, self.s.port):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def _run_started(
+        self, proc: asyncio.subprocess.Process, registration: Registration | None
+    ) -> str:
+        """'stopped' (on request), 'exited' (crash), 'unhealthy' or 'timeout'."""
+        p = self.plan
+        ready_task = asyncio.create_task(wait_ready(
+            proc, p.probe_base, p.command.served_name, timeout_s=self.s.ready_timeout_s,
+            check_completion=self.s.ready_check_completion,
+            on_progress=lambda m: log.info("still waiting for the engine: %s", m)))
+        stop_task = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({ready_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_task.cancel()
+        if not ready_task.done():
+            ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ready_task
+            return "stopped"
+        try:
+            info = ready_task.result()
+        except EngineExited:
+            return "exited"
+        except TimeoutError as exc:
+            log.error("%s; see %s", exc, p.log_path)
+            return "timeout"
+        capacity = await read_capacity(p.probe_base, p.command.served_name, info.models,
+                                       self.s.extra_args)
+        labels = {"host": socket.gethostname(), "device": "cpu" if self.s.gpus == "none"
+                  else "gpu", **self.s.label_dict()}
+        if self.s.gpus == "none":
+            labels["gpus"] = "none"
+        record = EngineRecord(
+            url=p.advertise_url, models=[p.command.served_name], capacity=capacity,
+            labels=labels, gpus=p.entry.gpus, version=info.version, started_at=time.time(),
+        )
+        if registration is not None:
+            registration.start(record)
+        self._update(state="ready")
+        log.info("engine %s ready at %s (model %s, GPUs %s, kv_blocks %s)", record.id,
+                 p.advertise_url, p.command.served_name,
+                 ",".join(map(str, p.entry.gpu_indices)) or "none", capacity.kv_blocks)
+        return await self._watch(proc)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> str:
+        """Until the engine exits, hangs (health checks fail) or we are asked to stop."""
+        failures = 0
+        url = f"{self.plan.probe_base}/health"
+        timeout = aiohttp.ClientTimeout(total=max(2.0, self.s.health_interval_s))
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                wait_proc = asyncio.create_task(proc.wait())
+                wait_stop = asyncio.create_task(self.stopping.wait())
+                done, pending = await asyncio.wait(
+                    {wait_proc, wait_stop}, timeout=self.s.health_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED)
+                for t in pending:
+                    t.cancel()
+                if wait_stop in done:
+                    return "stopped"
+                if wait_proc in done:
+                    return "exited"
+                try:
+                    async with session.get(url) as resp:
+                        ok = resp.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    ok = False
+                failures = 0 if ok else failures + 1
+                if failures >= self.s.health_failures:
+                    log.error("engine failed %d health checks in a row: restarting it", failures)
+                    return "unhealthy"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s deepinfer-engine %(levelname)s %(message)s",
+    )
+
+
+def run_launch(s: LaunchSettings, gpu_source: Callable[[], GpuSource] = open_gpu_source) -> int:
+    configure_logging(s.log_level)
+    state = StateDir(resolve_state_dir(s.state_dir))
+    try:
+        plan = make_plan(s, state, gpu_source)
+    except (LaunchError, SelectionError) as exc:
+        print(f"deepinfer-engine launch: {exc}", file=sys.stderr)
+        return 2
+    except NvmlUnavailable as exc:
+        print(f"deepinfer-engine launch: {exc}; use --gpus none to run without GPUs",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"deepinfer-engine launch: state directory {state.path}: {exc}", file=sys.stderr)
+        return 2
+    log.info("launching %s as %s on %s", s.model, plan.entry.id,
+             ("GPUs " + ",".join(map(str, plan.entry.gpu_indices))) if plan.entry.gpus
+             else "no GPU")
+    try:
+        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(plan.log_path, "a", buffering=1) as logf:
+            return asyncio.run(Supervisor(s, plan, state, logf).run())
+    finally:
+        state.remove(plan.entry.id, pid=os.getpid())
