@@ -8,9 +8,9 @@ healthy, non-draining engines serving the model) and returns a Decision. The rou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(slots=True)
@@ -81,3 +81,11 @@ class PolicyBase:
 
     def forget_engine(self, engine_id: str) -> None:
         return None
+
+    # Multi-router sharing (kv-aware overrides them): placements made here, as plain
+    # JSON-able dicts, for other routers to import. No-ops for policies without state.
+    def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
+        return []
+
+    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int:
+        return 0

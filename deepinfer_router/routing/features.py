@@ -1,8 +1,13 @@
 """Request features: the prompt text the engine sees first, cut into fixed-size character
-chunks and hashed as a chain (each hash covers everything before it), seeded by model."""
+chunks and hashed as a chain (each hash covers everything before it), seeded by model.
+
+Cost: one pass over the prompt (encode once, one xxh3 call per chunk). With the default
+128-character chunks a 32,000-character prompt is 250 chunks, about 25 µs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import xxhash
@@ -31,7 +36,7 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def prompt_text(body: dict[str, Any]) -> str:
+def prompt_text(body: Mapping[str, Any]) -> str:
     """The text an engine will see first, in order. Chat messages are joined with their
     roles so that turn N+1 starts with exactly the text of turn N."""
     messages = body.get("messages")
@@ -59,29 +64,64 @@ def prompt_text(body: dict[str, Any]) -> str:
     return ""
 
 
-def chain_hashes(text: str, chunk_chars: int, seed: str, max_chars: int = 0) -> list[int]:
-    """Hashes of the complete chunks of `text`: h[i] = xxh64(h[i-1] || chunk_i).
+def model_seed(model: str) -> int:
+    """The chain's starting value: hashes of different models never meet."""
+    return xxhash.xxh64_intdigest(model.encode("utf-8", "surrogatepass"))
 
-    Only complete chunks are hashed: a partial tail would differ between a prompt and
-    its continuation and so never match anything useful.
+
+def chain_hashes(text: str, chunk_chars: int, seed: str, max_chars: int = 0) -> list[int]:
+    """Hashes of the complete `chunk_chars`-character chunks of `text`:
+    h[i] = xxh3_64(utf8(text[i*c:(i+1)*c]), seed=h[i-1]), h[-1] = xxh64(model).
+
+    So h[i] is a function of exactly text[:(i+1)*c]: a prompt and its continuation share
+    every hash of their common complete chunks, and differ from the first chunk that
+    differs. Only complete chunks are hashed (a partial tail would differ between a
+    prompt and its continuation). `max_chars` > 0 caps the hashed length.
+
+    Chunks are cut on characters, not bytes, so that capacities converted with
+    chars-per-token mean the same for any script. ASCII text (the common case) is
+    encoded once and sliced as bytes, which is the same thing and faster.
     """
+    if chunk_chars <= 0:
+        raise ValueError("chunk_chars must be positive")
     if max_chars > 0 and len(text) > max_chars:
         text = text[:max_chars]
-    data = text.encode("utf-8", "surrogatepass")
-    # Chunk on encoded bytes: same cost and boundaries stay stable for a given text.
     step = chunk_chars
-    n = len(data) // step
+    n = len(text) // step
     out: list[int] = []
-    prev = xxhash.xxh64_intdigest(seed.encode())
+    if n == 0:
+        return out
+    append = out.append
     digest = xxhash.xxh3_64_intdigest
-    for i in range(n):
-        prev = digest(data[i * step : (i + 1) * step], prev)
-        out.append(prev)
+    prev = model_seed(seed)
+    if text.isascii():
+        data = text.encode("ascii")
+        end = step
+        for start in range(0, n * step, step):
+            prev = digest(data[start:end], prev)
+            append(prev)
+            end += step
+    else:
+        for start in range(0, n * step, step):
+            prev = digest(text[start : start + step].encode("utf-8", "surrogatepass"), prev)
+            append(prev)
     return out
 
 
+def session_key(header_value: str | None, body: Mapping[str, Any] | None) -> str | None:
+    """The session key: the session header when present and non-empty, else the body's
+    `user` field (OpenAI's end-user id), else None."""
+    if header_value:
+        return header_value
+    if body is not None:
+        user = body.get("user")
+        if isinstance(user, str) and user:
+            return user
+    return None
+
+
 def request_features(
-    body: dict[str, Any],
+    body: Mapping[str, Any],
     model: str,
     session_key: str | None,
     *,

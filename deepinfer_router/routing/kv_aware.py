@@ -1,0 +1,302 @@
+"""kv-aware: send each request where its prompt prefix most likely still sits in KV
+cache, keep conversations on one engine, and never let affinity pile load onto one
+engine. The default policy; routing/README.md has the full description.
+
+One decision, O(candidates + matched chunks):
+  1. filter   bounded-load guard (guard.py): which engines may take one more request;
+  2. session  a live binding whose engine passes the guard wins (`session`); over its
+              bound it moves (`spill`) and is rebound;
+  3. score    score = matched prefix chars - load_cost_chars * load cost (scoring.py)
+              over all candidates; the best one passing the guard takes it (`prefix`,
+              or `balance` when a match existed but an unmatched engine won on load);
+              when the best is over its bound the request goes to the best passing one
+              (`spill`), which becomes a second home for that prefix;
+  4. place    nobody holds any of the prompt: least loaded passing engine, ties (within
+              `placement_window` load) broken by rendezvous hashing of the first chunk
+              (`new-prefix`); no complete chunk at all: least loaded (`least-conn`).
+`on_routed` records the prompt's chain on the chosen engine and binds the session.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import reasons
+from .base import Candidate, Decision, PolicyBase, RequestFeatures
+from .guard import BoundedLoad
+from .prefix_index import PrefixIndex
+from .scoring import LoadWeights, engine_seed, load_cost, rendezvous
+from .sessions import SessionTable
+
+
+@dataclass(frozen=True, slots=True)
+class KvAwareParams:
+    chunk_chars: int = 128  # must equal the chunk size the features were hashed with
+    balance_factor: float = 1.25  # c of the bounded-load guard
+    balance_slack: int = 0  # extra requests allowed over the guard's bound
+    load_cost_chars: float = 4096.0  # matched prefix chars worth one request of load
+    running_weight: float = 0.5
+    kv_usage_weight: float = 1.0
+    placement_window: float = 0.5  # load units within which first placements hash
+    session_ttl_s: float = 1800.0
+    max_sessions: int = 200_000
+    default_capacity_chars: int = 400_000  # when a candidate reports no capacity
+    hint_outbox: int = 0  # placements kept for export_hints (0: off)
+
+
+class _Engine:
+    __slots__ = ("capacity", "epoch", "instance", "seed")
+
+    def __init__(self, instance: str, capacity: int, epoch: int, seed: int) -> None:
+        self.instance = instance
+        self.capacity = capacity
+        self.epoch = epoch
+        self.seed = seed
+
+
+class KvAwarePolicy(PolicyBase):
+    name = "kv-aware"
+    needs_prompt = True
+
+    def __init__(self, params: KvAwareParams | None = None) -> None:
+        p = params or KvAwareParams()
+        if p.chunk_chars <= 0:
+            raise ValueError("chunk_chars must be positive")
+        self.params = p
+        self._weights = LoadWeights(running=p.running_weight, kv_usage=p.kv_usage_weight)
+        self._index = PrefixIndex()
+        self._sessions = SessionTable(p.session_ttl_s, p.max_sessions)
+        self._engines: dict[str, _Engine] = {}
+        self._epochs = 0
+        self._tie = 0
+        self._outbox: deque[dict[str, Any]] | None = (
+            deque(maxlen=p.hint_outbox) if p.hint_outbox > 0 else None
+        )
+
+    # --- read-only views (tests, /admin, benchmarks) ------------------------------------
+    @property
+    def index(self) -> PrefixIndex:
+        return self._index
+
+    @property
+    def sessions(self) -> SessionTable:
+        return self._sessions
+
+    # --- the decision -------------------------------------------------------------------
+    def select(
+        self, request: RequestFeatures, candidates: Sequence[Candidate], now: float
+    ) -> Decision:
+        self._sync(candidates)
+        p = self.params
+        chunk = p.chunk_chars
+        guard = BoundedLoad(candidates, p.balance_factor, p.balance_slack)
+        hashes = request.chunk_hashes
+        matched = self._index.match(hashes) if hashes else {}
+
+        key = request.session_key
+        if key is not None:
+            binding = self._sessions.get(key, now)
+            if binding is not None:
+                eng = self._engines.get(binding.engine_id)
+                if eng is not None and eng.epoch == binding.epoch:
+                    for cand in candidates:
+                        if cand.id == binding.engine_id:
+                            if guard.allows(cand):
+                                return Decision(
+                                    cand.id, reasons.SESSION, matched.get(cand.id, 0) * chunk
+                                )
+                            best = self._best_score(candidates, matched, guard, cand)
+                            return Decision(
+                                best.id, reasons.SPILL, matched.get(best.id, 0) * chunk
+                            )
+
+        if matched:
+            return self._by_prefix(candidates, matched, guard)
+        if hashes:
+            return self._place_new(candidates, guard, hashes[0])
+        return Decision(self._least_cost(candidates, guard).id, reasons.LEAST_CONN)
+
+    def _by_prefix(
+        self, candidates: Sequence[Candidate], matched: Mapping[str, int], guard: BoundedLoad
+    ) -> Decision:
+        chunk = self.params.chunk_chars
+        lam = self.params.load_cost_chars
+        w = self._weights
+        n = len(candidates)
+        self._tie += 1
+        start = self._tie % n
+        best_all: Candidate | None = None
+        best_all_score = 0.0
+        best_ok: Candidate | None = None
+        best_ok_score = 0.0
+        for k in range(n):
+            cand = candidates[(start + k) % n]
+            score = matched.get(cand.id, 0) * chunk - lam * load_cost(cand, w)
+            if best_all is None or score > best_all_score:
+                best_all, best_all_score = cand, score
+            if (best_ok is None or score > best_ok_score) and guard.allows(cand):
+                best_ok, best_ok_score = cand, score
+        assert best_all is not None
+        if best_ok is None:  # nobody under the bound (fractional loads): least loaded
+            best_ok = self._least_cost(candidates, guard)
+        got = matched.get(best_ok.id, 0) * chunk
+        if best_ok is not best_all and matched.get(best_all.id, 0) > 0:
+            return Decision(best_ok.id, reasons.SPILL, got)
+        return Decision(best_ok.id, reasons.PREFIX if got else reasons.BALANCE, got)
+
+    def _best_score(
+        self,
+        candidates: Sequence[Candidate],
+        matched: Mapping[str, int],
+        guard: BoundedLoad,
+        exclude: Candidate,
+    ) -> Candidate:
+        """Best score among engines under the bound (spill target)."""
+        chunk = self.params.chunk_chars
+        lam = self.params.load_cost_chars
+        w = self._weights
+        best: Candidate | None = None
+        best_score = 0.0
+        for cand in candidates:
+            if cand is exclude or not guard.allows(cand):
+                continue
+            score = matched.get(cand.id, 0) * chunk - lam * load_cost(cand, w)
+            if best is None or score > best_score:
+                best, best_score = cand, score
+        return best if best is not None else self._least_cost(candidates, guard)
+
+    def _place_new(
+        self, candidates: Sequence[Candidate], guard: BoundedLoad, first_hash: int
+    ) -> Decision:
+        w = self._weights
+        costs = [load_cost(c, w) for c in candidates]
+        allowed = [guard.allows(c) for c in candidates]
+        if not any(allowed):
+            allowed = [True] * len(candidates)
+        low = min(cost for cost, ok in zip(costs, allowed, strict=True) if ok)
+        ceiling = low + self.params.placement_window
+        engines = self._engines
+        best: Candidate | None = None
+        best_weight = -1
+        for cand, cost, ok in zip(candidates, costs, allowed, strict=True):
+            if ok and cost <= ceiling:
+                weight = rendezvous(first_hash, engines[cand.id].seed)
+                if weight > best_weight:
+                    best, best_weight = cand, weight
+        assert best is not None
+        return Decision(best.id, reasons.NEW_PREFIX)
+
+    def _least_cost(self, candidates: Sequence[Candidate], guard: BoundedLoad) -> Candidate:
+        """Least load cost under the bound, ties rotating; everyone when nobody is."""
+        w = self._weights
+        n = len(candidates)
+        self._tie += 1
+        start = self._tie % n
+        best: Candidate | None = None
+        best_cost = 0.0
+        fallback: Candidate | None = None
+        fallback_cost = 0.0
+        for k in range(n):
+            cand = candidates[(start + k) % n]
+            cost = load_cost(cand, w)
+            if fallback is None or cost < fallback_cost:
+                fallback, fallback_cost = cand, cost
+            if (best is None or cost < best_cost) and guard.allows(cand):
+                best, best_cost = cand, cost
+        chosen = best if best is not None else fallback
+        assert chosen is not None
+        return chosen
+
+    # --- engine bookkeeping ---------------------------------------------------------------
+    def _capacity_chunks(self, capacity_chars: int) -> int:
+        chars = capacity_chars if capacity_chars > 0 else self.params.default_capacity_chars
+        return max(1, chars // self.params.chunk_chars)
+
+    def _sync(self, candidates: Iterable[Candidate]) -> None:
+        engines = self._engines
+        for cand in candidates:
+            eng = engines.get(cand.id)
+            if eng is not None and eng.instance == cand.instance:
+                if eng.capacity != cand.kv_capacity_chars:
+                    eng.capacity = cand.kv_capacity_chars
+                    self._index.sync(
+                        cand.id, cand.instance, self._capacity_chunks(cand.kv_capacity_chars)
+                    )
+                continue
+            self._add_engine(cand.id, cand.instance, cand.kv_capacity_chars)
+
+    def _add_engine(self, engine_id: str, instance: str, capacity_chars: int) -> _Engine:
+        if engine_id in self._engines:  # restarted: a new instance holds nothing
+            self.forget_engine(engine_id)
+        self._epochs += 1
+        eng = _Engine(instance, capacity_chars, self._epochs, engine_seed(engine_id))
+        self._engines[engine_id] = eng
+        self._index.sync(engine_id, instance, self._capacity_chunks(capacity_chars))
+        return eng
+
+    # --- hooks ------------------------------------------------------------------------------
+    def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
+        eng = self._engines.get(decision.engine_id)
+        if eng is None:
+            return
+        if request.chunk_hashes:
+            self._index.record(decision.engine_id, request.chunk_hashes)
+        if request.session_key is not None:
+            self._sessions.bind(request.session_key, decision.engine_id, eng.epoch, now)
+        if self._outbox is not None:
+            self._outbox.append(
+                {
+                    "engine": decision.engine_id,
+                    "instance": eng.instance,
+                    "chunk_chars": self.params.chunk_chars,
+                    "hashes": request.chunk_hashes,
+                    "session": request.session_key,
+                }
+            )
+
+    def forget_engine(self, engine_id: str) -> None:
+        """The engine left, was ejected for good or restarted: its cache estimate is
+        dropped and its session bindings are broken (lazily, by epoch)."""
+        self._engines.pop(engine_id, None)
+        self._index.forget(engine_id)
+
+    # --- multi-router sharing -----------------------------------------------------------------
+    def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
+        """Placements made since the last export (oldest first, at most `hint_outbox`
+        kept): plain JSON-able dicts {engine, instance, chunk_chars, hashes, session} for
+        other routers' `import_hints`. Empty unless `hint_outbox` > 0."""
+        out: list[dict[str, Any]] = []
+        box = self._outbox
+        while box and (limit <= 0 or len(out) < limit):
+            out.append(box.popleft())
+        return out
+
+    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int:
+        """Apply other routers' placements as if routed here: record the chains and bind
+        the sessions. Hints for another chunk size or another instance of an engine are
+        ignored. Returns how many were applied."""
+        applied = 0
+        for hint in hints:
+            try:
+                engine_id = str(hint["engine"])
+                instance = str(hint["instance"])
+                if int(hint.get("chunk_chars", 0)) != self.params.chunk_chars:
+                    continue
+                hashes = [int(h) for h in hint.get("hashes") or ()]
+                session = hint.get("session")
+            except (KeyError, TypeError, ValueError):
+                continue
+            eng = self._engines.get(engine_id)
+            if eng is None:
+                eng = self._add_engine(engine_id, instance, 0)
+            elif eng.instance != instance:
+                continue
+            if hashes:
+                self._index.record(engine_id, hashes)
+            if isinstance(session, str) and session:
+                self._sessions.bind(session, engine_id, eng.epoch, now)
+            applied += 1
+        return applied
