@@ -11,6 +11,8 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from .state import REQUEST_ID, REQUEST_MODEL
+
 _STD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
 )
@@ -57,8 +59,8 @@ class AccessLogger(AbstractAccessLogger):
             return
         engine = response.headers.get("x-deepinfer-engine", "-")
         route = response.headers.get("x-deepinfer-route", "-")
-        model = request.get("model", "-")
-        rid = request.get("rid") or response.headers.get("X-Request-Id", "-")
+        model = request.get(REQUEST_MODEL, "-")
+        rid = request.get(REQUEST_ID) or response.headers.get("X-Request-Id", "-")
         self.logger.info(
             '%s %s model=%s engine=%s route=%s status=%s duration=%.4f request_id=%s',
             request.method, request.path, model, engine, route, response.status, elapsed, rid,

@@ -29,7 +29,7 @@ from .errors import RouterError, sse_error_event
 from .fleet import EngineState
 from .routing.base import Decision, RequestFeatures
 from .routing.features import request_features
-from .state import RouterState
+from .state import REQUEST_ID, REQUEST_MODEL, RouterState
 
 log = logging.getLogger("deepinfer.proxy")
 
@@ -71,10 +71,10 @@ class _Call:
 
 
 def request_id(request: web.Request) -> str:
-    rid = request.get("rid")
+    rid = request.get(REQUEST_ID)
     if rid is None:
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        request["rid"] = rid
+        request[REQUEST_ID] = rid
     return rid
 
 
@@ -132,7 +132,7 @@ class Proxy:
         except RouterError as exc:
             reason = exc.code or str(exc.status)
             state.metrics.rejected.labels(reason).inc()
-            model = call.model if call else request.get("model", "")
+            model = call.model if call else request.get(REQUEST_MODEL, "")
             state.metrics.requests.labels(
                 model, call.engine if call else "", call.route if call else "none",
                 str(exc.status),
@@ -184,7 +184,7 @@ class Proxy:
                 body = orjson.dumps(parsed)
         if not isinstance(model, str):
             raise RouterError(400, "`model` must be a string.", "invalid_model")
-        request["model"] = model
+        request[REQUEST_MODEL] = model
         stream = parsed is not None and parsed.get("stream") is True
         session_key = request.headers.get(state.settings.session_header)
         if session_key is None and parsed is not None:

@@ -35,3 +35,6 @@ class RouterState:
 
 
 STATE: web.AppKey[RouterState] = web.AppKey("deepinfer_state", RouterState)
+# Per-request values the access log reads.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("deepinfer_request_id", str)
+REQUEST_MODEL: web.RequestKey[str] = web.RequestKey("deepinfer_model", str)

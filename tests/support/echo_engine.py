@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 @dataclass
@@ -18,12 +19,14 @@ class EchoEngineState:
     name: str
     models: list[str]
     received: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)
+    headers: list[CIMultiDict[str]] = field(default_factory=list)
     cancelled: int = 0
     completed: int = 0
     active: int = 0
     fail_status: int | None = None  # answer every request with this status
     token_delay_s: float = 0.0
+    drop_after: int | None = None  # close the connection after this many stream chunks
 
 
 STATE: web.AppKey[EchoEngineState] = web.AppKey("echo_state", EchoEngineState)
@@ -50,9 +53,14 @@ async def _models(request: web.Request) -> web.Response:
 async def _generate(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     raw = await request.read()
+    st.raw.append(raw)
+    if request.content_type.startswith("multipart/"):
+        st.headers.append(CIMultiDict(request.headers))
+        st.completed += 1
+        return web.json_response({"text": "transcribed"}, headers={"x-engine-name": st.name})
     body = orjson.loads(raw) if raw else {}
     st.received.append(body)
-    st.headers.append(dict(request.headers))
+    st.headers.append(CIMultiDict(request.headers))
     if st.fail_status:
         return _error(st.fail_status, "injected failure")
     if body.get("model") not in st.models:
@@ -87,6 +95,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     st.active += 1
     try:
         for i in range(n):
+            if st.drop_after is not None and i >= st.drop_after:
+                assert request.transport is not None
+                request.transport.close()  # the engine dies mid-stream
+                return resp
             if st.token_delay_s:
                 await asyncio.sleep(st.token_delay_s)
             delta: dict[str, Any] = (
@@ -132,6 +144,7 @@ def build_echo_engine(name: str, models: list[str]) -> web.Application:
     app.router.add_post("/v1/completions", _generate)
     app.router.add_post("/v1/embeddings", _generate)
     app.router.add_post("/tokenize", _generate)
+    app.router.add_post("/v1/audio/transcriptions", _generate)
     return app
 
 

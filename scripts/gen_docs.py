@@ -1,0 +1,81 @@
+"""Regenerate the documents derived from the settings classes: configs/router.toml and
+the option tables in README.md (between the `<!-- ...:start -->` / `:end` markers).
+
+    python scripts/gen_docs.py          # rewrite
+    python scripts/gen_docs.py --check  # exit 1 if anything is stale (the tests do this)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic_settings import BaseSettings
+
+from deepinfer_router.settings import ENV_PREFIX, RouterSettings
+from deepinfer_router.settings_loader import flag_name, render_example_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def flag_table(cls: type[BaseSettings], env_prefix: str) -> str:
+    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    for name, info in cls.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default in (None, [], "") else f"`{default}`"
+        desc = (info.description or "").replace("|", "/").replace("\n", " ")
+        rows.append(f"| `{flag_name(name)}` | `{env_prefix}{name.upper()}` | {shown} | {desc} |")
+    return "\n".join(rows)
+
+
+def tables() -> dict[str, str]:
+    out = {"router-flags": flag_table(RouterSettings, ENV_PREFIX)}
+    try:  # the engine manager's settings, when present
+        from engines.launch_settings import ENV_PREFIX as ENGINE_PREFIX
+        from engines.launch_settings import LaunchSettings
+
+        out["engine-launch-flags"] = flag_table(LaunchSettings, ENGINE_PREFIX)
+    except ImportError:
+        pass
+    try:
+        from engines.sim.settings import SimSettings
+
+        out["engine-sim-flags"] = flag_table(SimSettings, "DEEPINFER_ENGINE_")
+    except ImportError:
+        pass
+    return out
+
+
+def render_readme(text: str) -> str:
+    for key, table in tables().items():
+        start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{start}\n{table}\n{end}{tail}"
+    return text
+
+
+def expected_files() -> dict[Path, str]:
+    readme = ROOT / "README.md"
+    return {
+        ROOT / "configs" / "router.toml": render_example_toml(
+            RouterSettings, "deepinfer-router settings", ENV_PREFIX
+        ).rstrip() + "\n",
+        readme: render_readme(readme.read_text()),
+    }
+
+
+def main(argv: list[str]) -> int:
+    stale = [p for p, text in expected_files().items() if not p.exists() or p.read_text() != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"stale: {path.relative_to(ROOT)} (run python scripts/gen_docs.py)")
+        return 1 if stale else 0
+    for path, text in expected_files().items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""Shared fixtures: real aiohttp engines and routers on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from deepinfer_router.app import build_app  # noqa: E402
+from deepinfer_router.settings import RouterSettings  # noqa: E402
+from tests.support.echo_engine import RunningServer, build_echo_engine  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+async def echo_engines() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    """Start echo engines on demand; all are stopped at the end of the test."""
+    started: list[RunningServer] = []
+
+    async def start(name: str = "e", models: list[str] | None = None) -> RunningServer:
+        server = await RunningServer(build_echo_engine(name, models or ["m1"])).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.close()
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    """Start routers built from settings keyword arguments."""
+    started: list[RunningServer] = []
+
+    async def start(**settings: Any) -> RunningServer:
+        settings.setdefault("port", 0)
+        settings.setdefault("health_interval_s", 0.5)
+        server = await RunningServer(build_app(RouterSettings(**settings))).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.close()
