@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import logging
 import math
 import random
@@ -49,7 +50,6 @@ log = logging.getLogger("deepinfer.engine.sim")
 # Steps may run late when the process is busy; within this lag the clock of the model
 # carries on from the previous step's end (throughput as modelled), beyond it, it resyncs.
 MAX_LAG_S = 0.05
-LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 
 def _version() -> str:
@@ -254,8 +254,13 @@ def _check_model(state: SimState, model: str | None) -> None:
 
 
 def _is_loopback(request: web.Request) -> bool:
-    remote = request.remote or ""
-    return remote.startswith(LOOPBACK) or remote == "localhost"
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _drop_connection(request: web.Request) -> None:
