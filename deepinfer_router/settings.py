@@ -63,7 +63,8 @@ class RouterSettings(BaseSettings):
         "prompt characters."
     )
     prefix_chunk_chars: int = Field(
-        128, ge=8, le=8192, description="Characters per hashed prompt chunk."
+        256, ge=8, le=8192, description="Characters per hashed prompt chunk (the granularity of "
+        "prefix matching; smaller costs more hashing time and index memory per request)."
     )
     prefix_max_chars: int = Field(
         65536, ge=0, description="Cap on the prompt characters hashed per request (0: no cap)."

@@ -1,8 +1,9 @@
 """Request features: the prompt text the engine sees first, cut into fixed-size character
 chunks and hashed as a chain (each hash covers everything before it), seeded by model.
 
-Cost: one pass over the prompt (encode once, one xxh3 call per chunk). With the default
-128-character chunks a 32,000-character prompt is 250 chunks, about 25 µs.
+Cost: one pass over the prompt (encode once, one xxh3 call per chunk, ~0.1 µs each). With
+the default 256-character chunks a 32,000-character prompt is 125 chunks, about 17 µs
+(benchmarks/decision.py).
 """
 
 from __future__ import annotations

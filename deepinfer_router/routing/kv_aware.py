@@ -34,7 +34,7 @@ from .sessions import SessionTable
 
 @dataclass(frozen=True, slots=True)
 class KvAwareParams:
-    chunk_chars: int = 128  # must equal the chunk size the features were hashed with
+    chunk_chars: int = 256  # must equal the chunk size the features were hashed with
     balance_factor: float = 1.25  # c of the bounded-load guard
     balance_slack: int = 0  # extra requests allowed over the guard's bound
     load_cost_chars: float = 4096.0  # matched prefix chars worth one request of load

@@ -2,20 +2,21 @@
 
 The estimate is what the router sent there: every chain hash (see features.py) of every
 request routed to an engine, in a per-engine LRU sized like the engine's KV cache
-(capacity in characters / chunk characters). A global map hash -> engines holding it
-answers "who holds this prefix" in O(1) per chunk, so a lookup costs O(matched chunks),
-never O(cached entries).
+(capacity in characters / chunk characters). A global map hash -> bitmask of the engines
+holding it answers "who holds this prefix" in O(1) per chunk, so the per-request work
+never depends on how many entries are cached.
 
 Invariant (prefix closure): if an engine holds chain hash h[i] it also holds h[0..i-1],
 and they are more recently used. It holds because a request touches its chain from the
-last chunk to the first (the first is the most recent, like vLLM freeing a sequence's
-blocks tail first) and any request containing h[i] also contains h[0..i-1]; LRU eviction
-therefore always removes a chain's tail before its head. Thanks to it the holders of
-h[i] are a subset of the holders of h[i-1], and `match` walks the request's chain once,
-only doing per-engine work when the holder set shrinks.
+last chunk to the first (the first ends up most recent, like vLLM freeing a sequence's
+blocks tail first) and any request containing h[i] also contains h[0..i-1]; LRU
+eviction therefore removes a chain's tail before its head. So along a request's chain
+the holder sets only shrink, and `match` finds where each engine's prefix ends with a
+binary search per distinct end: O(log chunks) lookups per engine whose match ends
+inside the prompt, O(1) for a prompt nobody holds.
 
-Memory: one OrderedDict entry per (engine, chunk) plus one set entry, bounded by the
-sum of engine capacities.
+Memory: one OrderedDict entry per (engine, chunk) plus one int per distinct chunk,
+bounded by the sum of engine capacities (about 150 bytes per (engine, chunk)).
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ from collections.abc import Iterable, Sequence
 
 
 class _EngineCache:
-    __slots__ = ("capacity", "instance", "lru")
+    __slots__ = ("bit", "capacity", "instance", "lru")
 
-    def __init__(self, instance: str, capacity: int) -> None:
+    def __init__(self, instance: str, capacity: int, bit: int) -> None:
         self.instance = instance
         self.capacity = capacity
+        self.bit = bit
         self.lru: OrderedDict[int, None] = OrderedDict()
 
 
 class PrefixIndex:
     def __init__(self) -> None:
         self._engines: dict[str, _EngineCache] = {}
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}  # chain hash -> bitmask of engine slots
+        self._by_bit: dict[int, str] = {}  # slot bit -> engine id
+        self._free_bits: list[int] = []
 
     # --- engines -------------------------------------------------------------------
     def sync(self, engine_id: str, instance: str, capacity: int) -> None:
@@ -44,20 +48,24 @@ class PrefixIndex:
         instance (restart) empties its entries; a smaller capacity evicts."""
         cache = self._engines.get(engine_id)
         if cache is None:
-            self._engines[engine_id] = _EngineCache(instance, max(1, capacity))
+            bit = self._free_bits.pop() if self._free_bits else 1 << len(self._engines)
+            self._engines[engine_id] = _EngineCache(instance, max(1, capacity), bit)
+            self._by_bit[bit] = engine_id
             return
         if cache.instance != instance:
-            self._clear(engine_id, cache)
+            self._clear(cache)
             cache.instance = instance
-        if cache.capacity != capacity:
+        if cache.capacity != max(1, capacity):
             cache.capacity = max(1, capacity)
-            self._evict(engine_id, cache)
+            self._evict(cache)
 
     def forget(self, engine_id: str) -> None:
         """The engine left or restarted: drop everything it held."""
         cache = self._engines.pop(engine_id, None)
         if cache is not None:
-            self._clear(engine_id, cache)
+            self._clear(cache)
+            del self._by_bit[cache.bit]
+            self._free_bits.append(cache.bit)
 
     def instance(self, engine_id: str) -> str | None:
         cache = self._engines.get(engine_id)
@@ -76,7 +84,8 @@ class PrefixIndex:
         return len(self._holders)
 
     def holders(self, chain_hash: int) -> frozenset[str]:
-        return frozenset(self._holders.get(chain_hash, ()))
+        mask = self._holders.get(chain_hash, 0)
+        return frozenset(eid for bit, eid in self._by_bit.items() if mask & bit)
 
     def engines(self) -> Iterable[str]:
         return self._engines.keys()
@@ -84,31 +93,39 @@ class PrefixIndex:
     # --- the hot path ----------------------------------------------------------------
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """For each engine holding at least the first chunk, how many leading chunks of
-        `hashes` it holds. O(matched chunks + engines)."""
-        holders = self._holders
+        `hashes` it holds."""
         if not hashes:
             return {}
-        alive = holders.get(hashes[0])
+        get = self._holders.get
+        alive = get(hashes[0], 0)
         if not alive:
             return {}
+        by_bit = self._by_bit
         out: dict[str, int] = {}
-        n_alive = len(alive)
-        i = 1
-        n = len(hashes)
-        while i < n:
-            cur = holders.get(hashes[i])
-            if cur is None:
-                break
-            if len(cur) != n_alive:  # some engines' prefixes end at chunk i
-                for eid in alive:
-                    if eid not in cur:
-                        out[eid] = i
-                alive = cur
-                n_alive = len(cur)
-            i += 1
-        for eid in alive:
-            out[eid] = i
-        return out
+        last = len(hashes) - 1
+        lo = 0  # every engine in `alive` holds hashes[0..lo]
+        while True:
+            # the last index still held by all of `alive` (monotone by prefix closure)
+            if get(hashes[last], 0) & alive == alive:
+                lo = last
+            else:
+                hi = last  # not held by all of `alive`
+                while hi - lo > 1:
+                    mid = (lo + hi) >> 1
+                    if get(hashes[mid], 0) & alive == alive:
+                        lo = mid
+                    else:
+                        hi = mid
+            nxt = get(hashes[lo + 1], 0) & alive if lo < last else 0
+            ended = alive & ~nxt
+            while ended:  # engines whose prefix ends at chunk lo
+                bit = ended & -ended
+                out[by_bit[bit]] = lo + 1
+                ended ^= bit
+            if not nxt:
+                return out
+            alive = nxt
+            lo += 1
 
     def record(self, engine_id: str, hashes: Sequence[int]) -> None:
         """The engine was sent a prompt with this chain: it now holds all of it (up to
@@ -118,6 +135,7 @@ class PrefixIndex:
             return
         lru = cache.lru
         holders = self._holders
+        bit = cache.bit
         if len(hashes) > cache.capacity:
             hashes = hashes[: cache.capacity]
         move = lru.move_to_end
@@ -126,32 +144,25 @@ class PrefixIndex:
                 move(h)
             else:
                 lru[h] = None
-                owners = holders.get(h)
-                if owners is None:
-                    holders[h] = {engine_id}
-                else:
-                    owners.add(engine_id)
+                holders[h] = holders.get(h, 0) | bit
         if len(lru) > cache.capacity:
-            self._evict(engine_id, cache)
+            self._evict(cache)
 
     # --- internals ---------------------------------------------------------------------
-    def _evict(self, engine_id: str, cache: _EngineCache) -> None:
+    def _drop(self, h: int, bit: int) -> None:
+        mask = self._holders.get(h, 0) & ~bit
+        if mask:
+            self._holders[h] = mask
+        else:
+            self._holders.pop(h, None)
+
+    def _evict(self, cache: _EngineCache) -> None:
         lru = cache.lru
-        holders = self._holders
         while len(lru) > cache.capacity:
             h, _ = lru.popitem(last=False)
-            owners = holders.get(h)
-            if owners is not None:
-                owners.discard(engine_id)
-                if not owners:
-                    del holders[h]
+            self._drop(h, cache.bit)
 
-    def _clear(self, engine_id: str, cache: _EngineCache) -> None:
-        holders = self._holders
+    def _clear(self, cache: _EngineCache) -> None:
         for h in cache.lru:
-            owners = holders.get(h)
-            if owners is not None:
-                owners.discard(engine_id)
-                if not owners:
-                    del holders[h]
+            self._drop(h, cache.bit)
         cache.lru.clear()
