@@ -108,9 +108,9 @@ def launches(tmp_path: Path) -> Iterator[Callable[..., Launch]]:
         launch.cleanup()
 
 
-async def until(cond: Callable[[], Awaitable[Any] | Any], timeout: float, what: str,
+async def until(cond: Callable[[], Awaitable[Any] | Any], within: float, what: str,
                 launch: Launch | None = None) -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = cond()
         if asyncio.iscoroutine(value):
@@ -130,8 +130,8 @@ async def registered(router_url: str) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in body["engines"]}
 
 
-async def exit_code(launch: Launch, timeout: float) -> int:
-    await until(lambda: launch.proc.poll() is not None, timeout, "the launch to exit", launch)
+async def exit_code(launch: Launch, within: float) -> int:
+    await until(lambda: launch.proc.poll() is not None, within, "the launch to exit", launch)
     return int(launch.proc.returncode)
 
 
