@@ -113,7 +113,7 @@ class KvAwarePolicy(PolicyBase):
                                 best.id, reasons.SPILL, matched.get(best.id, 0) * chunk
                             )
 
-        if matched:
+        if matched and any(cand.id in matched for cand in candidates):
             return self._by_prefix(candidates, matched, guard)
         if hashes:
             return self._place_new(candidates, guard, hashes[0])

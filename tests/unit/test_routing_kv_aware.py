@@ -246,3 +246,11 @@ def test_scraped_waiting_counts_as_load(waiting: float) -> None:
     cands[1].inflight = 1
     d = p.select(feats("short"), cands, 0.0)
     assert d.engine_id == ("e0" if waiting == 0 else "e1")
+
+
+def test_holder_not_a_candidate_is_a_new_placement() -> None:
+    p = policy()
+    place_on(p, feats(SYSTEM), "e0", fleet())
+    without_e0 = [c for c in fleet() if c.id != "e0"]  # draining, or tried already
+    d = p.select(feats(SYSTEM + "q"), without_e0, 1.0)
+    assert d.reason == reasons.NEW_PREFIX and d.engine_id != "e0"
