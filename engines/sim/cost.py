@@ -10,7 +10,7 @@ Defaults, for a 7-8B model (Llama-3.1-8B, bf16) served by vLLM on one H100 80 GB
   inter-token latency of about 6-7 ms (~150 tokens/s) for one 8B sequence on an H100.
 - `prefill_per_token` 40 us. A token costs ~2 x 8e9 = 16 GFLOP; at ~40% of the H100's
   989 dense bf16 TFLOP/s that is ~25,000 prompt tokens/s, in line with measured vLLM
-  prefill throughput for 8B models (20-30k tokens/s), i.e. ~80 ms to prefill 2,000 tokens.
+  prefill throughput for 8B models (20-30k tokens/s), i.e. ~86 ms to prefill 2,000 tokens.
 - `decode_per_seq` 30 us. Each extra sequence in a decode batch adds its share of the
   matmuls (16 GFLOP, ~30 us at the rates above once the batch is compute-bound) and of
   sampling.
@@ -18,7 +18,7 @@ Defaults, for a 7-8B model (Llama-3.1-8B, bf16) served by vLLM on one H100 80 GB
   32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes = 128 KiB per token, so 1,000
   tokens are 131 MB, ~39 us at 3.35 TB/s.
 
-Together: 256 sequences with 1,000 tokens of context decode in ~24 ms per step, ~10,600
+Together: 256 sequences with 1,000 tokens of context decode in ~24 ms per step, ~10,700
 output tokens/s, which matches published vLLM throughput for 8B models on one H100.
 
 `speed` divides every duration: `--speed 10` runs the same schedule ten times faster.

@@ -500,7 +500,9 @@ async def faults_route(request: web.Request) -> web.Response:
 
 # --- app ------------------------------------------------------------------------------
 def build_sim_app(settings: SimSettings) -> web.Application:
-    """The simulated engine as an aiohttp app; its step loop runs while the app does."""
+    """The simulated engine as an aiohttp app; its step loop runs while the app does.
+    Serve it with `handler_cancellation=True` (as start_sim_server does) so that a client
+    that disconnects frees its sequence at once rather than at its next token."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[SIM_STATE] = SimState(settings)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="arg-type,call-overload,union-attr"
+# (the openai SDK types messages as TypedDicts; plain dicts are what users send)
 """`deepinfer-engine sim`: registration with a router, the CLI, settings precedence."""
 
 from __future__ import annotations

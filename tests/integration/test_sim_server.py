@@ -1,3 +1,5 @@
+# mypy: disable-error-code="arg-type,call-overload,union-attr"
+# (the openai SDK types messages as TypedDicts; plain dicts are what users send)
 """The simulated engine over HTTP, driven by the real `openai` client."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.sim.cost import CostModel
-from engines.sim.model import RequestTooLong, SimEngine, Status, draw_output_len
+from engines.sim.model import Request, RequestTooLong, SimEngine, Status, draw_output_len
 from engines.sim.tokenizer import render_chat, tokenize
 
 
@@ -75,6 +75,7 @@ def test_ttft_falls_when_the_prefix_is_cached() -> None:
     t = e.run_until_idle(0.0)
     r2 = e.new_request("b", [*shared, *toks("y", 16)], 2, now=t)
     e.run_until_idle(t)
+    assert r1.first_token_time is not None and r2.first_token_time is not None
     ttft1 = r1.first_token_time - r1.arrival_time
     ttft2 = r2.first_token_time - r2.arrival_time
     assert ttft1 == pytest.approx(cost.step_time(2016, 0, 0))
@@ -115,7 +116,8 @@ def test_request_waits_when_blocks_are_full_then_runs() -> None:
         now = step.end
         e.finish_step(step)
     e.run_until_idle(now)
-    assert b.finished and b.scheduled_time is not None and b.scheduled_time >= a.finish_time
+    assert a.finish_time is not None and b.scheduled_time is not None
+    assert b.finished and b.scheduled_time >= a.finish_time
     assert e.stats.preemptions == 0
 
 
@@ -190,7 +192,7 @@ def test_block_accounting_invariants(ops: list[tuple[int, int, int, bool]], bloc
     idle engine holds none."""
     e = engine(num_blocks=blocks, max_num_batched_tokens=32, max_num_seqs=4)
     now = 0.0
-    live = []
+    live: list[Request] = []
     for prefix, n, max_tokens, abort in ops:
         tokens = toks(f"p{prefix}", n)
         if n + max_tokens > e.max_model_len:
