@@ -193,7 +193,8 @@ def stop_main(argv: list[str]) -> int:
         prog="deepinfer-engine stop",
         description="Stop an engine launched on this host: its supervisor deregisters it, "
         "then stops vLLM's process group.")
-    parser.add_argument("id", metavar="ID", help="engine id (or a unique prefix), or its port")
+    parser.add_argument("id", metavar="ID",
+                        help="engine id (or a unique prefix), its port, or its model name")
     parser.add_argument("--state-dir", default=None, help="host-local state directory")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the stop (default: the engine's stop "
@@ -203,7 +204,7 @@ def stop_main(argv: list[str]) -> int:
 
     state = StateDir(resolve_state_dir(ns.state_dir))
     entries = state.entries()
-    matches = [e for e in entries if e.id == ns.id or str(e.port) == ns.id]
+    matches = [e for e in entries if ns.id in (e.id, str(e.port), e.model)]
     if not matches:
         matches = [e for e in entries if e.id.startswith(ns.id)]
     if len(matches) != 1:
