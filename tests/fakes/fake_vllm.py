@@ -16,7 +16,8 @@ Like vLLM it binds its port only once the "model" is loaded. Controlled by env:
   FAKE_VLLM_IGNORE_SIGTERM=1   ignore SIGTERM (main and workers): only SIGKILL stops it
   FAKE_VLLM_ENV_FILE     file receiving {"argv", "env"} as JSON (what it was started with)
   FAKE_VLLM_KV_BLOCKS    num_gpu_blocks in vllm:cache_config_info (default 1000)
-POST /crash makes it die at once like a crashed engine (exit 1, workers left behind).
+POST /crash makes it die at once like a crashed engine (exit 1, workers left behind);
+POST /hang makes /health answer 500 from then on (a dead engine core, server still up).
 """
 
 from __future__ import annotations
@@ -121,7 +122,14 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"object": "error", "message": message, "type": kind,
                                   "param": None, "code": status}, status=status)
 
+    sick = {"on": False}
+
     async def health(_: web.Request) -> web.Response:
+        # vLLM answers 500 once its engine core is dead but the API server still runs.
+        return web.Response(status=500 if sick["on"] else 200)
+
+    async def hang(_: web.Request) -> web.Response:
+        sick["on"] = True
         return web.Response(status=200)
 
     async def version(_: web.Request) -> web.Response:
@@ -199,6 +207,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/crash", crash)
+    app.router.add_post("/hang", hang)
     return app
 
 

@@ -313,3 +313,42 @@ async def test_refusals_before_start(launches: Callable[..., Launch], tmp_path: 
         assert await exit_code(busy, 10) == 2
         assert "already in use" in busy.output()
     assert not busy.engine_pids()  # nothing was started
+
+
+async def test_killed_supervisor_leaves_an_orphan_that_stop_cleans(
+    launches: Callable[..., Launch],
+) -> None:
+    launch = launches(env={"FAKE_VLLM_WORKERS": "1"})
+
+    async def ready() -> bool:
+        entries = await launch.entries()
+        return bool(entries and entries[0]["state"] == "ready")
+
+    await until(ready, 15, "readiness", launch)
+    pids = launch.engine_pids()
+    launch.proc.kill()  # no chance to clean up: PDEATHSIG stops vLLM's main process only
+    launch.proc.wait()
+    entries = await until(launch.entries, 5, "the entry", launch)
+    # Its worker still runs in the engine's process group: the entry (and its GPUs) stays.
+    assert entries[0]["state"] == "orphaned"
+    res = await launch.cli("stop", entries[0]["id"], "--state-dir", str(launch.state_dir))
+    assert res.returncode == 0 and "orphaned" in res.stdout, res.stderr
+    await until(lambda: not [p for p in pids if pid_alive(p)], 5, "the group to die", launch)
+    assert await launch.entries() == []
+
+
+async def test_unhealthy_engine_is_restarted(launches: Callable[..., Launch]) -> None:
+    launch = launches("--health-failures", "2")
+
+    async def state(want: str, restarts: int) -> bool:
+        entries = await launch.entries()
+        return bool(entries and entries[0]["state"] == want
+                    and entries[0]["restarts"] == restarts)
+
+    await until(lambda: state("ready", 0), 15, "readiness", launch)
+    first = launch.engine_pids()
+    async with aiohttp.ClientSession() as s, s.post(f"{launch.url}/hang") as resp:
+        assert resp.status == 200
+    await until(lambda: state("ready", 1), 15, "the restart", launch)
+    assert "health checks in a row" in launch.output()
+    assert not [p for p in first if pid_alive(p)]
