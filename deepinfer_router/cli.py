@@ -57,7 +57,10 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
         access_log_class=AccessLogger,
         access_log=logging.getLogger("deepinfer.access"),
         handler_cancellation=True,  # a client that leaves cancels its upstream request
-        shutdown_timeout=settings.shutdown_grace_s,
+        # serve() itself waits up to --shutdown-grace-s for in-flight requests before
+        # runner.cleanup(); what is still running then is cut after this short extra time
+        # (never 0: aiohttp reads 0 as "wait forever").
+        shutdown_timeout=max(0.1, min(settings.shutdown_grace_s, 1.0)),
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
@@ -74,10 +77,12 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
     log.info("shutting down: waiting up to %.0fs for in-flight requests",
              settings.shutdown_grace_s)
     deadline = time.monotonic() + settings.shutdown_grace_s
-    # Stop listening first so the load balancer moves on; open connections keep going.
+    # Stop listening first so the load balancer moves on; open connections keep going
+    # (new requests on them are answered 503 shutting_down), streams run to their end.
     await site.stop()
-    while state.admission.inflight > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if not await state.admission.wait_idle(deadline - time.monotonic()):
+        log.warning("shutdown grace over: cutting %d request(s) still in flight",
+                    state.admission.inflight)
     await runner.cleanup()
     log.info("stopped")
 

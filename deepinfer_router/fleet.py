@@ -210,15 +210,10 @@ class Fleet:
         state = self.engines.get(engine_id)
         if state is None:
             return
-        if ok:
-            state.healthy = True
-            if state.ejected_until and state.ejected_until <= now:
-                # Half-open probe by health check succeeded: close the circuit.
-                state.ejected_until = 0.0
-                state.consecutive_failures = 0
-                state.probing = False
-        else:
-            state.healthy = False
+        # A passing /health does not close an open circuit: an engine can answer /health
+        # and still fail or hang on requests. After the cool-down one real request goes
+        # through (half-open); its outcome closes the circuit or opens it again.
+        state.healthy = ok
 
     def set_draining(self, engine_id: str, draining: bool = True) -> bool:
         state = self.engines.get(engine_id)

@@ -1,6 +1,7 @@
 """Active health checks: every engine's `/health`, concurrently, with a timeout. A failed
-check takes an engine out of routing; a passing one brings it back (and closes an open
-circuit whose cool-down has passed: the half-open probe)."""
+check takes an engine out of routing; a passing one brings it back. An open circuit
+(passive ejection) is not closed by a passing check: after its cool-down one request
+goes through as the half-open probe (see Fleet)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class HealthChecker:
                 f"{url}/health", timeout=self._timeout, headers=self._headers
             ) as resp:
                 ok = resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             ok = False
         state = self._fleet.engines.get(engine_id)
         if state is not None and state.healthy != ok:
@@ -64,4 +65,7 @@ class HealthChecker:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # never let one odd failure end the checks for good
+                log.exception("health checks failed")

@@ -2,9 +2,18 @@
 answer (streams chunk by chunk), retry on another engine while nothing has reached the
 client yet, and account for every request exactly once.
 
-Which failures retry: connection refused/reset, the engine closing the connection, and a
-5xx status from the engine (except 501), as long as no byte has reached the client. A
-timeout does not retry (the engine may still be working on it); 4xx never retries.
+Which failures retry on another engine (up to --max-retries, jittered exponential
+backoff), always only while no byte has reached the client:
+- connection refused, connect timeout, reset, the engine closing the connection before
+  its answer (kinds `connect`, `connect_timeout`, `reset`, `upstream`);
+- a 5xx status from the engine except 501 (kind `status_<code>`): vLLM answers 500/502/503
+  for engine faults (overload, dead engine core), and an OpenAI body carries no side
+  effect that a second engine could double.
+What does not retry: 4xx and 501 (passed to the client as they are), a first-byte or
+total timeout (the engine may still be working on it: 504, kinds `first_byte_timeout`,
+`total_timeout`), and anything after the first byte (the stream ends with an SSE error
+event: kinds `idle_timeout`, `total_timeout`, `reset`). Every kind is counted in
+`deepinfer_upstream_errors_total{engine,kind}` and counts towards ejection.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from aiohttp import web
 from .admission import AdmissionRejected
 from .errors import RouterError, sse_error_event
 from .fleet import EngineState
-from .routing.base import Decision, RequestFeatures
+from .routing.base import Candidate, Decision, RequestFeatures
 from .routing.features import request_features
 from .state import REQUEST_ID, REQUEST_MODEL, RouterState
 
@@ -73,7 +82,9 @@ class _Call:
 def request_id(request: web.Request) -> str:
     rid = request.get(REQUEST_ID)
     if rid is None:
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("X-Request-Id") or ""
+        if not rid or len(rid) > 200 or not rid.isprintable():  # logged: keep it sane
+            rid = uuid.uuid4().hex
         request[REQUEST_ID] = rid
     return rid
 
@@ -115,6 +126,7 @@ class Proxy:
         self._strip_client_auth = bool(s.api_key) or self._engine_auth is not None
         self._first_byte_timeout = s.first_byte_timeout_s
         self._idle_timeout = s.stream_idle_timeout_s
+        self._total_timeout = s.request_timeout_s
         self._policy_needs_prompt = state.policy.needs_prompt
 
     # --- entry point ------------------------------------------------------------------
@@ -130,9 +142,11 @@ class Proxy:
             call = await self._parse(request, rid, started)
             return await self._admit_and_route(call)
         except RouterError as exc:
-            reason = exc.code or str(exc.status)
-            state.metrics.rejected.labels(reason).inc()
-            model = call.model if call else request.get(REQUEST_MODEL, "")
+            if not isinstance(exc, _UpstreamFailure):  # those count as upstream errors
+                state.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+            model = call.model if call else ""
+            if model and not state.fleet.known_model(model):
+                model = ""  # a client-chosen name must not become a label (unbounded series)
             state.metrics.requests.labels(
                 model, call.engine if call else "", call.route if call else "none",
                 str(exc.status),
@@ -209,10 +223,12 @@ class Proxy:
         state = self.state
         fleet = state.fleet
         if not fleet.known_model(call.model):
+            # A client-chosen name: logged escaped and cut, so it cannot forge log lines.
+            call.request[REQUEST_MODEL] = ascii(call.model[:200])
             served = fleet.models(time.monotonic())
             raise RouterError(
                 404,
-                f"The model `{call.model}` does not exist. Available models: "
+                f"The model `{call.model[:200]}` does not exist. Available models: "
                 f"{', '.join(served) or 'none'}.",
                 "model_not_found",
                 available_models=served,
@@ -247,11 +263,10 @@ class Proxy:
             if not candidates:
                 if last is not None:
                     break
-                if state.fleet.candidates(call.model, now):
-                    raise RouterError(
-                        429, "Every engine serving this model is at its limit; retry shortly.",
-                        "engine_limit", headers={"Retry-After": "1"},
-                    )
+                if state.fleet.candidates(call.model, now):  # all at their limit: wait
+                    candidates = await self._wait_for_engine(call)
+                    now = time.monotonic()
+            if not candidates:
                 raise RouterError(
                     503, f"No healthy engine serves `{call.model}` right now.", "no_engine",
                     headers={"Retry-After": "2"},
@@ -263,7 +278,7 @@ class Proxy:
             try:
                 return await self._attempt(call, decision, now)
             except _EngineTimeout as exc:
-                raise RouterError(exc.status, exc.message, exc.kind) from None
+                raise _UpstreamFailure(exc.status, exc.message, exc.kind) from None
             except _Retryable as exc:
                 last = exc
                 tried.append(decision.engine_id)
@@ -276,7 +291,36 @@ class Proxy:
                     backoff = settings.retry_backoff_s * (2**attempt)
                     await asyncio.sleep(backoff * (0.5 + random.random()))
         assert last is not None
-        raise RouterError(last.status, last.message, last.kind)
+        raise _UpstreamFailure(last.status, last.message, last.kind)
+
+    async def _wait_for_engine(self, call: _Call) -> list[Candidate]:
+        """Every engine serving the model is at --max-inflight-per-engine: wait in the
+        admission queue until a request to one of them finishes. An empty list when no
+        engine serves the model any more; 429 when the queue is full or the wait lasts
+        longer than --queue-timeout-s."""
+        state = self.state
+        admission = state.admission
+        limit = state.settings.max_inflight_per_engine
+        started = time.monotonic()
+        give_up = started + admission.queue_timeout_s
+        front = False  # woken but beaten to the slot: keep the place in line
+        while True:
+            try:
+                await admission.wait_engine_slot(
+                    call.model, give_up - time.monotonic(), front
+                )
+            except AdmissionRejected as exc:
+                raise RouterError(
+                    429, "Every engine serving this model is at its limit; retry shortly.",
+                    f"engine_{exc.reason}", headers={"Retry-After": "1"},
+                ) from None
+            front = True
+            now = time.monotonic()
+            every = state.fleet.candidates(call.model, now)
+            candidates = [c for c in every if c.inflight < limit]
+            if candidates or not every:
+                state.metrics.queue_wait.observe(now - started)
+                return candidates
 
     # --- one attempt on one engine ----------------------------------------------------
     def _upstream_headers(self, call: _Call) -> dict[str, str]:
@@ -317,6 +361,8 @@ class Proxy:
             if call.status in (502, 504):  # broke mid-stream
                 engine_ok = False
             fleet.request_finished(engine, engine_ok, end)
+            if state.admission.engine_waiting:
+                state.admission.engine_slot_freed(engine.record.models)
             state.policy.on_complete(call.features, engine.id, engine_ok, end)
             if final:
                 state.metrics.requests.labels(
@@ -330,16 +376,20 @@ class Proxy:
         state = self.state
         request = call.request
         url = engine.record.url + request.path_qs
+        deadline = call.started + self._total_timeout
+        first_byte_by = time.monotonic() + self._first_byte_timeout
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
+            async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
                 upstream = await state.client().request(
                     request.method,
                     url,
                     data=call.body,
                     headers=self._upstream_headers(call),
                 )
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: a subclass
+            raise _Retryable("connect_timeout", 504, f"cannot connect to engine: {exc}") from None
         except TimeoutError:
-            raise _EngineTimeout() from None
+            raise _EngineTimeout(_timeout_kind(deadline, "first_byte_timeout")) from None
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable("connect", 502, f"cannot connect to engine: {exc}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -356,12 +406,19 @@ class Proxy:
                 )
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
-                return await self._relay_stream(call, engine, upstream)
+                return await self._relay_stream(call, engine, upstream, first_byte_by)
             try:
-                async with asyncio.timeout(self._idle_timeout):
+                if upstream.content.is_eof():
+                    # The whole body came with the headers (usual for a small JSON
+                    # answer): read() will not wait, so skip arming a timer for it.
                     payload = await upstream.read()
+                else:
+                    async with asyncio.timeout(
+                        min(self._idle_timeout, deadline - time.monotonic())
+                    ):
+                        payload = await upstream.read()
             except TimeoutError:
-                raise _EngineTimeout() from None
+                raise _EngineTimeout(_timeout_kind(deadline, "idle_timeout")) from None
             except aiohttp.ClientError as exc:
                 raise _Retryable("reset", 502, f"engine response broke off: {exc}") from None
             call.status = upstream.status
@@ -381,18 +438,24 @@ class Proxy:
         return headers
 
     async def _relay_stream(
-        self, call: _Call, engine: EngineState, upstream: aiohttp.ClientResponse
+        self,
+        call: _Call,
+        engine: EngineState,
+        upstream: aiohttp.ClientResponse,
+        first_byte_by: float,
     ) -> web.StreamResponse:
         metrics = self.state.metrics
         content = upstream.content
         idle = self._idle_timeout
+        deadline = call.started + self._total_timeout
         # Wait for the first chunk before answering the client: until then a failure can
-        # still be retried elsewhere.
+        # still be retried elsewhere. vLLM sends a stream's headers at once and its first
+        # chunk after prefill (and any queueing): that wait is the first-byte timeout's.
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
                 first = await content.readany()
         except TimeoutError:
-            raise _EngineTimeout() from None
+            raise _EngineTimeout(_timeout_kind(deadline, "first_byte_timeout")) from None
         except aiohttp.ClientError as exc:
             raise _Retryable("reset", 502, f"engine stream broke off: {exc}") from None
         if not first:
@@ -409,10 +472,11 @@ class Proxy:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(idle):
+                    async with asyncio.timeout(min(idle, deadline - last)):
                         chunk = await content.readany()
                 except TimeoutError:
-                    return await self._fail_stream(call, engine, response, "timeout", 504)
+                    kind = _timeout_kind(deadline, "idle_timeout")
+                    return await self._fail_stream(call, engine, response, kind, 504)
                 except aiohttp.ClientError as exc:
                     return await self._fail_stream(call, engine, response, "reset", 502, exc)
                 if not chunk:
@@ -441,7 +505,8 @@ class Proxy:
         """The engine failed after the client got bytes: end the client's stream with
         one SSE error event instead of leaving it hanging."""
         message = (
-            "engine stream stalled" if kind == "timeout" else f"engine stream broke off: {exc}"
+            _TIMEOUT_MESSAGES[kind] if kind in _TIMEOUT_MESSAGES
+            else f"engine stream broke off: {exc}"
         )
         self.state.metrics.upstream_errors.labels(engine.id, kind).inc()
         log.warning("request %s: %s on engine %s", call.rid, message, engine.id)
@@ -454,8 +519,25 @@ class Proxy:
         return response
 
 
+_TIMEOUT_MESSAGES = {
+    "first_byte_timeout": "The engine did not start answering within --first-byte-timeout-s.",
+    "idle_timeout": "The engine sent nothing for --stream-idle-timeout-s.",
+    "total_timeout": "The request took longer than --request-timeout-s.",
+}
+
+
+def _timeout_kind(deadline: float, kind: str) -> str:
+    """`kind`, or `total_timeout` when the request's overall deadline is what ran out."""
+    return "total_timeout" if time.monotonic() >= deadline - 0.001 else kind
+
+
 class _EngineTimeout(_Retryable):
     """No byte from the engine in time. Not retried: the engine may still be working."""
 
-    def __init__(self) -> None:
-        super().__init__("timeout", 504, "the engine did not answer in time")
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind, 504, _TIMEOUT_MESSAGES[kind])
+
+
+class _UpstreamFailure(RouterError):
+    """The engine failed (after retries): counted in deepinfer_upstream_errors_total, not
+    as a rejection by the router."""
