@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engines.state import pid_alive
+from engines.state import StateDir, pid_alive
 from tests.fakes.fake_nvml import write_state
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,10 +76,14 @@ class Launch:
             subprocess.run, [*ENGINE_CLI, *args], capture_output=True, text=True,
             timeout=20, cwd=ROOT)
 
-    async def entries(self) -> list[dict[str, Any]]:
-        res = await self.cli("list", "--json", "--state-dir", str(self.state_dir))
-        assert res.returncode == 0, res.stderr
-        return list(json.loads(res.stdout))
+    async def entries(self, via_cli: bool = False) -> list[dict[str, Any]]:
+        """What `list --json` shows (read in-process unless asked, to poll cheaply)."""
+        if via_cli:
+            res = await self.cli("list", "--json", "--state-dir", str(self.state_dir))
+            assert res.returncode == 0, res.stderr
+            return list(json.loads(res.stdout))
+        found = await asyncio.to_thread(StateDir(self.state_dir).entries)
+        return [e.model_dump(mode="json") for e in found]
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
@@ -165,7 +169,7 @@ async def test_launch_registers_survives_crash_and_stops(
                                "max_num_seqs": 64}
     assert rec["gpus"] == [] and rec["labels"]["device"] == "cpu"
     assert rec["labels"]["gpus"] == "none" and rec["version"] == "0.0.0-fake"
-    assert (await launch.entries())[0]["state"] == "ready"
+    assert (await launch.entries(via_cli=True))[0]["state"] == "ready"
     listed = await launch.cli("list", "--registry", r.url)
     assert listed.returncode == 0 and engine_id in listed.stdout
 
