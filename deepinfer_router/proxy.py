@@ -96,9 +96,11 @@ def check_api_key(state: RouterState, request: web.Request) -> None:
     auth = request.headers.get("Authorization", "")
     token = auth[7:] if auth[:7].lower() == "bearer " else ""
     # Compare against every key in constant time, so timing tells nothing about a key.
+    # (Header bytes that are not UTF-8 arrive as surrogate escapes: encode them back.)
+    raw = token.encode("utf-8", "surrogateescape")
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(token.encode(), key.encode())
+        matched |= hmac.compare_digest(raw, key.encode())
     if not matched:
         raise RouterError(401, "Invalid or missing API key.", "invalid_api_key")
 

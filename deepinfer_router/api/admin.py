@@ -5,6 +5,7 @@ only clients on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import socket
@@ -22,6 +23,21 @@ from ..state import STATE, RouterState
 
 # Cloud metadata endpoints reachable without being link-local addresses.
 _METADATA_HOSTS = frozenset(("metadata.google.internal", "metadata", "instance-data"))
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "fd00:ec2::254",  # AWS IMDS over IPv6 (unique-local, not link-local)
+        "100.100.100.200",  # Alibaba Cloud metadata
+    )
+)
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`::ffff:a.b.c.d` is a.b.c.d (Python 3.11's checks do not look through it)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def is_loopback_peer(request: web.Request) -> bool:
@@ -29,7 +45,7 @@ def is_loopback_peer(request: web.Request) -> bool:
     if not peer:
         return False
     try:
-        return ipaddress.ip_address(peer[0]).is_loopback
+        return _unmapped(ipaddress.ip_address(peer[0])).is_loopback
     except ValueError:
         return False
 
@@ -39,7 +55,7 @@ def check_admin(state: RouterState, request: web.Request) -> None:
     if key:
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key.encode()):
             raise RouterError(401, "Admin routes need the admin key.", "invalid_admin_key")
     elif not is_loopback_peer(request):
         raise RouterError(
@@ -48,26 +64,33 @@ def check_admin(state: RouterState, request: web.Request) -> None:
         )
 
 
-def check_engine_url(url: str, allow_private: bool) -> None:
+async def check_engine_url(url: str, allow_private: bool) -> None:
     """Refuse addresses an attacker could use to reach the host's metadata service."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        host = ""
     if parts.scheme not in ("http", "https") or not host:
         raise RouterError(400, "Engine URL must be http(s)://host[:port].", "invalid_engine_url")
     if allow_private:
         return
-    if host in _METADATA_HOSTS:
+    if host in _METADATA_HOSTS or host.rstrip(".") in _METADATA_HOSTS:
         raise RouterError(400, f"Engine URL host {host!r} is refused.", "engine_url_refused")
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
+        try:  # the event loop's resolver: a slow DNS must not stall the router
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, None, proto=socket.IPPROTO_TCP
+            )
+        except (OSError, UnicodeError):
             return  # unresolvable now: routing will find it unhealthy, not dangerous
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    for address in addresses:
-        if address.is_link_local or address.is_multicast or address.is_unspecified:
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    for address in map(_unmapped, addresses):
+        if (address.is_link_local or address.is_multicast or address.is_unspecified
+                or address in _METADATA_ADDRESSES):
             raise RouterError(
                 400,
                 f"Engine URL address {address} is link-local/metadata and refused "
@@ -136,7 +159,7 @@ async def register_engine(state: RouterState, request: web.Request) -> web.Respo
         field = ".".join(str(p) for p in first["loc"]) or "record"
         raise RouterError(400, f"Invalid engine record: {field}: {first['msg']}",
                           "invalid_engine_record") from None
-    check_engine_url(record.url, state.settings.allow_private_engine_urls)
+    await check_engine_url(record.url, state.settings.allow_private_engine_urls)
     if state.writable is None:
         raise RouterError(503, "No writable registry.", "no_registry")
     await state.writable.register(record, ttl)

@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from deepinfer_router.state import STATE
-from tests.support.echo_engine import STATE as ENGINE, RunningServer
+from tests.support.echo_engine import STATE as ENGINE
+from tests.support.echo_engine import RunningServer
 from tests.support.procs import Proc, Procs
 from tests.support.waiting import wait_until
 
@@ -230,7 +231,7 @@ async def test_connect_timeout_retries_on_another_engine(echo_engines, router, h
     try:
         r = await router(policy="round-robin", connect_timeout_s=0.3, health_interval_s=30,
                          retry_backoff_s=0)
-        for url in (good.url, "http://127.0.0.1:%d" % blackhole.getsockname()[1]):
+        for url in (good.url, f"http://127.0.0.1:{blackhole.getsockname()[1]}"):
             async with http.post(r.url + "/admin/engines", json={"url": url, "models": ["m1"]}
                                  ) as resp:
                 assert resp.status == 200

@@ -40,7 +40,7 @@ class Proc:
         self.argv = argv
         self.port = port
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")  # closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -59,8 +59,8 @@ class Proc:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    async def wait_healthy(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_healthy(self, within_s: float = 20.0) -> None:
+        deadline = time.monotonic() + within_s
         async with aiohttp.ClientSession() as s:
             while True:
                 if self.popen.poll() is not None:
@@ -75,7 +75,7 @@ class Proc:
                 except (aiohttp.ClientError, TimeoutError):
                     pass
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"{self.argv} not healthy in {timeout}s:\n"
+                    raise AssertionError(f"{self.argv} not healthy in {within_s}s:\n"
                                          f"{self.log_text()}")
                 await asyncio.sleep(0.05)
 
@@ -83,11 +83,11 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
 
-    async def wait_exit(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
+    async def wait_exit(self, within_s: float) -> int:
+        deadline = time.monotonic() + within_s
         while self.popen.poll() is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.argv[0]} still running after {timeout}s")
+                raise AssertionError(f"{self.argv[0]} still running after {within_s}s")
             await asyncio.sleep(0.02)
         return self.popen.returncode
 

@@ -1,0 +1,113 @@
+"""Graceful shutdown of a real `deepinfer-router` process: on SIGTERM it stops accepting
+connections, lets the open streams finish, then exits 0; past --shutdown-grace-s what
+is still running is cut and the process exits anyway."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.procs import Proc, Procs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+async def start_fleet(procs: Procs, *router_args: str, sims: int = 2) -> Proc:
+    engines = [procs.sim("--kv-blocks", "8192") for _ in range(sims)]
+    await asyncio.gather(*(e.wait_healthy() for e in engines))
+    args = [a for e in engines for a in ("--engine", e.url)]
+    router = procs.router(*args, "--health-interval-s", "0.5", *router_args)
+    await router.wait_healthy()
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(router.url + "/ready") as resp:
+                detail = await resp.json()
+            if detail["engines"]["healthy"] >= sims:
+                break
+            assert time.monotonic() < deadline, detail
+            await asyncio.sleep(0.1)
+    return router
+
+
+def refuses_connections(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except (ConnectionRefusedError, TimeoutError):
+            return True
+    return False
+
+
+async def open_streams(session: aiohttp.ClientSession, url: str, n: int, max_tokens: int
+                       ) -> tuple[list[aiohttp.ClientResponse], list[bytes]]:
+    body = {"model": "sim-model", "max_tokens": max_tokens, "stream": True}
+    responses = await asyncio.gather(*(
+        session.post(url + "/v1/chat/completions",
+                     json={**body, "messages": [{"role": "user", "content": f"stream {i}"}]})
+        for i in range(n)
+    ))
+    firsts = []
+    for resp in responses:
+        assert resp.status == 200
+        firsts.append(await resp.content.readany())  # the stream is open and flowing
+    return responses, firsts
+
+
+async def test_sigterm_during_50_open_streams_all_finish(procs):
+    router = await start_fleet(procs, "--shutdown-grace-s", "20")
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=40)) as session:
+        responses, firsts = await open_streams(session, router.url, 50, max_tokens=300)
+        sigterm_at = time.monotonic()
+        router.signal(signal.SIGTERM)
+        rest = [asyncio.create_task(resp.read()) for resp in responses]
+        # New connections are refused while the open streams go on.
+        while not refuses_connections(router.port):
+            assert time.monotonic() - sigterm_at < 3, "still accepting after SIGTERM"
+            await asyncio.sleep(0.05)
+        assert not all(t.done() for t in rest), "streams ended before the listener closed"
+        bodies = [first + await t for first, t in zip(firsts, rest, strict=True)]
+    code = await router.wait_exit(15)
+    took = time.monotonic() - sigterm_at
+    assert code == 0
+    assert took < 20  # well before the deadline
+    for body in bodies:
+        assert body.endswith(b"data: [DONE]\n\n"), body[-200:]
+        assert b'"error"' not in body
+    log = router.log_text()
+    assert "Traceback" not in log
+    assert "shutting down" in log and "stopped" in log
+
+
+async def test_grace_deadline_cuts_what_is_left_and_exits(procs):
+    router = await start_fleet(procs, "--shutdown-grace-s", "1", sims=1)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        responses, _ = await open_streams(session, router.url, 5, max_tokens=20000)
+        sigterm_at = time.monotonic()
+        router.signal(signal.SIGTERM)
+        code = await router.wait_exit(10)
+        took = time.monotonic() - sigterm_at
+        for resp in responses:
+            with pytest.raises(aiohttp.ClientError):
+                await resp.read()  # cut: the body never completes
+    assert code == 0
+    assert 0.9 < took < 4  # the grace, plus at most a moment to close
+    log = router.log_text()
+    assert "cutting 5 request(s)" in log and "Traceback" not in log
