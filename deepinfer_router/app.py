@@ -102,6 +102,10 @@ async def _services(app: web.Application) -> Any:
             sock_connect=settings.connect_timeout_s,
         ),
         skip_auto_headers=("User-Agent",),
+        # A proxy keeps no cookies: an engine's Set-Cookie goes to the client that asked,
+        # never onto other clients' requests. The default jar would also filter and
+        # update cookies on every request, for nothing.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     engine_headers = (
         {"Authorization": f"Bearer {settings.engine_api_key}"} if settings.engine_api_key else None
