@@ -74,7 +74,7 @@ def _help(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
     if default not in (None, [], "", False):
         text += f" (default: {default})"
-    return text
+    return text.replace("%", "%%")  # argparse formats help strings with %
 
 
 def add_settings_arguments(
