@@ -6,7 +6,6 @@ Key layout: deepinfer_router/registry/redis_store.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -97,9 +96,7 @@ class RedisRegistrar:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await store.cancel_and_wait(self._task)
             self._task = None
         if self._record is not None:
             try:

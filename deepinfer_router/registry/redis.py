@@ -105,6 +105,8 @@ class RedisRegistry:
         self._run_id: str | None = None
         self._stream_from = "$"
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._children: list[asyncio.Task[None]] = []
         self.full_reads = 0  # counters for status and tests
         self.polls = 0
 
@@ -116,11 +118,12 @@ class RedisRegistry:
             self._task = asyncio.create_task(self._run(), name="redis-registry")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await store.cancel_and_wait(self._task)
             self._task = None
+        for child in self._children:  # if close() interrupted _watch's own clean-up
+            await store.cancel_and_wait(child)
         for client in (self._redis, self._stream_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -233,7 +236,7 @@ class RedisRegistry:
 
     async def _run(self) -> None:
         backoff = _BACKOFF_FIRST_S
-        while True:
+        while not self._closing:
             try:
                 await self._full_read()
                 self._mark_up()
@@ -276,7 +279,7 @@ class RedisRegistry:
         self._flush()
 
     async def _watch(self) -> None:
-        tasks = [
+        tasks = self._children = [
             asyncio.create_task(self._stream_loop(), name="redis-registry-stream"),
             asyncio.create_task(self._poll_loop(), name="redis-registry-poll"),
         ]
@@ -285,7 +288,8 @@ class RedisRegistry:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                await store.cancel_and_wait(task)
         for task in done:
             exc = task.exception()
             if isinstance(exc, _Resync):
@@ -294,7 +298,7 @@ class RedisRegistry:
                 raise exc
 
     async def _stream_loop(self) -> None:
-        while True:
+        while not self._closing:
             resp: Any = await self._stream_redis.xread(
                 {self._keys.events: self._stream_from},
                 count=256,
@@ -324,12 +328,14 @@ class RedisRegistry:
         loop = asyncio.get_running_loop()
         resync_at = loop.time() + self._resync_s
         next_poll = loop.time() + self._poll_s
-        while True:
+        while not self._closing:
             now = self._now()
             due = [e.expires_at for e in self._entries.values() if e.grace_until is None]
             due += [e.grace_until for e in self._entries.values() if e.grace_until is not None]
             # Wake just after the earliest expiry, when Redis has dropped the hash.
-            wait = min([next_poll - loop.time(), *(d - now + 0.005 for d in due)])
+            wait = min(
+                [next_poll - loop.time(), resync_at - loop.time(), *(d - now + 0.005 for d in due)]
+            )
             await asyncio.sleep(max(_MIN_POLL_GAP_S, wait))
             if loop.time() >= resync_at:
                 raise _Resync

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from deepinfer_router.engine_record import Capacity, EngineRecord
 
@@ -40,3 +40,15 @@ class ChangeCounter:
 
     def __call__(self) -> None:
         self.calls += 1
+
+
+async def wait_for_async(
+    predicate: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.01
+) -> float:
+    """wait_for with an async predicate (e.g. a Redis query)."""
+    start = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+    return time.monotonic() - start

@@ -14,7 +14,7 @@ from deepinfer_router.registry import redis_store as store
 from engines.redis_registration import RedisRegistrar
 from engines.registration import make_registrar
 from tests.support.redis_server import RedisServer, free_port
-from tests.support.registry_helpers import make_record, wait_for
+from tests.support.registry_helpers import make_record, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -67,11 +67,11 @@ async def test_heartbeat_rewrites_and_refreshes_ttl(redis_server: RedisServer) -
         # A wiped Redis (FLUSHALL ~ restart) gets the whole record back within a beat,
         # with an `up` hint, since the stored instance is gone.
         await r.flushall()
-        await wait_for(lambda: True, 0)
-        start = time.monotonic()
-        while not await r.exists(key):
-            assert time.monotonic() - start < 0.5
-            await asyncio.sleep(0.01)
+
+        async def back() -> bool:
+            return bool(await r.exists(key))
+
+        assert await wait_for_async(back, 2) < 0.3  # one heartbeat (0.2 s) + slack
         assert await r.smembers(store.Keys(NS).index) == {record.id}
         await asyncio.sleep(0.05)
         events = await r.xrange(store.Keys(NS).events)
@@ -110,8 +110,10 @@ async def test_record_expires_without_heartbeats(redis_server: RedisServer) -> N
     r = client(redis_server)
     key = store.Keys(NS).engine(record.id)
     try:
-        while await r.exists(key):
-            await asyncio.sleep(0.02)
+        async def gone() -> bool:
+            return not await r.exists(key)
+
+        await wait_for_async(gone, 2)
         assert time.monotonic() - t0 <= 0.7
         # Readers prune the stale index entry.
         assert await store.read_all(r, store.Keys(NS)) == {}
