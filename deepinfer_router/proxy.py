@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import xxhash
 from aiohttp import web
 
 from .admission import AdmissionRejected
@@ -50,6 +51,7 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id"))
+_MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
 # One set lookup per header on the hot path instead of two.
 _NOT_FORWARDED = _HOP_BY_HOP | _ROUTER_REQUEST_HEADERS
 
@@ -222,6 +224,11 @@ class Proxy:
         if session_key is None and parsed is not None:
             user = parsed.get("user")
             session_key = user if isinstance(user, str) and user else None
+        if session_key is not None and len(session_key) > _MAX_SESSION_KEY:
+            # The session table holds --max-sessions keys: bound their size too.
+            session_key = "h:" + xxhash.xxh3_128_hexdigest(
+                session_key.encode("utf-8", "surrogatepass")
+            )
         features = (
             request_features(
                 parsed,
