@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.timeout(20)
 NS = "t"
 
 
-def client(server: RedisServer) -> aioredis.Redis:
+def client(server: RedisServer) -> Any:
+    """A plain client for inspecting the store (Any: redis-py's sync/async union types)."""
     return aioredis.Redis.from_url(server.url, decode_responses=True)
 
 
