@@ -20,7 +20,7 @@ from .proxy import Proxy
 from .registry.base import RegistrySource
 from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
-from .routing.base import RoutingPolicy
+from .routing.factory import make_policy
 from .scrape import Scraper
 from .settings import RouterSettings
 from .state import STATE, RouterState
@@ -29,12 +29,6 @@ log = logging.getLogger("deepinfer.app")
 
 # JSON routes that carry a `model` and go to an engine serving it, besides /v1/*.
 VLLM_ROUTES = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify")
-
-
-def make_policy(settings: RouterSettings) -> RoutingPolicy:
-    from .routing.factory import make_policy as factory
-
-    return factory(settings)
 
 
 def build_app(settings: RouterSettings) -> web.Application:
@@ -46,7 +40,9 @@ def build_app(settings: RouterSettings) -> web.Application:
         eject_after_failures=settings.eject_after_failures,
         eject_cooldown_s=settings.eject_cooldown_s,
     )
-    policy = make_policy(settings)
+    # In a shared fleet, the policy keeps its recent placements for the other routers.
+    sharing = bool(settings.redis_url and settings.share_hints)
+    policy = make_policy(settings, hint_outbox=4096 if sharing else 0)
     fleet.on_forget(policy.forget_engine)
     router_metrics = RouterMetrics()
     router_metrics.watch_fleet(
@@ -150,6 +146,12 @@ async def _services(app: web.Application) -> Any:
         engine_headers,
     )
     services: list[Any] = [*sources, scraper, checker]
+    if settings.redis_url and settings.share_hints:
+        from .registry.redis_hints import RedisHints
+
+        services.append(
+            RedisHints(settings.redis_url, settings.registry_namespace, state.policy)
+        )
     for service in services:
         await service.start()
     log.info(
@@ -168,7 +170,6 @@ async def _services(app: web.Application) -> Any:
 
 async def _start_sims(settings: RouterSettings) -> list[Any]:
     from engines.sim.server import start_sim_server
-
     from engines.sim.settings import SimSettings
 
     sims = []

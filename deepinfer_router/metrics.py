@@ -38,10 +38,10 @@ class LabelCache(Generic[M]):
     label sets), so holding them in a dict changes nothing but the cost.
     """
 
-    __slots__ = ("_metric", "_children")
+    __slots__ = ("_children", "_metric")
 
     def __init__(self, metric: M) -> None:
-        self._metric = metric
+        self._metric: M = metric
         self._children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, *values: str) -> M:

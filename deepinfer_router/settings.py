@@ -36,6 +36,11 @@ class RouterSettings(BaseSettings):
         min_length=1,
         description="Key prefix in Redis, so that several fleets can share one Redis.",
     )
+    share_hints: bool = Field(
+        True,
+        description="With --redis-url: share routing placements (prefix chains, session "
+        "bindings) with the other routers through Redis, so that all routers route alike.",
+    )
     engine_ttl_s: float = Field(
         15.0, gt=0, description="Seconds an engine registered through the admin API stays "
         "without a heartbeat before it is dropped."

@@ -57,11 +57,26 @@ def render_readme(text: str) -> str:
 
 
 def expected_files() -> dict[Path, str]:
+    from engines.launch_settings import ENV_PREFIX as ENGINE_PREFIX
+    from engines.launch_settings import LaunchSettings
+    from engines.sim.settings import SimSettings
+
     readme = ROOT / "README.md"
+    configs = ROOT / "configs"
     return {
-        ROOT / "configs" / "router.toml": render_example_toml(
+        configs / "router.toml": render_example_toml(
             RouterSettings, "deepinfer-router settings", ENV_PREFIX
         ).rstrip() + "\n",
+        configs / "engine.toml": render_example_toml(
+            LaunchSettings,
+            "deepinfer-engine launch: example settings (every option, with its default)",
+            ENGINE_PREFIX,
+        ),
+        configs / "engine-sim.toml": render_example_toml(
+            SimSettings,
+            "deepinfer-engine sim: example settings (every option, with its default)",
+            ENGINE_PREFIX,
+        ),
         readme: render_readme(readme.read_text()),
     }
 

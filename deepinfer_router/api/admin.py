@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from ..engine_record import EngineRecord
 from ..errors import RouterError
+from ..registry.redis_store import RegistryUnavailableError
 from ..state import STATE, RouterState
 
 # Cloud metadata endpoints reachable without being link-local addresses.
@@ -162,14 +163,20 @@ async def register_engine(state: RouterState, request: web.Request) -> web.Respo
     await check_engine_url(record.url, state.settings.allow_private_engine_urls)
     if state.writable is None:
         raise RouterError(503, "No writable registry.", "no_registry")
-    await state.writable.register(record, ttl)
+    try:
+        await state.writable.register(record, ttl)
+    except RegistryUnavailableError as exc:
+        raise RouterError(503, str(exc), "registry_unavailable") from None
     return _json({"id": record.id, "instance": record.instance, "registered": True})
 
 
 @_admin
 async def delete_engine(state: RouterState, request: web.Request) -> web.Response:
     engine_id = request.match_info["id"]
-    removed = state.writable is not None and await state.writable.deregister(engine_id)
+    try:
+        removed = state.writable is not None and await state.writable.deregister(engine_id)
+    except RegistryUnavailableError as exc:
+        raise RouterError(503, str(exc), "registry_unavailable") from None
     if not removed:
         raise RouterError(404, f"No registered engine {engine_id!r}.", "engine_not_found")
     return _json({"id": engine_id, "removed": True})

@@ -66,6 +66,10 @@ class RoutingPolicy(Protocol):
 
     def forget_engine(self, engine_id: str) -> None: ...
 
+    def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
+
+    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int: ...
+
 
 class PolicyBase:
     """No-op hooks, so a simple policy only writes `select`."""

@@ -576,7 +576,11 @@ class SimServer:
             return
         from engines.registration import make_registrar
 
-        registrar = make_registrar(self.settings.registry, self.settings.registry_key)
+        s = self.settings
+        registrar = make_registrar(
+            s.registry, s.registry_key, heartbeat_s=s.heartbeat_s, ttl_s=s.registry_ttl_s,
+            namespace=s.registry_namespace,
+        )
         await registrar.start(self.record())
         self._registrar = registrar
 

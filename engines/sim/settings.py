@@ -31,6 +31,13 @@ class SimSettings(BaseSettings):
         None, description="Register with a router (http://router:8080) or Redis (redis://...)."
     )
     registry_key: str | None = Field(None, description="The router's admin key, if it has one.")
+    registry_namespace: str = Field(
+        "deepinfer", min_length=1, description="Key prefix in a Redis registry."
+    )
+    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between registry heartbeats.")
+    registry_ttl_s: float = Field(
+        6.0, gt=0, description="Seconds the registry keeps the engine without a heartbeat."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

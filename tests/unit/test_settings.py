@@ -109,3 +109,12 @@ def test_grafana_dashboard_is_valid_json_with_deepinfer_queries():
     dash = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert exprs and all(re.search(r"deepinfer_\w+", e) for e in exprs)
+
+
+def test_generated_docs_are_current():
+    """configs/*.toml and the README option tables come from the settings classes."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
