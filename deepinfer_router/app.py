@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .api import admin, health, metrics, models
+from .errors import error_response
 from .fleet import Fleet
 from .health import HealthChecker
 from .metrics import RouterMetrics
@@ -73,9 +74,21 @@ def build_app(settings: RouterSettings) -> web.Application:
     for path in VLLM_ROUTES:
         app.router.add_post(path, proxy.handle)
     app.router.add_post("/v1/{tail:.+}", proxy.handle)
+    # Anything else answers in the OpenAI error shape, not aiohttp's plain text.
+    app.router.add_route("*", "/{tail:.*}", _not_found)
 
     app.cleanup_ctx.append(_services)
     return app
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    path = request.path
+    if path.startswith("/v1/") or path in VLLM_ROUTES or path.startswith("/admin/"):
+        return error_response(
+            405, f"Method {request.method} is not allowed on {path[:200]}.",
+            "method_not_allowed",
+        )
+    return error_response(404, f"No route {path[:200]}.", "not_found")
 
 
 async def _services(app: web.Application) -> Any:

@@ -6,7 +6,6 @@ goes through as the half-open probe (see Fleet)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,11 +13,12 @@ from collections.abc import Callable
 import aiohttp
 
 from .fleet import Fleet
+from .periodic import Periodic
 
 log = logging.getLogger("deepinfer.health")
 
 
-class HealthChecker:
+class HealthChecker(Periodic):
     def __init__(
         self,
         fleet: Fleet,
@@ -28,22 +28,15 @@ class HealthChecker:
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(interval_s, "health checks")
         self._fleet = fleet
         self._session = session
-        self._interval_s = interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._headers = headers
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def run_once(self) -> None:
+        await self.check_all()
 
     async def check_all(self) -> None:
         states = list(self._fleet.engines.values())
@@ -61,11 +54,3 @@ class HealthChecker:
         if state is not None and state.healthy != ok:
             log.warning("engine %s (%s) is %s", engine_id, url, "healthy" if ok else "unhealthy")
         self._fleet.health_result(engine_id, ok, self._clock())
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.check_all()
-            except Exception:  # never let one odd failure end the checks for good
-                log.exception("health checks failed")

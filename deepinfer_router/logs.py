@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from typing import Any
 
 import orjson
+from aiohttp import ClientConnectionResetError
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
@@ -45,9 +47,17 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp logs every client disconnect at error level with a traceback; those are
-    # normal for a proxy and are accounted for in our own access log and metrics.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    # aiohttp logs client disconnects at error level with a traceback; for a proxy they
+    # are normal (and counted in our access log and metrics). Real handler errors stay.
+    logging.getLogger("aiohttp.server").addFilter(DropClientDisconnects())
+
+
+class DropClientDisconnects(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(
+            exc, ConnectionResetError | ClientConnectionResetError | asyncio.CancelledError
+        )
 
 
 class AccessLogger(AbstractAccessLogger):

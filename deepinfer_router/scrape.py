@@ -6,7 +6,6 @@ hand-written parser."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .fleet import Fleet, ScrapedLoad
+from .periodic import Periodic
 
 log = logging.getLogger("deepinfer.scrape")
 
@@ -60,7 +60,7 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
     return None
 
 
-class Scraper:
+class Scraper(Periodic):
     def __init__(
         self,
         fleet: Fleet,
@@ -70,23 +70,16 @@ class Scraper:
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(interval_s, "engine metrics scrape")
         self._fleet = fleet
         self._session = session
-        self._interval_s = interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._headers = headers
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
         self._failing: set[str] = set()
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def run_once(self) -> None:
+        await self.scrape_all()
 
     async def scrape_all(self) -> None:
         states = list(self._fleet.engines.values())
@@ -109,9 +102,3 @@ class Scraper:
         state = self._fleet.engines.get(engine_id)
         if state is not None:
             state.load = load
-
-    async def _loop(self) -> None:
-        while True:
-            started = self._clock()
-            await self.scrape_all()
-            await asyncio.sleep(max(0.05, self._interval_s - (self._clock() - started)))

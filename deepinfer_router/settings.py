@@ -133,7 +133,7 @@ class RouterSettings(BaseSettings):
     )
     max_retries: int = Field(
         2, ge=0, le=10, description="Retries on another engine for failures before the first "
-        "byte reached the client (connect errors, resets, 502/503)."
+        "byte reached the client (connect errors and timeouts, resets, any 5xx but 501)."
     )
     retry_backoff_s: float = Field(
         0.02, ge=0, description="Base of the jittered exponential backoff between retries."

@@ -3,17 +3,18 @@ memory with a TTL that each heartbeat renews."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..engine_record import EngineRecord
+from ..periodic import Periodic
 from .base import OnChange
 
 
-class LocalRegistry:
+class LocalRegistry(Periodic):
+    """Expired registrations are swept every quarter second."""
+
     name = "local"
 
     def __init__(
@@ -22,21 +23,15 @@ class LocalRegistry:
         default_ttl_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(0.25, "embedded registry expiry")
         self._on_change = on_change
         self._default_ttl_s = default_ttl_s
         self._clock = clock
         self._records: dict[str, EngineRecord] = {}
         self._expires: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._sweep_loop())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def run_once(self) -> None:
+        self.expire(self._clock())
 
     def snapshot(self) -> dict[str, EngineRecord]:
         return self._records
@@ -71,8 +66,3 @@ class LocalRegistry:
         if gone:
             self._on_change()
         return gone
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            self.expire(self._clock())

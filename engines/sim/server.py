@@ -577,6 +577,7 @@ class SimServer:
         from engines.registration import make_registrar
 
         s = self.settings
+        assert s.registry is not None  # checked above
         registrar = make_registrar(
             s.registry, s.registry_key, heartbeat_s=s.heartbeat_s, ttl_s=s.registry_ttl_s,
             namespace=s.registry_namespace,

@@ -305,3 +305,16 @@ async def test_thousand_mixed_requests_leave_no_inflight(echo_engines, router):
     gauges = [line for line in text.splitlines()
               if line.startswith("deepinfer_engine_inflight_requests{")]
     assert gauges and all(line.endswith(" 0.0") for line in gauges)
+
+
+async def test_unknown_route_and_wrong_method_in_openai_shape(router):
+    r = await router()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(r.url + "/nope") as resp:
+            assert resp.status == 404
+            assert _is_openai_error(await resp.json())
+        async with s.get(r.url + "/v1/chat/completions") as resp:
+            assert resp.status == 405
+            assert _is_openai_error(await resp.json())
+        async with s.get(r.url + "/health") as resp:
+            assert resp.status == 200

@@ -1,0 +1,44 @@
+"""A background loop that runs one round of work every interval, for the router's
+observers (scraper, health checks) and the embedded registry's expiry sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+log = logging.getLogger("deepinfer.periodic")
+
+
+class Periodic:
+    """Calls `run_once()` every `interval_s` (measured start to start) until closed.
+    An unexpected error is logged and the loop goes on: one odd failure must not end
+    health checks or scrapes for good."""
+
+    def __init__(self, interval_s: float, name: str) -> None:
+        self.interval_s = interval_s
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("%s failed; retrying next round", self._name)
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.01, self.interval_s - elapsed))
