@@ -109,6 +109,36 @@ def cpu_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str
     return env
 
 
+def serve_flags(
+    *,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    kv_cache_bytes: str | int = DEFAULT_KV_CACHE_BYTES,
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    prefix_caching: bool = True,
+) -> list[str]:
+    """The ``vllm serve`` flags for the tiny model on a small CPU machine (no host, port,
+    model or served name): what ``server_cmd()`` passes, and what the end-to-end tests
+    give ``deepinfer-engine launch ... -- FLAGS``."""
+    if block_size % 32:
+        raise ValueError(f"vLLM's CPU backend needs a block size multiple of 32, not {block_size}")
+    return [
+        "--max-model-len",
+        str(max_model_len),
+        "--kv-cache-memory-bytes",
+        str(kv_cache_bytes),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--block-size",
+        str(block_size),
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+        "--enforce-eager",
+        "--distributed-executor-backend",
+        "uni",
+        "--disable-uvicorn-access-log",
+    ]
+
+
 def server_cmd(
     model: str | Path,
     port: int,
@@ -131,31 +161,18 @@ def server_cmd(
     its own process group (``start_new_session=True``) so a test can kill it and nothing
     it started outlives it.
     """
-    if block_size % 32:
-        raise ValueError(f"vLLM's CPU backend needs a block size multiple of 32, not {block_size}")
     if via_cli:
         cmd = cli_cmd("serve", str(model), python=python)
     else:
         cmd = [python, "-m", SERVER_MODULE, "--model", str(model)]
-    cmd += [
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--kv-cache-memory-bytes",
-        str(kv_cache_bytes),
-        "--max-num-seqs",
-        str(max_num_seqs),
-        "--block-size",
-        str(block_size),
-        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
-        "--enforce-eager",
-        "--distributed-executor-backend",
-        "uni",
-        "--disable-uvicorn-access-log",
-    ]
+    cmd += ["--host", host, "--port", str(port)]
+    cmd += serve_flags(
+        max_model_len=max_model_len,
+        kv_cache_bytes=kv_cache_bytes,
+        max_num_seqs=max_num_seqs,
+        block_size=block_size,
+        prefix_caching=prefix_caching,
+    )
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
     cmd += list(extra_args)
