@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -68,7 +67,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+# The router and engine code measured: this checkout, or --src DIR (e.g. an exported
+# commit, `git archive HEAD | tar -x -C DIR`, to measure while the tree is being edited).
+ROOT = Path(os.environ.get("DEEPINFER_BENCH_SRC") or HERE.parent).resolve()
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -83,20 +84,20 @@ DEFAULT_OUT = HERE / "results" / "routing"
 N_ENGINES = 4
 KV_BLOCKS = 1024  # 16,384 tokens per engine, 65,536 for the fleet of 4
 BLOCK_SIZE = 16
-SPEED = 5.0
+SPEED = 2.5
 
 # Arrival rates (model seconds) chosen so that engines are 60-80% busy under least-conn.
 WORKLOADS: dict[str, dict[str, Any]] = {
     "1": {
         "name": "chat",
         "title": "1 multi-round chat",
-        "users_per_s": 2.3,  # new users per model second
+        "users_per_s": 0.55,  # new users per model second
         "duration_s": 100.0,  # users arrive during this window
-        "rounds": 5,
+        "rounds": 10,
         "system_tokens": 1000,
-        "user_msg_tokens": (100, 300),
+        "user_msg_tokens": (20, 150),
         "think_s": 3.0,  # mean (exponential) pause between an answer and the next turn
-        "max_tokens": 48,
+        "max_tokens": 200,
     },
     "2": {
         "name": "groups",
@@ -284,7 +285,7 @@ class Fleet:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "_sims", str(n), str(kv_blocks),
              str(speed)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=src_env(),
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -310,6 +311,12 @@ class Fleet:
             self.proc.wait()
 
 
+def src_env() -> dict[str, str]:
+    env = dict(os.environ, DEEPINFER_BENCH_SRC=str(ROOT))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -320,14 +327,15 @@ class Router:
     def __init__(self, urls: Sequence[str], policy: str, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("deepinfer-router")
-        cmd = [exe] if exe else [sys.executable, "-m", "deepinfer_router.cli"]
+        # deepinfer-router, from the source tree measured (ROOT)
+        cmd = [sys.executable, "-c",
+               "import sys; from deepinfer_router.cli import main; sys.exit(main())"]
         for u in urls:
             cmd += ["--engine", u]
         cmd += ["--policy", policy, "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "warning", *extra]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=src_env(), start_new_session=True)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -693,6 +701,30 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def strip_src(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--src":
+            skip = True
+        elif not a.startswith("--src="):
+            out.append(a)
+    return out
+
+
+def source_revision() -> str:
+    stamp = ROOT / "REVISION"  # written next to an exported tree
+    if stamp.exists():
+        return stamp.read_text().strip()
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_sims":
         sims_main(sys.argv[2:])
@@ -709,9 +741,15 @@ def main() -> None:
                     help="least-conn only, print the engines' busy share per workload")
     ap.add_argument("--router-arg", action="append",
                     help="extra deepinfer-router argument (repeatable; for experiments)")
+    ap.add_argument("--src", help="measure the router and engines of this source tree "
+                    "(default: this checkout)")
     ap.add_argument("--out", default=str(DEFAULT_OUT),
                     help="output path without extension (.json and .png are written)")
     args = ap.parse_args()
+    if args.src:
+        os.environ["DEEPINFER_BENCH_SRC"] = str(Path(args.src).resolve())
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()),
+                                  *strip_src(sys.argv[1:])])
     wks = [w.strip() for w in args.workloads.split(",") if w.strip()]
     policies = ["least-conn"] if args.calibrate else [
         p.strip() for p in args.policies.split(",") if p.strip()]
@@ -739,6 +777,7 @@ def main() -> None:
     tg = targets(results)
     report = {
         "command": "python benchmarks/routing.py " + " ".join(sys.argv[1:]),
+        "source": {"dir": str(ROOT), "revision": source_revision()},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count()},
         "calibration": {

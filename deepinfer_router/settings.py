@@ -88,8 +88,9 @@ class RouterSettings(BaseSettings):
         100_000, ge=1, description="KV capacity in tokens assumed for an engine that reports none."
     )
     balance_slack: int = Field(
-        0, ge=0, le=1024, description="Requests an engine may take beyond the bounded-load "
-        "limit (0: KubeAI's guard exactly; more keeps affinity longer at low load)."
+        2, ge=0, le=1024, description="Requests an engine may take beyond the bounded-load "
+        "limit (0: KubeAI's guard exactly; more keeps affinity longer at low load, where one "
+        "more request in a batch costs far less than recomputing a prefix elsewhere)."
     )
     load_cost_chars: float = Field(
         4096.0, ge=0, description="kv-aware scoring: cached prefix characters that one request "
