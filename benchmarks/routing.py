@@ -91,7 +91,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "1": {
         "name": "chat",
         "title": "1 multi-round chat",
-        "users_per_s": 0.55,  # new users per model second
+        "users_per_s": 0.38,  # new users per model second
         "duration_s": 100.0,  # users arrive during this window
         "rounds": 10,
         "system_tokens": 1000,
