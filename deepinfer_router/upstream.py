@@ -1,0 +1,554 @@
+"""A lean HTTP/1.1 client for the proxy's hot path: keep-alive connection pools per engine
+on raw asyncio Protocols, responses parsed by httptools (llhttp, the parser Node.js uses).
+
+Hand-written on purpose, against the house rule of preferring a library: aiohttp's
+ClientSession was about a quarter of the router's CPU per proxied request (request and
+URL objects, connector bookkeeping, timers, StreamReader, cookie and header machinery)
+and held the router at about the same requests/s as a bare aiohttp forwarder. This client
+does per request: one pooled connection popped from a list, one `transport.write` of the
+whole request, one httptools parse, one future for the headers. What it replaced, and
+what it gained on benchmarks/overhead.py, is in the README's Performance section.
+Scrapes, health checks and model listing keep aiohttp: they are not on the hot path.
+
+What it does:
+- pools: one LIFO stack of idle keep-alive connections per (scheme, host, port), no
+  limit on their number (admission control bounds concurrency); an idle connection is
+  closed after `idle_timeout_s`; a connection goes back to the pool only when its
+  response was received completely and the server allowed keep-alive;
+- requests: `Content-Length` framing, `Host` set to the engine's host[:port], headers
+  sent as given (no Accept, Accept-Encoding or User-Agent added), TCP_NODELAY;
+- responses: status, headers as a case-preserving list (duplicates kept), body by
+  Content-Length, chunked or until the server closes; bytes passed through as they come
+  (no decompression); `read()` for the whole body, `readany()` / `async for` for
+  streaming, with at most about `buffer_limit` bytes buffered (the socket's reading is
+  paused beyond that and resumed once the caller drained it);
+- https engines: TLS with the default SSL context (system CA store, hostname checked).
+
+Timeouts are the caller's (`asyncio.timeout` around `request()` and each read), except
+connecting: `connect_timeout_s`. Errors: `UpstreamConnectError` (refused, unreachable,
+name not resolved, TLS handshake failed), `UpstreamConnectTimeout`, `UpstreamDisconnected`
+(the server closed or reset the connection before the response was complete),
+`UpstreamProtocolError` (not valid HTTP). A cancelled `request()` or read closes the
+connection at once, so the engine sees its client leave and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = [
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamDisconnected",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+]
+
+
+class UpstreamError(Exception):
+    """Any failure of an upstream request (other than a timeout the caller enforces)."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """The connection could not be made: refused, unreachable, unresolved, TLS failed."""
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    """The connection was not made within the connect timeout."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The server closed or reset the connection before its response was complete."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The server's answer is not valid HTTP/1.1."""
+
+
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_BODYLESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"))
+
+
+class _Origin:
+    """A parsed engine base URL."""
+
+    __slots__ = ("host", "host_header", "key", "port", "prefix", "tls")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.tls = scheme == "https"
+        self.host = parts.hostname
+        default_port = 443 if self.tls else 80
+        self.port = parts.port or default_port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
+        self.prefix = parts.path.rstrip("/")
+        self.key = (scheme, self.host, self.port)
+
+
+class UpstreamResponse:
+    """The answer to one request: `status`, `headers`, then the body by `read()`,
+    `readany()` or `async for`. `close()` (always call it, e.g. in `finally`) gives the
+    connection back to its pool when the response was received completely, and closes
+    it otherwise."""
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_conn",
+        "_exc",
+        "_waiter",
+        "complete",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn: _Connection | None = conn
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._exc: BaseException | None = None
+        self.complete = False  # the whole body has been received (maybe not yet read)
+
+    # --- for the caller -----------------------------------------------------------------
+    def header(self, name: str, default: str = "") -> str:
+        """The first header called `name` (any case), else `default`."""
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return default
+
+    def at_eof(self) -> bool:
+        """True when the body has been received completely and read entirely."""
+        return self.complete and not self._buffer
+
+    async def readany(self) -> bytes:
+        """What has arrived of the body since the last read, waiting for at least one
+        byte; b"" at the end of the body. Raises UpstreamError when the body broke off
+        (after what arrived before has been read)."""
+        while not self._buffer:
+            if self.complete:
+                return b""
+            if self._exc is not None:
+                raise self._exc
+            await self._wait()
+        return self._take()
+
+    def _take(self) -> bytes:
+        buffer = self._buffer
+        if not buffer:
+            return b""
+        data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._buffered = 0
+        conn = self._conn
+        if conn is not None and conn.reading_paused:
+            conn.resume()
+        return data
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        if self.complete:  # usual for a small answer: it came with the headers
+            return self._take()
+        chunks = []
+        while chunk := await self.readany():
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+
+    def close(self) -> None:
+        """Done with this response: pool the connection if the response is complete and
+        the server keeps the connection alive, close it otherwise. Idempotent."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        conn.response_done(self)
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.close_connection()
+            raise
+        finally:
+            self._waiter = None
+
+    def close_connection(self) -> None:
+        """Close the connection now, whatever the state of the response."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.abort()
+
+    # --- from the connection ------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._wake()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an engine, parsing the responses it receives."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.headers_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.closed = False
+        self.reading_paused = False
+        self.keep_alive = False
+        self.head_only = False  # the request was HEAD: the response has no body
+        self.framed = False  # the response has Content-Length or is chunked
+        self.idle_since = 0.0
+        self.buffer_limit = pool.buffer_limit
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None or response.complete:  # unasked: a server must not send that
+            self.abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._broken(UpstreamProtocolError(f"invalid HTTP response from engine: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return False  # a half-closed connection is of no further use: close it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        response = self.response
+        if response is None:
+            return
+        if (
+            self.headers_waiter is None
+            and not response.complete
+            and not self.framed
+            and response._exc is None
+        ):
+            # A body without Content-Length or chunking ends when the server closes.
+            self.on_message_complete()
+            return
+        reason = f": {exc}" if exc else ""
+        if self.headers_waiter is not None:
+            message = f"engine closed the connection before answering{reason}"
+        else:
+            message = f"engine closed the connection mid-body{reason}"
+        self._broken(UpstreamDisconnected(message))
+
+    def pause_writing(self) -> None:  # request bodies are written at once, never paced
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # --- httptools callbacks ------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self.response
+        assert response is not None
+        if len(name) in (14, 17):
+            lname = name.lower()
+            if lname == _CONTENT_LENGTH or lname == _TRANSFER_ENCODING:
+                self.framed = True
+        response.headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # informational (103 Early Hints, ...): the answer follows
+            response.headers = []
+            self.framed = False
+            return
+        response.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        waiter = self.headers_waiter
+        self.headers_waiter = None
+        if self.head_only or status in (204, 304):
+            self.framed = True
+            if self.head_only:  # llhttp would wait for a body: answer now, never reuse
+                self.keep_alive = False
+                response.complete = True
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        assert response is not None
+        response._buffer.append(body)
+        response._buffered += len(body)
+        if response._buffered > self.buffer_limit and not self.reading_paused:
+            assert self.transport is not None
+            self.reading_paused = True
+            self.transport.pause_reading()
+        if response._waiter is not None:
+            response._wake()
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        if response.status == 0:  # the end of an informational response
+            return
+        response.complete = True
+        response._wake()
+
+    # --- for the pool and the response --------------------------------------------------
+    def send(self, data: bytes, body: bytes, head_only: bool) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        response = UpstreamResponse(self)
+        self.response = response
+        self.head_only = head_only
+        self.framed = False
+        self.keep_alive = False
+        waiter = self.headers_waiter = self.pool.loop.create_future()
+        if body and len(body) > 65536:  # no copy of a large body just to join it
+            self.transport.write(data)
+            self.transport.write(body)
+        else:
+            self.transport.write(data + body if body else data)
+        return waiter
+
+    def resume(self) -> None:
+        self.reading_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def response_done(self, response: UpstreamResponse) -> None:
+        if self.response is not response:
+            return
+        if response.complete and self.keep_alive and not self.closed:
+            self.response = None
+            if self.reading_paused:
+                self.resume()
+            self.pool._release(self)
+        elif not response.complete:
+            self.abort()
+        # complete but not keep-alive: the server closes; close our side too
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the connection now (FIN; RST when unsent data is left)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pool._forget(self)
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
+        response = self.response
+        if response is not None and not response.complete:
+            self._broken(UpstreamDisconnected("connection closed by the router"))
+
+    def _broken(self, exc: UpstreamError) -> None:
+        waiter = self.headers_waiter
+        if waiter is not None:
+            self.headers_waiter = None
+            if not waiter.done():
+                waiter.set_exception(exc)
+        response = self.response
+        if response is not None:
+            response._fail(exc)
+        if not self.closed:
+            self.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections to engines, by origin. Hangs off RouterState; `close()` at
+    shutdown."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        idle_timeout_s: float = 30.0,
+        buffer_limit: int = 1 << 20,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.buffer_limit = buffer_limit
+        self._ssl_context = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._origins: dict[str, _Origin] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def _origin(self, base_url: str) -> _Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            if len(self._origins) >= 4096:  # engines come and go: bound the cache
+                self._origins.clear()
+            origin = self._origins[base_url] = _Origin(base_url)
+        return origin
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        path: str,
+        headers: dict[str, str] | Iterable[tuple[str, str]],
+        body: bytes = b"",
+    ) -> UpstreamResponse:
+        """Send `method base_url+path` and wait for the response's status and headers.
+        `path` starts with "/" and may carry a query string."""
+        if self._closed:
+            raise UpstreamError("upstream pool is closed")
+        origin = self._origin(base_url)
+        items = headers.items() if isinstance(headers, dict) else headers
+        lines = [f"{method} {origin.prefix}{path} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in items]
+        if body or method not in _BODYLESS_METHODS:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        head = "".join(lines)
+        if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+            raise ValueError("CR or LF in a request header or path")  # header injection
+        data = head.encode("utf-8", "surrogateescape")
+        conn = self._acquire(origin.key) or await self._connect(origin)
+        waiter = conn.send(data, body, method == "HEAD")
+        try:
+            return await waiter
+        except BaseException:  # cancelled (client left, timeout) or failed: drop it
+            conn.abort()
+            raise
+
+    def _acquire(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        ssl_context: ssl.SSLContext | None = None
+        if origin.tls:
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            ssl_context = self._ssl_context
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, protocol = await self.loop.create_connection(
+                    lambda: _Connection(self, origin.key),
+                    origin.host,
+                    origin.port,
+                    ssl=ssl_context,
+                    server_hostname=origin.host if ssl_context is not None else None,
+                )
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"no connection to {origin.host_header} within {self.connect_timeout_s:g}s"
+            ) from None
+        except OSError as exc:  # refused, unreachable, unresolved, TLS handshake
+            raise UpstreamConnectError(
+                f"cannot connect to {origin.host_header}: {exc}"
+            ) from None
+        conn = protocol
+        if self._closed:
+            conn.abort()
+            raise UpstreamError("upstream pool is closed")
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle_timeout_s / 2, self._sweep)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than the idle timeout (the oldest are at the
+        bottom of each LIFO stack)."""
+        self._sweeper = None
+        too_old = time.monotonic() - self.idle_timeout_s
+        for key, idle in list(self._idle.items()):
+            n = 0
+            while n < len(idle) and (idle[n].idle_since <= too_old or idle[n].closed):
+                idle[n].abort()
+                n += 1
+            if n:
+                del idle[:n]
+            if not idle:
+                del self._idle[key]
+        if self._idle and not self._closed:
+            self._sweeper = self.loop.call_later(self.idle_timeout_s / 2, self._sweep)
+
+    def idle_connections(self) -> int:
+        return sum(1 for idle in self._idle.values() for c in idle if not c.closed)
+
+    def open_connections(self) -> int:
+        return len(self._all)
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._all):
+            conn.abort()
+        self._all.clear()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports close
