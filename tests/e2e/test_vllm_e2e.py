@@ -72,15 +72,17 @@ def test_streaming(client: openai.OpenAI) -> None:
         model=MODEL, max_tokens=24, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": "Tell me a story about a river."}])
-    text, finish, usage, chunks = "", None, None, 0
+    text, finish, usage, content_events = "", None, None, 0
     for chunk in stream:
-        chunks += 1
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
             text += choice.delta.content or ""
+            content_events += bool(choice.delta.content)
             finish = choice.finish_reason or finish
-    assert chunks > 5  # token by token, not one blob
+    # Streamed, not one blob. (Not one event per token: a busy vLLM sends the tokens that
+    # piled up since the last event together, " time time time".)
+    assert content_events >= 2
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 24
     assert text
@@ -89,7 +91,7 @@ def test_streaming(client: openai.OpenAI) -> None:
                                          temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
     pieces = [c.choices[0].text for c in stream_c if c.choices]
-    assert len(pieces) >= 6 and "".join(pieces)
+    assert len(pieces) >= 2 and "".join(pieces)
 
 
 def test_kv_aware_hit_rate_beats_round_robin(vllm_fleet: Fleet) -> None:
