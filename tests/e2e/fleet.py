@@ -100,7 +100,8 @@ class Router:
         self.log_path = tmp / f"{name}-{self.port}.log"
         self._log = open(self.log_path, "wb")  # closed in stop()
         argv = [console_script("deepinfer-router"), "--host", "127.0.0.1", "--port",
-                str(self.port), "--health-interval-s", "1", "--log-level", "warning", *args]
+                str(self.port), "--health-interval-s", "1", "--scrape-interval-s", "0.25",
+                "--log-level", "warning", *args]
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})

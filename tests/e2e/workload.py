@@ -7,6 +7,12 @@ Turns go round by round (user 0, 1, ..., then everyone's next turn), so a policy
 ignores prefixes sends a user's consecutive turns to different engines. The content comes
 from a seed: two runs with different seeds share no prefix, so one run's cache cannot
 help the next one on the same engines.
+
+Turns are sent one at a time, each once the router's scraped view of the engines shows
+them idle (a think time between turns). Without it the router may see a `running` request
+that has finished since its last scrape (up to --scrape-interval-s old) as load worth
+more than a conversation's history, and move the conversation: a staleness effect of
+the scrape timing, not of the policy, that made kv-aware's hit rate vary from run to run.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Spec:
     max_tokens: int = 8
     concurrency: int = 1
     session_ids: bool = False  # send OpenAI's `user` field (the router's session key)
+    wait_idle: bool = True  # send a turn once the router sees every engine idle
 
 
 @dataclass
@@ -75,6 +82,21 @@ def counters(engine_urls: Sequence[str]) -> tuple[float, float]:
     return q, h
 
 
+def wait_router_idle(router_url: str, within_s: float = 5.0) -> bool:
+    """Until the router's last scrape shows no request running or waiting anywhere."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status, body, _ = http_json("GET", router_url + "/admin/engines", timeout=5)
+        if status == 200 and all(
+            e["load"]["stale"] or (e["load"]["running"] == 0 and e["load"]["waiting"] == 0)
+            for e in body["engines"]
+        ):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def run(router_url: str, engine_urls: Sequence[str], seed: int, spec: Spec,
         label: str = "") -> Result:
     rng = random.Random(seed)
@@ -86,6 +108,8 @@ def run(router_url: str, engine_urls: Sequence[str], seed: int, spec: Spec,
     t0 = time.monotonic()
 
     def turn(user: int) -> tuple[int, str, str, int]:
+        if spec.wait_idle and spec.concurrency == 1:
+            wait_router_idle(router_url)
         message = {"role": "user", "content": f"User {user} of {seed}: "
                    + sentences(random.Random(seed * 1000 + user * 10 + len(histories[user])),
                                spec.user_words)}
