@@ -300,7 +300,7 @@ def nginx_engines(workdir: Path, count: int = 2) -> Iterator[list[int]]:
     proc = subprocess.Popen(
         [nginx, "-p", str(prefix), "-c", str(conf)],
         stdout=subprocess.DEVNULL,
-        stderr=open(prefix / "stderr.log", "wb"),  # noqa: SIM115
+        stderr=open(prefix / "stderr.log", "wb"),
     )
     try:
         for p in ports:
@@ -320,7 +320,7 @@ def router(
     cmd += [a for p in engine_ports for a in ("--engine", f"http://127.0.0.1:{p}")]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     cmd += ["--policy", policy, *extra]
-    log = open(workdir / f"router-{policy}.log", "wb")  # noqa: SIM115
+    log = open(workdir / f"router-{policy}.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_http(port, "/ready", 30, proc)
@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64, help="wrk connections (saturation).")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (saturation).")
     p.add_argument("--rate", type=float, default=500, help="Requests/s of the fixed-rate runs.")
-    p.add_argument("--rate-duration", type=float, default=10, help="Seconds of each fixed-rate run.")
+    p.add_argument("--rate-duration", type=float, default=10,
+                   help="Seconds of each fixed-rate run.")
     p.add_argument("--rate-connections", type=int, default=32,
                    help="wrk connections of the fixed-rate runs (enough to stay on schedule).")
     p.add_argument("--warmup", type=float, default=2, help="Seconds of warm-up before each mode.")
@@ -488,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="deepinfer-overhead-"))
     workdir.chmod(0o755)  # run as root, nginx's worker is `nobody` and reads html/ from here
     results: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {
             "cpus": os.cpu_count(),

@@ -77,7 +77,7 @@ class HttpRegistrar:
                 if failing:
                     log.info("registration at %s restored", self._base)
                 failing = False
-            except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as exc:
+            except (TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
                 if not failing:  # log once per outage, not every heartbeat
                     log.warning("heartbeat to %s failed: %s", self._base, exc)
                 failing = True
@@ -93,7 +93,7 @@ class HttpRegistrar:
                     f"{self._base}/admin/engines/{self._record.id}", headers=self._headers
                 ):
                     pass
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 log.warning("deregistration at %s failed: %s", self._base, exc)
         if self._session is not None:
             await self._session.close()

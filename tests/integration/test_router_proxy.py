@@ -13,7 +13,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from deepinfer_router.state import STATE
-from tests.support.echo_engine import STATE as ENGINE, RunningServer
+from tests.support.echo_engine import STATE as ENGINE
+from tests.support.echo_engine import RunningServer
 from tests.support.waiting import wait_until
 
 
