@@ -17,6 +17,9 @@ from .routing.base import Candidate
 class ScrapedLoad:
     waiting: float = 0.0
     running: float = 0.0
+    # This router's own in-flight count when the scrape was taken: the engine's running
+    # requests beyond it belong to other routers (or to the scrape's past).
+    inflight_at_scrape: int = 0
     kv_usage: float = 0.0
     num_gpu_blocks: int | None = None
     block_size: int | None = None
@@ -94,12 +97,16 @@ class Fleet:
             if state is None:
                 self.engines[engine_id] = EngineState(record=record, source=source)
             elif state.record.instance != record.instance:
-                # A restart: its cache is empty and its old failures are history.
+                # A restart: its cache is empty and its old failures are history. The
+                # same object is kept: requests in flight hold it and count themselves
+                # out of it when they end.
                 self._forget(engine_id)
-                inflight = state.inflight
-                self.engines[engine_id] = EngineState(
-                    record=record, source=source, inflight=inflight, draining=state.draining
-                )
+                state.record, state.source = record, source
+                state.load = ScrapedLoad()
+                state.healthy = True
+                state.consecutive_failures = 0
+                state.ejected_until = 0.0
+                state.probing = False
             else:
                 state.record = record
                 state.source = source
@@ -162,7 +169,11 @@ class Fleet:
             instance=s.record.instance,
             inflight=s.inflight,
             waiting=load.waiting if fresh else 0.0,
-            running=load.running if fresh else 0.0,
+            # Stale-proof: others' share as of the scrape plus ours as of now, so that
+            # our requests that finished since the scrape are not counted as load.
+            running=(max(0.0, load.running - load.inflight_at_scrape) + s.inflight)
+            if fresh
+            else float(s.inflight),
             kv_usage=load.kv_usage if fresh else 0.0,
             kv_capacity_chars=self.kv_capacity_chars(s),
         )

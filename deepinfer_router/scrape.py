@@ -86,6 +86,8 @@ class Scraper(Periodic):
         await asyncio.gather(*(self._scrape(s.id, s.record.url) for s in states))
 
     async def _scrape(self, engine_id: str, url: str) -> None:
+        before = self._fleet.engines.get(engine_id)
+        ours_before = before.inflight if before is not None else 0
         try:
             async with self._session.get(
                 f"{url}/metrics", timeout=self._timeout, headers=self._headers
@@ -101,4 +103,7 @@ class Scraper(Periodic):
         self._failing.discard(engine_id)
         state = self._fleet.engines.get(engine_id)
         if state is not None:
+            # The engine counted ours somewhere between the two readings; the larger one
+            # errs towards less foreign load, which keeps conversations where they are.
+            load.inflight_at_scrape = max(ours_before, state.inflight)
             state.load = load

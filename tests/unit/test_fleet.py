@@ -1,0 +1,76 @@
+"""Fleet: candidates, stale-proof load, ejection and half-open probes, restarts."""
+
+from __future__ import annotations
+
+from deepinfer_router.engine_record import Capacity, EngineRecord
+from deepinfer_router.fleet import Fleet, ScrapedLoad
+
+
+def make_fleet() -> Fleet:
+    return Fleet(chars_per_token=4, default_kv_tokens=1000, stale_after_s=5,
+                 eject_after_failures=2, eject_cooldown_s=10)
+
+
+def record(port: int, instance: str = "i", models: list[str] | None = None) -> EngineRecord:
+    return EngineRecord(url=f"http://127.0.0.1:{port}", instance=instance,
+                        models=models or ["m"], capacity=Capacity(kv_blocks=10, block_size=16))
+
+
+def test_running_counts_our_finished_requests_once():
+    fleet = make_fleet()
+    fleet.sync([("local", {r.id: r for r in [record(1)]})])
+    state = next(iter(fleet.engines.values()))
+    # Scraped while 3 of ours were running there, plus 2 of another router's.
+    state.load = ScrapedLoad(running=5, at=100.0, inflight_at_scrape=3)
+    (cand,) = fleet.candidates("m", 101.0)
+    assert cand.running - cand.inflight == 2  # ours finished since: not foreign load
+    state.inflight = 1
+    (cand,) = fleet.candidates("m", 101.0)
+    assert cand.running == 3 and cand.inflight == 1
+    (stale,) = fleet.candidates("m", 200.0)  # scrape too old: our own count only
+    assert stale.running == 1 and stale.waiting == 0
+
+
+def test_capacity_from_scrape_then_record_then_default():
+    fleet = make_fleet()
+    fleet.sync([("local", {r.id: r for r in [record(1)]})])
+    state = next(iter(fleet.engines.values()))
+    assert fleet.kv_capacity_chars(state) == 10 * 16 * 4
+    state.load = ScrapedLoad(num_gpu_blocks=100, block_size=32, at=1.0)
+    assert fleet.kv_capacity_chars(state) == 100 * 32 * 4
+
+
+def test_ejection_half_open_probe_and_recovery():
+    fleet = make_fleet()
+    fleet.sync([("local", {r.id: r for r in [record(1)]})])
+    state = next(iter(fleet.engines.values()))
+    for _ in range(2):
+        fleet.request_started(state.id)
+        fleet.request_finished(state, ok=False, now=0.0)
+    assert state.state(1.0) == "ejected" and not fleet.candidates("m", 1.0)
+    assert len(fleet.candidates("m", 11.0)) == 1  # cool-down over: one probe may go
+    fleet.request_started(state.id)
+    assert not fleet.candidates("m", 11.0)  # the probe is out: nobody else
+    fleet.request_finished(state, ok=True, now=11.5)
+    assert state.state(12.0) == "healthy" and len(fleet.candidates("m", 12.0)) == 1
+
+
+def test_restart_and_removal_are_forgotten_and_inflight_survives():
+    fleet = make_fleet()
+    forgotten: list[str] = []
+    fleet.on_forget(forgotten.append)
+    r1 = record(1, "a")
+    fleet.sync([("local", {r1.id: r1})])
+    state = fleet.request_started(r1.id)
+    assert state is not None
+    r2 = record(1, "b")
+    fleet.sync([("local", {r2.id: r2})])
+    assert forgotten == [r1.id]
+    assert fleet.engines[r1.id].inflight == 1  # the restart kept the count
+    fleet.request_finished(state, ok=True, now=1.0)
+    assert fleet.engines[r1.id].inflight == 0  # ...and the request counted itself out
+    fleet.request_started(r1.id)
+    fleet.sync([("local", {})])
+    assert forgotten == [r1.id, r1.id] and not fleet.engines
+    fleet.request_finished(state, ok=True, now=1.0)  # a request that outlived its engine
+    assert state.inflight == 0
