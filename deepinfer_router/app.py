@@ -25,6 +25,7 @@ from .routing.factory import make_policy
 from .scrape import Scraper
 from .settings import RouterSettings
 from .state import STATE, RouterState
+from .upstream import UpstreamPool
 
 log = logging.getLogger("deepinfer.app")
 
@@ -96,6 +97,7 @@ async def _services(app: web.Application) -> Any:
     stop them in reverse order."""
     state = app[STATE]
     settings = state.settings
+    state.upstream = UpstreamPool(connect_timeout_s=settings.connect_timeout_s)
     connector = aiohttp.TCPConnector(
         limit=0,  # admission control bounds concurrency, not the pool
         ttl_dns_cache=60,
@@ -178,6 +180,7 @@ async def _services(app: web.Application) -> Any:
     for sim in sims:
         await sim.close()
     await state.session.close()
+    await state.upstream.close()
     await asyncio.sleep(0)  # let the connector close its transports
 
 

@@ -39,6 +39,13 @@ from .fleet import EngineState
 from .routing.base import Candidate, Decision, RequestFeatures
 from .routing.features import request_features
 from .state import REQUEST_ID, REQUEST_MODEL, RouterState
+from .upstream import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("deepinfer.proxy")
 
@@ -51,6 +58,8 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id"))
+# Response headers the router sets itself (an engine's own x-request-id is replaced).
+_NOT_RELAYED = _HOP_BY_HOP | frozenset(("x-deepinfer-engine", "x-deepinfer-route", "x-request-id"))
 _MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
 # One set lookup per header on the hot path instead of two.
 _NOT_FORWARDED = _HOP_BY_HOP | _ROUTER_REQUEST_HEADERS
@@ -398,26 +407,26 @@ class Proxy:
         raises _Retryable while nothing has been sent to the client."""
         state = self.state
         request = call.request
-        url = engine.record.url + request.path_qs
         deadline = call.started + self._total_timeout
         first_byte_by = time.monotonic() + self._first_byte_timeout
         try:
             async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
-                upstream = await state.client().request(
+                upstream = await state.upstream_pool().request(
                     request.method,
-                    url,
-                    data=call.body,
-                    headers=self._upstream_headers(call),
+                    engine.record.url,
+                    request.path_qs,
+                    self._upstream_headers(call),
+                    call.body,
                 )
-        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: a subclass
+        except UpstreamConnectTimeout as exc:
             raise _Retryable("connect_timeout", 504, f"cannot connect to engine: {exc}") from None
         except TimeoutError:
             raise _EngineTimeout(_timeout_kind(deadline, "first_byte_timeout")) from None
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamConnectError as exc:
             raise _Retryable("connect", 502, f"cannot connect to engine: {exc}") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        except UpstreamDisconnected as exc:
             raise _Retryable("reset", 502, f"engine closed the connection: {exc}") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise _Retryable("upstream", 502, f"engine request failed: {exc}") from None
         try:
             if upstream.status >= 500 and upstream.status != 501:
@@ -427,11 +436,11 @@ class Proxy:
                     502,
                     f"engine answered {upstream.status}: {text}",
                 )
-            content_type = upstream.headers.get("Content-Type", "")
+            content_type = upstream.header("Content-Type")
             if content_type.startswith("text/event-stream"):
                 return await self._relay_stream(call, engine, upstream, first_byte_by)
             try:
-                if upstream.content.is_eof():
+                if upstream.complete:
                     # The whole body came with the headers (usual for a small JSON
                     # answer): read() will not wait, so skip arming a timer for it.
                     payload = await upstream.read()
@@ -442,33 +451,36 @@ class Proxy:
                         payload = await upstream.read()
             except TimeoutError:
                 raise _EngineTimeout(_timeout_kind(deadline, "idle_timeout")) from None
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 raise _Retryable("reset", 502, f"engine response broke off: {exc}") from None
             call.status = upstream.status
             return web.Response(
                 status=upstream.status, body=payload, headers=self._client_headers(upstream, call)
             )
         finally:
-            upstream.close()  # never pool a connection whose response we did not finish
+            upstream.close()  # pools the connection only if the response came in whole
 
     def _client_headers(
-        self, upstream: aiohttp.ClientResponse, call: _Call
-    ) -> dict[str, str]:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["x-deepinfer-engine"] = call.engine
-        headers["x-deepinfer-route"] = call.route
-        headers["X-Request-Id"] = call.rid
+        self, upstream: UpstreamResponse, call: _Call
+    ) -> list[tuple[str, str]]:
+        # A list, not a dict: repeated headers (Set-Cookie, ...) all reach the client.
+        headers = [(k, v) for k, v in upstream.headers if k.lower() not in _NOT_RELAYED]
+        headers += (
+            ("x-deepinfer-engine", call.engine),
+            ("x-deepinfer-route", call.route),
+            ("X-Request-Id", call.rid),
+        )
         return headers
 
     async def _relay_stream(
         self,
         call: _Call,
         engine: EngineState,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         first_byte_by: float,
     ) -> web.StreamResponse:
         metrics = self.state.metrics
-        content = upstream.content
+        content = upstream
         idle = self._idle_timeout
         deadline = call.started + self._total_timeout
         # Wait for the first chunk before answering the client: until then a failure can
@@ -479,7 +491,7 @@ class Proxy:
                 first = await content.readany()
         except TimeoutError:
             raise _EngineTimeout(_timeout_kind(deadline, "first_byte_timeout")) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise _Retryable("reset", 502, f"engine stream broke off: {exc}") from None
         if not first:
             raise _Retryable("reset", 502, "engine closed the stream before any data")
@@ -507,7 +519,7 @@ class Proxy:
                 except TimeoutError:
                     kind = _timeout_kind(deadline, "idle_timeout")
                     return await self._fail_stream(call, engine, response, kind, 504)
-                except aiohttp.ClientError as exc:
+                except UpstreamError as exc:
                     return await self._fail_stream(call, engine, response, "reset", 502, exc)
                 if not chunk:
                     break

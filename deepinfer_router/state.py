@@ -14,6 +14,7 @@ from .metrics import RouterMetrics
 from .registry.base import RegistrySource, WritableRegistry
 from .routing.base import RoutingPolicy
 from .settings import RouterSettings
+from .upstream import UpstreamPool
 
 
 @dataclass
@@ -25,13 +26,18 @@ class RouterState:
     admission: Admission
     sources: list[RegistrySource] = field(default_factory=list)
     writable: WritableRegistry | None = None  # where POST /admin/engines writes
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # scrapes, health checks, model lists
+    upstream: UpstreamPool | None = None  # proxied requests (the hot path)
     closers: list[Any] = field(default_factory=list)  # started services with close()
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "router not started"
         return self.session
+
+    def upstream_pool(self) -> UpstreamPool:
+        assert self.upstream is not None, "router not started"
+        return self.upstream
 
 
 STATE: web.AppKey[RouterState] = web.AppKey("deepinfer_state", RouterState)
