@@ -65,22 +65,28 @@ class AccessLogger(AbstractAccessLogger):
     API keys are never logged (no headers are)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, elapsed: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
             return
-        engine = response.headers.get("x-deepinfer-engine", "-")
-        route = response.headers.get("x-deepinfer-route", "-")
+        headers = response.headers
+        engine = headers.get("x-deepinfer-engine", "-")
+        route = headers.get("x-deepinfer-route", "-")
         model = request.get(REQUEST_MODEL, "-")
-        rid = request.get(REQUEST_ID) or response.headers.get("X-Request-Id", "-")
-        self.logger.info(
+        rid = request.get(REQUEST_ID) or headers.get("X-Request-Id", "-")
+        method, path, status = request.method, request.path, response.status
+        # makeRecord + handle is logger.info() without findCaller()'s walk up the stack
+        # (a line's source location is always this one): a quarter of the cost of a line.
+        logger.handle(logger.makeRecord(
+            logger.name, logging.INFO, __file__, 0,
             '%s %s model=%s engine=%s route=%s status=%s duration=%.4f request_id=%s',
-            request.method, request.path, model, engine, route, response.status, elapsed, rid,
-            extra={
-                "method": request.method, "path": request.path, "model": model,
-                "engine": engine, "route": route, "status": response.status,
+            (method, path, model, engine, route, status, elapsed, rid), None, "log",
+            {
+                "method": method, "path": path, "model": model,
+                "engine": engine, "route": route, "status": status,
                 "duration_s": round(elapsed, 6), "request_id": rid,
                 "at": round(time.time(), 3),
             },
-        )
+        ))
 
     @property
     def enabled(self) -> bool:

@@ -487,8 +487,10 @@ class Proxy:
         # still be retried elsewhere. vLLM sends a stream's headers at once and its first
         # chunk after prefill (and any queueing): that wait is the first-byte timeout's.
         try:
-            async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
-                first = await content.readany()
+            first = content.read_nowait()  # often here with the headers: no timer then
+            if not first:
+                async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
+                    first = await content.readany()
         except TimeoutError:
             raise _EngineTimeout(_timeout_kind(deadline, "first_byte_timeout")) from None
         except UpstreamError as exc:

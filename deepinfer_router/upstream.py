@@ -154,6 +154,11 @@ class UpstreamResponse:
             await self._wait()
         return self._take()
 
+    def read_nowait(self) -> bytes:
+        """What has arrived of the body and not been read yet, without waiting (b"" when
+        nothing has)."""
+        return self._take()
+
     def _take(self) -> bytes:
         buffer = self._buffer
         if not buffer:

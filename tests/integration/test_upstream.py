@@ -152,6 +152,7 @@ async def test_chunked_stream_arrives_chunk_by_chunk(serve, pool):
     first = await asyncio.wait_for(resp.readany(), 5)
     assert first == b"data: 1\n\n"
     assert not resp.at_eof()
+    assert resp.read_nowait() == b""  # nothing more yet, and no waiting for it
     go_on.set()
     rest = [chunk async for chunk in resp]
     assert b"".join(rest) == b"data: 2\n\n"
