@@ -587,6 +587,11 @@ async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str,
     routes: dict[str, int] = {}
     for r in res:
         routes[r.route] = routes.get(r.route, 0) + 1
+    by_kind: dict[str, list[float]] = {}
+    for r in ok:
+        by_kind.setdefault(r.kind, []).append(r.ttft * speed * 1000)
+    ttft_by_kind = {k: {"n": len(v), "p50": pct(v, 0.5), "p90": pct(v, 0.9)}
+                    for k, v in sorted(by_kind.items())}
     out_tokens = sum(r.out_tokens for r in ok)
     model_makespan = wall_total * speed
     return {
@@ -598,6 +603,7 @@ async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str,
         "errors": len(res) - len(ok),
         "ttft_ms": {"p50": pct(ttft, 0.5), "p90": pct(ttft, 0.9), "p99": pct(ttft, 0.99),
                     "mean": statistics.fmean(ttft) if ttft else math.nan},
+        "ttft_ms_by_kind": ttft_by_kind,
         "output_tokens_per_s": out_tokens / model_makespan,
         "hit_rate": hits / queries if queries else 0.0,
         "prefix_cache_hits": hits,
@@ -613,6 +619,7 @@ async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str,
             "loadgen": (cpu1[2] - cpu0[2]) / window,
         },
         "wall_s": wall_total,
+        "loadavg_1m_after": os.getloadavg()[0],  # other work on the machine adds noise
         "arrival_window_wall_s": window,
         "preemptions": sum(m.get("vllm:num_preemptions_total", 0.0) for m in metrics),
     }
