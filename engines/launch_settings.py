@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deepinfer_router.settings_loader import CsvList
 
+from .registration import RegistrationOptions
+
 ENV_PREFIX = "DEEPINFER_ENGINE_"
 
 
@@ -25,7 +27,7 @@ def _split_args(value: Any) -> Any:
 ArgList = Annotated[list[str], NoDecode, BeforeValidator(_split_args)]
 
 
-class LaunchSettings(BaseSettings):
+class LaunchSettings(BaseSettings, RegistrationOptions):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # --- what to run ----------------------------------------------------------------
@@ -69,21 +71,7 @@ class LaunchSettings(BaseSettings):
         "http://<this host's name>:PORT)."
     )
 
-    # --- registration ---------------------------------------------------------------
-    registry: str | None = Field(
-        None, description="Registry: redis://... (shared) or http://router:8080 (a router's "
-        "embedded registry). Without it the engine is not registered."
-    )
-    registry_key: str | None = Field(
-        None, description="Admin key of the router's embedded registry."
-    )
-    registry_namespace: str = Field(
-        "deepinfer", min_length=1, description="Key prefix in a Redis registry."
-    )
-    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between registry heartbeats.")
-    registry_ttl_s: float = Field(
-        6.0, gt=0, description="Seconds the registry keeps the engine without a heartbeat."
-    )
+    # --- registration: registry options come from RegistrationOptions ---------------
     labels: CsvList = Field(
         default_factory=list, description="Label key=value added to the engine record; "
         "repeatable."
@@ -150,18 +138,10 @@ class LaunchSettings(BaseSettings):
                              "or UUIDs")
         return ",".join(parts)
 
-    @field_validator("advertise_url", "registry")
+    @field_validator("advertise_url")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
-
-    @field_validator("registry")
-    @classmethod
-    def _registry(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("http://", "https://", "redis://", "rediss://",
-                                           "unix://")):
-            raise ValueError("must be http(s)://router or redis://...")
-        return value
 
     @field_validator("labels")
     @classmethod

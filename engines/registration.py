@@ -13,6 +13,7 @@ import time
 from typing import Protocol
 
 import aiohttp
+from pydantic import BaseModel, Field, field_validator
 
 from deepinfer_router.engine_record import EngineRecord
 
@@ -20,6 +21,47 @@ log = logging.getLogger("deepinfer.engine.registration")
 
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_TTL_S = 6.0
+
+
+_REGISTRY_SCHEMES = ("http://", "https://", "redis://", "rediss://", "unix://")
+
+
+class RegistrationOptions(BaseModel):
+    """The registry options every engine command shares (`launch`, `sim`)."""
+
+    registry: str | None = Field(
+        None, description="Registry: redis://... (shared) or http://router:8080 (a router's "
+        "embedded registry). Without it the engine is not registered."
+    )
+    registry_key: str | None = Field(
+        None, description="Admin key of the router's embedded registry."
+    )
+    registry_namespace: str = Field(
+        "deepinfer", min_length=1, description="Key prefix in a Redis registry."
+    )
+    heartbeat_s: float = Field(
+        DEFAULT_HEARTBEAT_S, gt=0, description="Seconds between registry heartbeats."
+    )
+    registry_ttl_s: float = Field(
+        DEFAULT_TTL_S, gt=0,
+        description="Seconds the registry keeps the engine without a heartbeat.",
+    )
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(_REGISTRY_SCHEMES):
+            raise ValueError("must be http(s)://router or redis://... (rediss://, unix://)")
+        return url or None
+
+    def make_registrar(self) -> Registrar:
+        """The registrar these options describe (`registry` must be set)."""
+        if not self.registry:
+            raise ValueError("no registry configured")
+        return make_registrar(
+            self.registry, self.registry_key, heartbeat_s=self.heartbeat_s,
+            ttl_s=self.registry_ttl_s, namespace=self.registry_namespace,
+        )
 
 
 class Registrar(Protocol):

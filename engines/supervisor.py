@@ -45,7 +45,7 @@ from .launcher import (
     wait_ready,
 )
 from .nvml import GpuSource, NvmlUnavailable, open_gpu_source
-from .registration import Registrar, make_registrar
+from .registration import Registrar
 from .state import LaunchEntry, StateDir, process_start_time, resolve_state_dir
 
 log = logging.getLogger("deepinfer.engine")
@@ -243,10 +243,7 @@ class Supervisor:
     def _registration(self) -> Registration | None:
         if not self.s.registry:
             return None
-        url, key = self.s.registry, self.s.registry_key
-        return Registration(lambda: make_registrar(
-            url, key, heartbeat_s=self.s.heartbeat_s, ttl_s=self.s.registry_ttl_s,
-            namespace=self.s.registry_namespace))
+        return Registration(self.s.make_registrar)
 
     async def _wait_stop(self, seconds: float) -> bool:
         """Sleep, waking early on stop; True if stopping."""

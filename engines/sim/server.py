@@ -574,14 +574,7 @@ class SimServer:
         """Register with settings.registry (if set) and keep heart-beating."""
         if not self.settings.registry or self._registrar is not None:
             return
-        from engines.registration import make_registrar
-
-        s = self.settings
-        assert s.registry is not None  # checked above
-        registrar = make_registrar(
-            s.registry, s.registry_key, heartbeat_s=s.heartbeat_s, ttl_s=s.registry_ttl_s,
-            namespace=s.registry_namespace,
-        )
+        registrar = self.settings.make_registrar()
         await registrar.start(self.record())
         self._registrar = registrar
 

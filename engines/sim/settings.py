@@ -11,12 +11,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engines.registration import RegistrationOptions
+
 ENV_PREFIX = "DEEPINFER_ENGINE_"
 
 OutputLenDist = Literal["fixed", "uniform", "exponential", "lognormal"]
 
 
-class SimSettings(BaseSettings):
+class SimSettings(BaseSettings, RegistrationOptions):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # --- serving -------------------------------------------------------------------
@@ -27,17 +29,6 @@ class SimSettings(BaseSettings):
         "with 127.0.0.1 for a wildcard HOST)."
     )
     model: str = Field("sim-model", min_length=1, description="Model name served.")
-    registry: str | None = Field(
-        None, description="Register with a router (http://router:8080) or Redis (redis://...)."
-    )
-    registry_key: str | None = Field(None, description="The router's admin key, if it has one.")
-    registry_namespace: str = Field(
-        "deepinfer", min_length=1, description="Key prefix in a Redis registry."
-    )
-    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between registry heartbeats.")
-    registry_ttl_s: float = Field(
-        6.0, gt=0, description="Seconds the registry keeps the engine without a heartbeat."
-    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
@@ -108,13 +99,6 @@ class SimSettings(BaseSettings):
     fault_drop_after_tokens: int = Field(
         1, ge=0, description="Tokens streamed before a dropped connection is cut."
     )
-
-    @field_validator("registry")
-    @classmethod
-    def _registry_url(cls, url: str | None) -> str | None:
-        if url and not url.startswith(("http://", "https://", "redis://", "rediss://", "unix://")):
-            raise ValueError("must start with http://, https://, redis://, rediss:// or unix://")
-        return url or None
 
     @field_validator("advertise_url")
     @classmethod
