@@ -5,7 +5,6 @@ goes through as the half-open probe (see Fleet)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -13,12 +12,12 @@ from collections.abc import Callable
 import aiohttp
 
 from .fleet import Fleet
-from .periodic import Periodic
+from .periodic import EnginePoller
 
 log = logging.getLogger("deepinfer.health")
 
 
-class HealthChecker(Periodic):
+class HealthChecker(EnginePoller):
     def __init__(
         self,
         fleet: Fleet,
@@ -28,21 +27,9 @@ class HealthChecker(Periodic):
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(interval_s, "health checks")
-        self._fleet = fleet
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._headers = headers
-        self._clock = clock
+        super().__init__("health checks", fleet, session, interval_s, timeout_s, headers, clock)
 
-    async def run_once(self) -> None:
-        await self.check_all()
-
-    async def check_all(self) -> None:
-        states = list(self._fleet.engines.values())
-        await asyncio.gather(*(self._check(s.id, s.record.url) for s in states))
-
-    async def _check(self, engine_id: str, url: str) -> None:
+    async def poll(self, engine_id: str, url: str) -> None:
         try:
             async with self._session.get(
                 f"{url}/health", timeout=self._timeout, headers=self._headers

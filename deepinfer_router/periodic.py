@@ -7,6 +7,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+
+import aiohttp
+
+from .fleet import Fleet
 
 log = logging.getLogger("deepinfer.periodic")
 
@@ -42,3 +47,32 @@ class Periodic:
                 log.exception("%s failed; retrying next round", self._name)
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.01, self.interval_s - elapsed))
+
+
+class EnginePoller(Periodic):
+    """Every round, one concurrent GET per engine in the fleet (scrapes, health checks),
+    each with its own timeout."""
+
+    def __init__(
+        self,
+        name: str,
+        fleet: Fleet,
+        session: aiohttp.ClientSession,
+        interval_s: float,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(interval_s, name)
+        self._fleet = fleet
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._headers = headers
+        self._clock = clock
+
+    async def run_once(self) -> None:
+        states = list(self._fleet.engines.values())
+        await asyncio.gather(*(self.poll(s.id, s.record.url) for s in states))
+
+    async def poll(self, engine_id: str, url: str) -> None:
+        raise NotImplementedError

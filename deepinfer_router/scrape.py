@@ -5,7 +5,6 @@ hand-written parser."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .fleet import Fleet, ScrapedLoad
-from .periodic import Periodic
+from .periodic import EnginePoller
 
 log = logging.getLogger("deepinfer.scrape")
 
@@ -60,7 +59,7 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
     return None
 
 
-class Scraper(Periodic):
+class Scraper(EnginePoller):
     def __init__(
         self,
         fleet: Fleet,
@@ -70,22 +69,12 @@ class Scraper(Periodic):
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(interval_s, "engine metrics scrape")
-        self._fleet = fleet
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._headers = headers
-        self._clock = clock
+        super().__init__(
+            "engine metrics scrape", fleet, session, interval_s, timeout_s, headers, clock
+        )
         self._failing: set[str] = set()
 
-    async def run_once(self) -> None:
-        await self.scrape_all()
-
-    async def scrape_all(self) -> None:
-        states = list(self._fleet.engines.values())
-        await asyncio.gather(*(self._scrape(s.id, s.record.url) for s in states))
-
-    async def _scrape(self, engine_id: str, url: str) -> None:
+    async def poll(self, engine_id: str, url: str) -> None:
         before = self._fleet.engines.get(engine_id)
         ours_before = before.inflight if before is not None else 0
         try:
