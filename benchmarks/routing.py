@@ -198,7 +198,8 @@ def build_open(wl: dict[str, Any], seed: int, scale: float) -> list[Req]:
             kind = "hot"
         else:
             lo, hi = wl["cold_tokens"] if name == "hot" else wl["prompt_tokens"]
-            msgs = [{"role": "user", "content": f"Request {i}:" + text.words(rng, rng.randint(lo, hi))}]
+            prompt = f"Request {i}:" + text.words(rng, rng.randint(lo, hi))
+            msgs = [{"role": "user", "content": prompt}]
             kind = "distinct"
         out.append(Req(t, {"model": MODEL, "messages": msgs, "max_tokens": wl["max_tokens"]}, kind))
 
@@ -385,8 +386,8 @@ class Gen:
 
         async def ask(url: str) -> int:
             async with self.session.post(url + "/debug/cached_tokens", data=data,
-                                         headers={"Content-Type": "application/json"}) as r:
-                return int((await r.json())["cached_tokens"])
+                                         headers={"Content-Type": "application/json"}) as resp:
+                return int((await resp.json())["cached_tokens"])
 
         cached = await asyncio.gather(*(ask(u) for u in self.engine_urls))
         best = max(range(len(cached)),
@@ -437,7 +438,7 @@ class Gen:
             res.text = "".join(pieces)
             res.ok = bool(pieces)
             return res
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             res.route = f"error:{type(exc).__name__}"
             return res
         finally:
@@ -566,8 +567,8 @@ async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str,
             wall_total = time.monotonic() - wall0
             metrics = []
             for u in fleet.urls:
-                async with session.get(u + "/metrics") as r:
-                    metrics.append(parse_metrics(await r.text()))
+                async with session.get(u + "/metrics") as resp:
+                    metrics.append(parse_metrics(await resp.text()))
     finally:
         if router is not None:
             router.close()
@@ -818,9 +819,9 @@ def main() -> None:
     print()
     print(table(results))
     print()
-    for t in tg:
-        print(f"{'PASS' if t['met'] else 'FAIL'} workload {t['workload']}: {t['what']}: "
-              f"{t['value']}")
+    for tgt in tg:
+        print(f"{'PASS' if tgt['met'] else 'FAIL'} workload {tgt['workload']}: {tgt['what']}: "
+              f"{tgt['value']}")
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
