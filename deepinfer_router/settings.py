@@ -107,6 +107,11 @@ class RouterSettings(BaseSettings):
         0.5, ge=0, description="kv-aware: a prompt nobody holds goes to an engine within this "
         "load cost of the least loaded, chosen by rendezvous hash of its first chunk."
     )
+    prefill_load_chars: float = Field(
+        4096.0, ge=0, description="kv-aware load cost: uncached prompt characters in flight to an "
+        "engine (prompt minus the prefix expected cached there, summed over its requests in "
+        "flight from this router) that count as one request of load (0: count requests only)."
+    )
 
     # --- engine observation ----------------------------------------------------------
     scrape_interval_s: float = Field(

@@ -25,6 +25,7 @@ def kv_aware_params(settings: RouterSettings, *, hint_outbox: int = 0) -> KvAwar
         running_weight=settings.running_load_weight,
         kv_usage_weight=settings.kv_usage_load_weight,
         placement_window=settings.placement_window,
+        prefill_load_chars=settings.prefill_load_chars,
         session_ttl_s=settings.session_ttl_s,
         max_sessions=settings.max_sessions,
         default_capacity_chars=int(settings.default_engine_kv_tokens * settings.chars_per_token),

@@ -6,15 +6,18 @@ One decision, O(candidates + matched chunks):
   1. filter   bounded-load guard (guard.py): which engines may take one more request;
   2. session  a live binding whose engine passes the guard wins (`session`); over its
               bound it moves (`spill`) and is rebound;
-  3. score    score = matched prefix chars - load_cost_chars * load cost (scoring.py)
-              over all candidates; the best one passing the guard takes it (`prefix`,
+  3. score    score = matched prefix chars - load_cost_chars * load cost over all
+              candidates, load cost = request load (scoring.py) + uncached prompt chars
+              in flight to the engine / prefill_load_chars (see _Engine.pending); the best one passing the guard takes it (`prefix`,
               or `balance` when a match existed but an unmatched engine won on load);
               when the best is over its bound the request goes to the best passing one
               (`spill`), which becomes a second home for that prefix;
   4. place    nobody holds any of the prompt: least loaded passing engine, ties (within
               `placement_window` load) broken by rendezvous hashing of the first chunk
               (`new-prefix`); no complete chunk at all: least loaded (`least-conn`).
-`on_routed` records the prompt's chain on the chosen engine and binds the session.
+`on_routed` records the prompt's chain on the chosen engine, binds the session and adds
+the request's expected uncached prompt chars (prompt_chars - matched_chars) to the
+engine's pending prefill work; `on_complete` subtracts exactly that amount again.
 """
 
 from __future__ import annotations
@@ -45,16 +48,25 @@ class KvAwareParams:
     max_sessions: int = 200_000
     default_capacity_chars: int = 400_000  # when a candidate reports no capacity
     hint_outbox: int = 0  # placements kept for export_hints (0: off)
+    prefill_load_chars: float = 4096.0  # uncached prompt chars in flight = 1 request (0: off)
 
 
 class _Engine:
-    __slots__ = ("capacity", "epoch", "instance", "seed")
+    """What the policy tracks per engine. `pending` is the sum of the expected uncached
+    prompt chars of the requests routed to it and not yet complete; `inflight` maps
+    id(features) -> (features, amount) for exactly those requests (the features object is
+    held so its id cannot be reused while the entry lives), so `on_complete` releases
+    exactly what `on_routed` added. Memory: one entry per in-flight request."""
+
+    __slots__ = ("capacity", "epoch", "inflight", "instance", "pending", "seed")
 
     def __init__(self, instance: str, capacity: int, epoch: int, seed: int) -> None:
         self.instance = instance
         self.capacity = capacity
         self.epoch = epoch
         self.seed = seed
+        self.pending = 0
+        self.inflight: dict[int, tuple[RequestFeatures, int]] = {}
 
 
 class KvAwarePolicy(PolicyBase):
@@ -66,7 +78,10 @@ class KvAwarePolicy(PolicyBase):
         if p.chunk_chars <= 0:
             raise ValueError("chunk_chars must be positive")
         self.params = p
+        if p.prefill_load_chars < 0:
+            raise ValueError("prefill_load_chars must be >= 0")
         self._weights = LoadWeights(running=p.running_weight, kv_usage=p.kv_usage_weight)
+        self._prefill_scale = 1.0 / p.prefill_load_chars if p.prefill_load_chars > 0 else 0.0
         self._index = PrefixIndex()
         self._sessions = SessionTable(p.session_ttl_s, p.max_sessions)
         self._engines: dict[str, _Engine] = {}
@@ -85,7 +100,26 @@ class KvAwarePolicy(PolicyBase):
     def sessions(self) -> SessionTable:
         return self._sessions
 
+    def pending_chars(self, engine_id: str) -> int:
+        """Expected uncached prompt chars in flight to `engine_id` (0 when unknown)."""
+        eng = self._engines.get(engine_id)
+        return eng.pending if eng is not None else 0
+
     # --- the decision -------------------------------------------------------------------
+    def _cost(self, cand: Candidate, matched_chars: int = 0) -> float:
+        """Load cost in request units: the request load (scoring.load_cost) plus the
+        uncached prompt chars in flight to the engine / prefill_load_chars. Pending work
+        up to `matched_chars` is not counted: an engine that is still prefilling the
+        prefix this request matches is computing this request's cache hit, and waiting
+        for it costs no more than recomputing the prefix elsewhere."""
+        cost = load_cost(cand, self._weights)
+        scale = self._prefill_scale
+        if scale:
+            eng = self._engines.get(cand.id)
+            if eng is not None and eng.pending > matched_chars:
+                cost += (eng.pending - matched_chars) * scale
+        return cost
+
     def select(
         self, request: RequestFeatures, candidates: Sequence[Candidate], now: float
     ) -> Decision:
@@ -124,7 +158,6 @@ class KvAwarePolicy(PolicyBase):
     ) -> Decision:
         chunk = self.params.chunk_chars
         lam = self.params.load_cost_chars
-        w = self._weights
         n = len(candidates)
         self._tie += 1
         start = self._tie % n
@@ -134,7 +167,8 @@ class KvAwarePolicy(PolicyBase):
         best_ok_score = 0.0
         for k in range(n):
             cand = candidates[(start + k) % n]
-            score = matched.get(cand.id, 0) * chunk - lam * load_cost(cand, w)
+            got = matched.get(cand.id, 0) * chunk
+            score = got - lam * self._cost(cand, got)
             if best_all is None or score > best_all_score:
                 best_all, best_all_score = cand, score
             if (best_ok is None or score > best_ok_score) and guard.allows(cand):
@@ -157,13 +191,13 @@ class KvAwarePolicy(PolicyBase):
         """Best score among engines under the bound (spill target)."""
         chunk = self.params.chunk_chars
         lam = self.params.load_cost_chars
-        w = self._weights
         best: Candidate | None = None
         best_score = 0.0
         for cand in candidates:
             if cand is exclude or not guard.allows(cand):
                 continue
-            score = matched.get(cand.id, 0) * chunk - lam * load_cost(cand, w)
+            got = matched.get(cand.id, 0) * chunk
+            score = got - lam * self._cost(cand, got)
             if best is None or score > best_score:
                 best, best_score = cand, score
         return best if best is not None else self._least_cost(candidates, guard)
@@ -171,8 +205,7 @@ class KvAwarePolicy(PolicyBase):
     def _place_new(
         self, candidates: Sequence[Candidate], guard: BoundedLoad, first_hash: int
     ) -> Decision:
-        w = self._weights
-        costs = [load_cost(c, w) for c in candidates]
+        costs = [self._cost(c) for c in candidates]
         allowed = [guard.allows(c) for c in candidates]
         if not any(allowed):
             allowed = [True] * len(candidates)
@@ -191,7 +224,6 @@ class KvAwarePolicy(PolicyBase):
 
     def _least_cost(self, candidates: Sequence[Candidate], guard: BoundedLoad) -> Candidate:
         """Least load cost under the bound, ties rotating; everyone when nobody is."""
-        w = self._weights
         n = len(candidates)
         self._tie += 1
         start = self._tie % n
@@ -201,7 +233,7 @@ class KvAwarePolicy(PolicyBase):
         fallback_cost = 0.0
         for k in range(n):
             cand = candidates[(start + k) % n]
-            cost = load_cost(cand, w)
+            cost = self._cost(cand)
             if fallback is None or cost < fallback_cost:
                 fallback, fallback_cost = cand, cost
             if (best is None or cost < best_cost) and guard.allows(cand):
@@ -242,6 +274,14 @@ class KvAwarePolicy(PolicyBase):
         eng = self._engines.get(decision.engine_id)
         if eng is None:
             return
+        if self._prefill_scale:
+            key = id(request)
+            old = eng.inflight.pop(key, None)
+            if old is not None:  # routed again without on_complete: replace, not add
+                eng.pending -= old[1]
+            amount = max(0, request.prompt_chars - decision.matched_chars)
+            eng.inflight[key] = (request, amount)
+            eng.pending += amount
         if request.chunk_hashes:
             self._index.record(decision.engine_id, request.chunk_hashes)
         if request.session_key is not None:
@@ -257,9 +297,20 @@ class KvAwarePolicy(PolicyBase):
                 }
             )
 
+    def on_complete(self, request: RequestFeatures, engine_id: str, ok: bool, now: float) -> None:
+        """Release exactly the pending prefill chars `on_routed` added for `request`
+        (nothing if the engine was forgotten or restarted in between)."""
+        eng = self._engines.get(engine_id)
+        if eng is None:
+            return
+        entry = eng.inflight.pop(id(request), None)
+        if entry is not None:
+            eng.pending -= entry[1]
+
     def forget_engine(self, engine_id: str) -> None:
-        """The engine left, was ejected for good or restarted: its cache estimate is
-        dropped and its session bindings are broken (lazily, by epoch)."""
+        """The engine left, was ejected for good or restarted: its cache estimate and its
+        pending prefill work are dropped and its session bindings are broken (lazily, by
+        epoch)."""
         self._engines.pop(engine_id, None)
         self._index.forget(engine_id)
 
