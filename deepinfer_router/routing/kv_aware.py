@@ -8,8 +8,9 @@ One decision, O(candidates + matched chunks):
               bound it moves (`spill`) and is rebound;
   3. score    score = matched prefix chars - load_cost_chars * load cost over all
               candidates, load cost = request load (scoring.py) + uncached prompt chars
-              in flight to the engine / prefill_load_chars (see _Engine.pending); the best one passing the guard takes it (`prefix`,
-              or `balance` when a match existed but an unmatched engine won on load);
+              in flight to the engine / prefill_load_chars (see _Engine); the best one
+              passing the guard takes it (`prefix`, or `balance` when a match existed
+              but an unmatched engine won on load);
               when the best is over its bound the request goes to the best passing one
               (`spill`), which becomes a second home for that prefix;
   4. place    nobody holds any of the prompt: least loaded passing engine, ties (within
