@@ -1,0 +1,382 @@
+"""Several routers, one fleet: do two kv-aware routers sharing hints through Redis route
+as well as one router?
+
+Workload 1 of benchmarks/routing.py (multi-round chat: a shared ~1,000-token system
+prompt, each user's history growing over 10 rounds, think time between rounds) is sent
+to the same kind of simulated fleet (4 engines, 16,384 KV tokens each) in three setups,
+each on a fresh fleet (empty caches):
+
+  one        one router, `--engine URL...` (static engines, as routing.py runs it)
+  two        two routers `--redis-url redis://127.0.0.1:P --policy kv-aware` on a real
+             redis-server; the engines are registered in Redis (RedisRegistrar, one per
+             sim, run by this process); the routers share placements (`--share-hints`,
+             the default)
+  two-noshare  the same with `--no-share-hints`: each router knows only what it routed
+
+The load is split between the two routers (`--split`):
+  alternate  (default, the hard case) a user's turns alternate between router A and B:
+             every next turn of a conversation arrives at the router that did not see
+             the previous one;
+  random     each request goes to A or B at random (seeded);
+  sticky     each user keeps one router (half the users on each).
+
+Reported per setup: the engines' own prefix-cache hit rate (deltas of
+vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total over the run, summed over
+the engines), TTFT p50/p90/p99 in model ms (see routing.py: wall latency x speed),
+"stickiness" (share of turns 2..n served by the engine of the same user's previous
+turn), the routes the routers gave, and for the Redis setups the hints published on the
+stream. Target: hit rate(two) / hit rate(one) >= 0.9.
+
+    python benchmarks/routing_multi.py [--quick] [--split alternate[,random,sticky]]
+                                       [--setups one,two,two-noshare] [--seed 1]
+
+Writes benchmarks/results/routing_multi.json (or --out) and prints a markdown table.
+Everything this starts (fleet subprocess, routers, redis-server) is stopped on exit,
+errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import routing as rb  # noqa: E402  (benchmarks/routing.py; sets up sys.path for ROOT)
+
+SETUPS = ("one", "two", "two-noshare")
+SPLITS = ("alternate", "random", "sticky")
+WORKLOAD = "1"
+DEFAULT_OUT = HERE / "results" / "routing_multi.json"
+TARGET_RATIO = 0.9
+
+
+@dataclass
+class SplitGen(rb.Gen):
+    """routing.Gen sending each request to one of several routers (see --split)."""
+
+    routers: list[str] = field(default_factory=list)
+    split: str = "alternate"
+    rng: random.Random = field(default_factory=random.Random)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+
+    def pick(self, user: str, rnd: int) -> int:
+        n = len(self.routers)
+        if n == 1:
+            return 0
+        if self.split == "random":
+            return self.rng.randrange(n)
+        k = int(user.rsplit("-", 1)[1])
+        return (k + rnd) % n if self.split == "alternate" else k % n
+
+    async def send(self, body: dict[str, Any], kind: str, user: str | None = None) -> rb.Result:
+        rnd = int(kind.removeprefix("round")) if kind.startswith("round") else 0
+        idx = self.pick(user or "user-0", rnd)
+        # Gen.send reads router_url before its first await: safe with concurrent sends.
+        self.router_url = self.routers[idx]
+        res = await super().send(body, kind, user)
+        self.turns.append(
+            {
+                "user": user,
+                "round": rnd,
+                "router": idx,
+                "engine": res.engine,
+                "route": res.route,
+                "ok": res.ok,
+            }
+        )
+        return res
+
+
+async def scrape(session: Any, urls: list[str]) -> list[dict[str, float]]:
+    out = []
+    for u in urls:
+        async with session.get(u + "/metrics") as r:
+            out.append(rb.parse_metrics(await r.text()))
+    return out
+
+
+def total(metrics: list[dict[str, float]], name: str) -> float:
+    return sum(m.get(name, 0.0) for m in metrics)
+
+
+def stickiness(turns: list[dict[str, Any]]) -> float:
+    """Share of a user's turns 2..n on the engine of the same user's previous turn."""
+    by_user: dict[str, dict[int, str]] = {}
+    for t in turns:
+        if t["ok"]:
+            by_user.setdefault(t["user"], {})[t["round"]] = t["engine"]
+    same = n = 0
+    for rounds in by_user.values():
+        for r, eng in rounds.items():
+            prev = rounds.get(r - 1)
+            if r > 0 and prev is not None:
+                n += 1
+                same += eng == prev
+    return same / n if n else math.nan
+
+
+async def hints_on_stream(redis_url: str) -> dict[str, Any]:
+    """What the routers published on `{ns}:hints` (batches and hints per router)."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        entries = await r.xrange("deepinfer:hints")
+        per: dict[str, int] = {}
+        for _id, fields in entries:
+            per[fields.get("r", "?")] = per.get(fields.get("r", "?"), 0) + len(
+                orjson.loads(fields.get("h", "[]"))
+            )
+        return {"batches": len(entries), "hints_per_router": sorted(per.values())}
+    finally:
+        await r.aclose()
+
+
+async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    from deepinfer_router.engine_record import Capacity, EngineRecord, engine_id_for
+    from engines.redis_registration import RedisRegistrar
+    from tests.support.redis_server import RedisServer
+
+    wl = rb.WORKLOADS[WORKLOAD]
+    seed = args.seed * 1000 + int(WORKLOAD)
+    scale = 0.4 if args.quick else 1.0
+    speed = args.speed
+    n_routers = 1 if setup == "one" else 2
+    redis: RedisServer | None = None
+    routers: list[rb.Router] = []
+    registrars: list[RedisRegistrar] = []
+    hints: dict[str, Any] = {}
+    fleet = rb.Fleet(args.engines, args.kv_blocks, speed)
+    try:
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+        ) as session:
+            try:
+                ids = [engine_id_for(u) for u in fleet.urls]
+                if setup == "one":
+                    routers.append(rb.Router(fleet.urls, "kv-aware", args.router_arg or ()))
+                else:
+                    redis = RedisServer()
+                    for u in fleet.urls:
+                        reg = RedisRegistrar(redis.url)
+                        await reg.start(
+                            EngineRecord(
+                                url=u,
+                                models=[rb.MODEL],
+                                labels={"engine": "sim"},
+                                capacity=Capacity(
+                                    kv_blocks=args.kv_blocks, block_size=rb.BLOCK_SIZE
+                                ),
+                            )
+                        )
+                        registrars.append(reg)
+                    extra = ["--redis-url", redis.url, *(args.router_arg or ())]
+                    if setup == "two-noshare":
+                        extra.append("--no-share-hints")
+                    routers += [rb.Router([], "kv-aware", extra) for _ in range(n_routers)]
+                for router in routers:
+                    await rb.wait_ready(session, router.url, args.engines)
+                gen = SplitGen(
+                    speed,
+                    session,
+                    routers[0].url,
+                    fleet.urls,
+                    ids,
+                    routers=[r.url for r in routers],
+                    split=split,
+                    rng=random.Random(seed),
+                )
+                m0 = await scrape(session, fleet.urls)
+                wall0 = time.monotonic()
+                system, users = rb.build_chat(wl, seed, scale)
+                await rb.drive_chat(gen, system, users, wl["max_tokens"])
+                wall = time.monotonic() - wall0
+                m1 = await scrape(session, fleet.urls)
+                if redis is not None and setup == "two":
+                    hints = await hints_on_stream(redis.url)
+            finally:
+                for reg in registrars:
+                    try:
+                        await reg.stop()
+                    except Exception as exc:  # keep stopping the rest
+                        print(f"registrar stop: {exc}", file=sys.stderr)
+    finally:
+        for router in routers:
+            router.close()
+        if redis is not None:
+            redis.close()
+        fleet.close()
+
+    res = gen.results
+    ok = [r for r in res if r.ok]
+    ttft = [r.ttft * speed * 1000 for r in ok]  # model ms
+    hits = total(m1, "vllm:prefix_cache_hits_total") - total(m0, "vllm:prefix_cache_hits_total")
+    queries = total(m1, "vllm:prefix_cache_queries_total") - total(
+        m0, "vllm:prefix_cache_queries_total"
+    )
+    routes: dict[str, int] = {}
+    for r in res:
+        routes[r.route] = routes.get(r.route, 0) + 1
+    per_router = [sum(1 for t in gen.turns if t["router"] == i) for i in range(n_routers)]
+    return {
+        "setup": setup,
+        "routers": n_routers,
+        "split": split if n_routers > 1 else "-",
+        "requests": len(res),
+        "ok": len(ok),
+        "errors": len(res) - len(ok),
+        "requests_per_router": per_router,
+        "hit_rate": hits / queries if queries else 0.0,
+        "prefix_cache_hits": hits,
+        "prefix_cache_queries": queries,
+        "ttft_ms": {
+            "p50": rb.pct(ttft, 0.5),
+            "p90": rb.pct(ttft, 0.9),
+            "p99": rb.pct(ttft, 0.99),
+            "mean": statistics.fmean(ttft) if ttft else math.nan,
+        },
+        "stickiness": stickiness(gen.turns),
+        "routes": routes,
+        "hints": hints,
+        "wall_s": wall,
+        "loadavg_1m_after": os.getloadavg()[0],
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    labels = {
+        "one": "one router",
+        "two": "two routers, shared hints",
+        "two-noshare": "two routers, --no-share-hints",
+    }
+    lines = [
+        "| setup | split | requests | prefix-cache hit rate | vs one router "
+        "| TTFT p50 (ms) | TTFT p90 (ms) | same engine as previous turn |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    base = next((r["hit_rate"] for r in results if r["setup"] == "one"), None)
+    for r in results:
+        t = r["ttft_ms"]
+        ratio = f"{r['hit_rate'] / base:.3f}" if base else "-"
+        lines.append(
+            f"| {labels[r['setup']]} | {r['split']} | {r['ok']}/{r['requests']} | "
+            f"{r['hit_rate']:.1%} | {ratio} | {t['p50']:.0f} | {t['p90']:.0f} | "
+            f"{r['stickiness']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument(
+        "--split",
+        default="alternate",
+        help="comma-separated, each run for every two-router setup: " + ", ".join(SPLITS),
+    )
+    ap.add_argument("--quick", action="store_true", help="40%% of the workload's duration")
+    ap.add_argument("--speed", type=float, default=rb.SPEED)
+    ap.add_argument("--engines", type=int, default=rb.N_ENGINES)
+    ap.add_argument("--kv-blocks", type=int, default=rb.KV_BLOCKS)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--router-arg",
+        action="append",
+        help="extra deepinfer-router argument for every router (repeatable)",
+    )
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output path")
+    args = ap.parse_args()
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    for s in setups:
+        if s not in SETUPS:
+            raise SystemExit(f"unknown setup {s!r} (choose from {', '.join(SETUPS)})")
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    for s in splits:
+        if s not in SPLITS:
+            raise SystemExit(f"unknown split {s!r} (choose from {', '.join(SPLITS)})")
+    runs = [
+        (setup, split) for setup in setups for split in (splits[:1] if setup == "one" else splits)
+    ]
+    results: list[dict[str, Any]] = []
+    for setup, split in runs:
+        t = time.monotonic()
+        r = asyncio.run(run_setup(setup, split, args))
+        results.append(r)
+        print(
+            f"[{setup:<11} {r['split']:<9}] n={r['ok']}/{r['requests']} hit {r['hit_rate']:.1%} "
+            f"ttft p50/p90 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f} ms "
+            f"sticky {r['stickiness']:.1%} routes {r['routes']} hints {r['hints']} "
+            f"({time.monotonic() - t:.0f}s)",
+            flush=True,
+        )
+    one = next((r for r in results if r["setup"] == "one"), None)
+    targets: list[dict[str, Any]] = []
+    for r in results:
+        if one and one["hit_rate"] and r["setup"] == "two":
+            ratio = r["hit_rate"] / one["hit_rate"]
+            targets.append(
+                {
+                    "what": f"hit rate two routers (shared hints, split {r['split']}) "
+                    "/ one router >= 0.9",
+                    "split": r["split"],
+                    "value": round(ratio, 4),
+                    "limit": TARGET_RATIO,
+                    "met": ratio >= TARGET_RATIO,
+                }
+            )
+        if one and one["hit_rate"]:
+            r["hit_rate_vs_one"] = round(r["hit_rate"] / one["hit_rate"], 4)
+    report = {
+        "command": "python benchmarks/routing_multi.py " + " ".join(sys.argv[1:]),
+        "source": {"dir": str(rb.ROOT), "revision": rb.source_revision()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "calibration": {
+            "workload": rb.WORKLOADS[WORKLOAD],
+            "engines": args.engines,
+            "kv_blocks": args.kv_blocks,
+            "block_size": rb.BLOCK_SIZE,
+            "speed": args.speed,
+            "policy": "kv-aware",
+            "splits": splits,
+            "quick": args.quick,
+            "seed": args.seed,
+            "time_unit": "model seconds: wall-clock latencies x speed, arrivals / speed",
+        },
+        "results": results,
+        "targets": targets,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print()
+    print(table(results))
+    print()
+    for tg in targets:
+        print(f"{'PASS' if tg['met'] else 'FAIL'}: {tg['what']}: {tg['value']}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
