@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +18,7 @@ if str(ROOT) not in sys.path:
 from deepinfer_router.app import build_app  # noqa: E402
 from deepinfer_router.settings import RouterSettings  # noqa: E402
 from tests.support.echo_engine import RunningServer, build_echo_engine  # noqa: E402
+from tests.support.procs import Procs  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -51,3 +53,17 @@ async def router() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     yield start
     for server in started:
         await server.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Real engine and router subprocesses, all stopped at the end of the test."""
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s

@@ -9,8 +9,6 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,19 +29,6 @@ CHAT = "/v1/chat/completions"
 def chat(max_tokens: int = 8, stream: bool = False, text: str = "hello") -> dict[str, Any]:
     return {"model": "sim-model", "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, "stream": stream}
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
 
 
 async def start_sims(procs: Procs, n: int, *args: str) -> list[Proc]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,19 +22,6 @@ from tests.support.redis_server import RedisServer
 pytestmark = pytest.mark.timeout(60)
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        yield s
 
 
 @dataclass
