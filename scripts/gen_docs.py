@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic_settings import BaseSettings
-
-from deepinfer_router.settings import ENV_PREFIX, RouterSettings
-from deepinfer_router.settings_loader import flag_name, render_example_toml
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's code, whatever copy pip installed
+
+from pydantic_settings import BaseSettings  # noqa: E402
+
+from deepinfer_router.settings import ENV_PREFIX, RouterSettings  # noqa: E402
+from deepinfer_router.settings_loader import flag_name, render_example_toml  # noqa: E402
 
 
 def flag_table(cls: type[BaseSettings], env_prefix: str) -> str:
