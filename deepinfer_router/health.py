@@ -6,28 +6,16 @@ goes through as the half-open probe (see Fleet)."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 import aiohttp
 
-from .fleet import Fleet
 from .periodic import EnginePoller
 
 log = logging.getLogger("deepinfer.health")
 
 
 class HealthChecker(EnginePoller):
-    def __init__(
-        self,
-        fleet: Fleet,
-        session: aiohttp.ClientSession,
-        interval_s: float,
-        timeout_s: float,
-        headers: dict[str, str] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__("health checks", fleet, session, interval_s, timeout_s, headers, clock)
+    kind = "health checks"
 
     async def poll(self, engine_id: str, url: str) -> None:
         try:

@@ -53,9 +53,10 @@ class EnginePoller(Periodic):
     """Every round, one concurrent GET per engine in the fleet (scrapes, health checks),
     each with its own timeout."""
 
+    kind = "engine poll"  # names the loop in logs
+
     def __init__(
         self,
-        name: str,
         fleet: Fleet,
         session: aiohttp.ClientSession,
         interval_s: float,
@@ -63,7 +64,7 @@ class EnginePoller(Periodic):
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(interval_s, name)
+        super().__init__(interval_s, self.kind)
         self._fleet = fleet
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)

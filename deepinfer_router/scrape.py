@@ -6,13 +6,12 @@ hand-written parser."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .fleet import Fleet, ScrapedLoad
+from .fleet import ScrapedLoad
 from .periodic import EnginePoller
 
 log = logging.getLogger("deepinfer.scrape")
@@ -60,19 +59,11 @@ def _first(values: dict[str, float], names: tuple[str, ...]) -> float | None:
 
 
 class Scraper(EnginePoller):
-    def __init__(
-        self,
-        fleet: Fleet,
-        session: aiohttp.ClientSession,
-        interval_s: float,
-        timeout_s: float,
-        headers: dict[str, str] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(
-            "engine metrics scrape", fleet, session, interval_s, timeout_s, headers, clock
-        )
-        self._failing: set[str] = set()
+    kind = "engine metrics scrape"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failing: set[str] = set()  # engines whose failure was logged already
 
     async def poll(self, engine_id: str, url: str) -> None:
         before = self._fleet.engines.get(engine_id)
