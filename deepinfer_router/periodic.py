@@ -4,7 +4,6 @@ observers (scraper, health checks) and the embedded registry's expiry sweep."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from collections.abc import Callable
 import aiohttp
 
 from .fleet import Fleet
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("deepinfer.periodic")
 
@@ -34,9 +34,7 @@ class Periodic:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

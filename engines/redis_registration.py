@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from deepinfer_router.engine_record import EngineRecord
 from deepinfer_router.registry import redis_store as store
+from deepinfer_router.tasks import cancel_and_wait
 
 from .registration import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
 
@@ -96,7 +97,7 @@ class RedisRegistrar:
 
     async def stop(self) -> None:
         if self._task is not None:
-            await store.cancel_and_wait(self._task)
+            await cancel_and_wait(self._task)
             self._task = None
         if self._record is not None:
             try:

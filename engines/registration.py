@@ -7,7 +7,6 @@ Used by `deepinfer-engine sim` and `deepinfer-engine launch` alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Protocol
@@ -16,6 +15,7 @@ import aiohttp
 from pydantic import BaseModel, Field, field_validator
 
 from deepinfer_router.engine_record import EngineRecord
+from deepinfer_router.tasks import cancel_and_wait
 
 log = logging.getLogger("deepinfer.engine.registration")
 
@@ -126,9 +126,7 @@ class HttpRegistrar:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._session is not None and self._record is not None:
             try:
                 async with self._session.delete(

@@ -27,6 +27,7 @@ from typing import TextIO
 import aiohttp
 
 from deepinfer_router.engine_record import EngineRecord, engine_id_for
+from deepinfer_router.tasks import cancel_and_wait
 
 from .gpus import SelectionError, select_gpus
 from .launch_settings import LaunchSettings
@@ -211,9 +212,7 @@ class Registration:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._active is not None:
             active, self._active = self._active, None

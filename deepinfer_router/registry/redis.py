@@ -32,6 +32,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..engine_record import EngineRecord
+from ..tasks import cancel_and_wait
 from . import redis_store as store
 from .redis_store import RegistryUnavailableError, StoredRecord
 
@@ -120,10 +121,10 @@ class RedisRegistry:
     async def close(self) -> None:
         self._closing = True
         if self._task is not None:
-            await store.cancel_and_wait(self._task)
+            await cancel_and_wait(self._task)
             self._task = None
         for child in self._children:  # if close() interrupted _watch's own clean-up
-            await store.cancel_and_wait(child)
+            await cancel_and_wait(child)
         for client in (self._redis, self._stream_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -289,7 +290,7 @@ class RedisRegistry:
             for task in tasks:
                 task.cancel()
             for task in tasks:
-                await store.cancel_and_wait(task)
+                await cancel_and_wait(task)
         for task in done:
             exc = task.exception()
             if isinstance(exc, _Resync):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
+from ..tasks import cancel_and_wait
 from . import redis_store as store
 
 log = logging.getLogger("deepinfer.registry.hints")
@@ -76,7 +77,7 @@ class RedisHints:
 
     async def close(self) -> None:
         if self._task is not None:
-            await store.cancel_and_wait(self._task)
+            await cancel_and_wait(self._task)
             self._task = None
         try:
             await self._redis.aclose()

@@ -16,7 +16,6 @@ Keys (all under `{namespace}:` so several fleets can share one Redis):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -95,20 +94,6 @@ def connect(url: str, *, socket_timeout: float = 2.0, health_check_s: int = 10) 
         retry_on_timeout=False,
         client_name="deepinfer",
     )
-
-
-async def cancel_and_wait(task: asyncio.Task[None], *, every_s: float = 0.05) -> None:
-    """Cancel a task and wait until it has really ended.
-
-    Cancelling once is not enough: redis-py sends commands under asyncio.wait_for, which on
-    Python 3.11 drops a cancellation that lands as the send completes (CPython gh-86296),
-    so the command just carries on. Re-cancelling until the task is done fixes that.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=every_s)
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
 def encode_record(record: EngineRecord, ttl_s: float) -> dict[str, str]:

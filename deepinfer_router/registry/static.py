@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from ..engine_record import EngineRecord, normalize_engine_url
+from ..tasks import cancel_and_wait
 from .base import OnChange
 
 log = logging.getLogger("deepinfer.registry.static")
@@ -62,10 +62,7 @@ class StaticRegistry:
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     def snapshot(self) -> dict[str, EngineRecord]:
         return self._records

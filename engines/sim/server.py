@@ -28,6 +28,7 @@ import xxhash
 from aiohttp import web
 
 from deepinfer_router.engine_record import Capacity, EngineRecord
+from deepinfer_router.tasks import cancel_and_wait
 
 from .cost import CostModel
 from .metrics import CONTENT_TYPE_HEADER, SimMetrics
@@ -111,9 +112,7 @@ class SimState:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         # wake every handler still waiting, so that none hangs on a dead loop
         engine = self.engine
