@@ -154,11 +154,15 @@ class KvAwarePolicy(PolicyBase):
             return self._place_new(candidates, guard, hashes[0])
         return Decision(self._least_cost(candidates, guard).id, reasons.LEAST_CONN)
 
+    def _score(self, cand: Candidate, matched: Mapping[str, int]) -> float:
+        """Expected saved prefill (matched chars) against the queueing cost of load."""
+        got = matched.get(cand.id, 0) * self.params.chunk_chars
+        return got - self.params.load_cost_chars * self._cost(cand, got)
+
     def _by_prefix(
         self, candidates: Sequence[Candidate], matched: Mapping[str, int], guard: BoundedLoad
     ) -> Decision:
         chunk = self.params.chunk_chars
-        lam = self.params.load_cost_chars
         n = len(candidates)
         self._tie += 1
         start = self._tie % n
@@ -168,8 +172,7 @@ class KvAwarePolicy(PolicyBase):
         best_ok_score = 0.0
         for k in range(n):
             cand = candidates[(start + k) % n]
-            got = matched.get(cand.id, 0) * chunk
-            score = got - lam * self._cost(cand, got)
+            score = self._score(cand, matched)
             if best_all is None or score > best_all_score:
                 best_all, best_all_score = cand, score
             if (best_ok is None or score > best_ok_score) and guard.allows(cand):
@@ -190,15 +193,12 @@ class KvAwarePolicy(PolicyBase):
         exclude: Candidate,
     ) -> Candidate:
         """Best score among engines under the bound (spill target)."""
-        chunk = self.params.chunk_chars
-        lam = self.params.load_cost_chars
         best: Candidate | None = None
         best_score = 0.0
         for cand in candidates:
             if cand is exclude or not guard.allows(cand):
                 continue
-            got = matched.get(cand.id, 0) * chunk
-            score = got - lam * self._cost(cand, got)
+            score = self._score(cand, matched)
             if best is None or score > best_score:
                 best, best_score = cand, score
         return best if best is not None else self._least_cost(candidates, guard)
