@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -24,35 +25,45 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture
-async def echo_engines() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
-    """Start echo engines on demand; all are stopped at the end of the test."""
+async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[RunningServer]]]:
+    """Serve aiohttp apps on free loopback ports; all are stopped at the end of the test,
+    last started first (routers before the engines behind them)."""
     started: list[RunningServer] = []
 
-    async def start(name: str = "e", models: list[str] | None = None) -> RunningServer:
-        server = await RunningServer(build_echo_engine(name, models or ["m1"])).start()
+    async def start(app: web.Application) -> RunningServer:
+        server = await RunningServer(app).start()
         started.append(server)
         return server
 
     yield start
-    for server in started:
+    for server in reversed(started):
         await server.close()
 
 
 @pytest.fixture
-async def router() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+def echo_engines(
+    serve_app: Callable[[web.Application], Awaitable[RunningServer]],
+) -> Callable[..., Awaitable[RunningServer]]:
+    """Start echo engines on demand."""
+
+    async def start(name: str = "e", models: list[str] | None = None) -> RunningServer:
+        return await serve_app(build_echo_engine(name, models or ["m1"]))
+
+    return start
+
+
+@pytest.fixture
+def router(
+    serve_app: Callable[[web.Application], Awaitable[RunningServer]],
+) -> Callable[..., Awaitable[RunningServer]]:
     """Start routers built from settings keyword arguments."""
-    started: list[RunningServer] = []
 
     async def start(**settings: Any) -> RunningServer:
         settings.setdefault("port", 0)
         settings.setdefault("health_interval_s", 0.5)
-        server = await RunningServer(build_app(RouterSettings(**settings))).start()
-        started.append(server)
-        return server
+        return await serve_app(build_app(RouterSettings(**settings)))
 
-    yield start
-    for server in started:
-        await server.close()
+    return start
 
 
 @pytest.fixture

@@ -32,20 +32,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
-    started: list[RunningServer] = []
+def serve(
+    serve_app: Callable[[web.Application], Awaitable[RunningServer]],
+) -> Callable[..., Awaitable[RunningServer]]:
+    """Serve a test app made of the given route handlers."""
 
     async def start(routes: dict[str, Handler]) -> RunningServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         for path, handler in routes.items():
             app.router.add_route("*", path, handler)
-        server = await RunningServer(app).start()
-        started.append(server)
-        return server
+        return await serve_app(app)
 
-    yield start
-    for server in started:
-        await server.close()
+    return start
 
 
 @pytest.fixture
