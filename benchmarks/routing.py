@@ -518,13 +518,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str, Any]:
+async def run_one(
+    wkey: str, policy: str, args: argparse.Namespace, rep: int = 0
+) -> dict[str, Any]:
     import aiohttp
 
     from deepinfer_router.engine_record import engine_id_for
 
     wl = WORKLOADS[wkey]
-    seed = args.seed * 1000 + int(wkey)
+    seed = (args.seed + rep) * 1000 + int(wkey)
     scale = 0.4 if args.quick else 1.0
     speed = args.speed
     fleet = Fleet(args.engines, args.kv_blocks, speed)
@@ -623,7 +625,66 @@ async def run_one(wkey: str, policy: str, args: argparse.Namespace) -> dict[str,
         "loadavg_1m_after": os.getloadavg()[0],  # other work on the machine adds noise
         "arrival_window_wall_s": window,
         "preemptions": sum(m.get("vllm:num_preemptions_total", 0.0) for m in metrics),
+        "seed": seed,
+        # Raw samples for pooling repeats (merge_repeats); not written to the JSON.
+        "_ttft": ttft,
+        "_by_kind": by_kind,
+        "_out_tokens": out_tokens,
+        "_model_makespan": model_makespan,
     }
+
+
+def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from repeats of a (workload, policy) with different seeds: TTFT
+    percentiles over the pooled samples (a p99 over one run rests on ~13 samples and
+    moves by +-15% between seeds), counters summed, shares averaged; each repeat's own
+    percentiles are kept under "repeats" to show the spread."""
+    first = runs[0]
+    if len(runs) == 1:
+        merged = dict(first)
+    else:
+        ttft = [x for r in runs for x in r["_ttft"]]
+        by_kind: dict[str, list[float]] = {}
+        for r in runs:
+            for k, v in r["_by_kind"].items():
+                by_kind.setdefault(k, []).extend(v)
+        hits = sum(r["prefix_cache_hits"] for r in runs)
+        queries = sum(r["prefix_cache_queries"] for r in runs)
+        per_engine = [sum(c) for c in zip(*(r["requests_per_engine"] for r in runs), strict=True)]
+        routes: dict[str, int] = {}
+        for r in runs:
+            for k, n in r["routes"].items():
+                routes[k] = routes.get(k, 0) + n
+        busy = [statistics.fmean(b) for b in zip(*(r["busy"] for r in runs), strict=True)]
+        merged = dict(first)
+        merged.update({
+            "requests": sum(r["requests"] for r in runs),
+            "offered": sum(r["offered"] for r in runs),
+            "ok": sum(r["ok"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "ttft_ms": {"p50": pct(ttft, 0.5), "p90": pct(ttft, 0.9), "p99": pct(ttft, 0.99),
+                        "mean": statistics.fmean(ttft) if ttft else math.nan},
+            "ttft_ms_by_kind": {k: {"n": len(v), "p50": pct(v, 0.5), "p90": pct(v, 0.9)}
+                                for k, v in sorted(by_kind.items())},
+            "output_tokens_per_s": sum(r["_out_tokens"] for r in runs)
+            / sum(r["_model_makespan"] for r in runs),
+            "hit_rate": hits / queries if queries else 0.0,
+            "prefix_cache_hits": hits,
+            "prefix_cache_queries": queries,
+            "imbalance": statistics.fmean(r["imbalance"] for r in runs),
+            "requests_per_engine": per_engine,
+            "busy": busy,
+            "busy_mean": statistics.fmean(busy),
+            "routes": routes,
+            "cpu": {k: statistics.fmean(r["cpu"][k] for r in runs) for k in first["cpu"]},
+            "wall_s": sum(r["wall_s"] for r in runs),
+            "preemptions": sum(r["preemptions"] for r in runs),
+            "seed": [r["seed"] for r in runs],
+            "repeats": [{"seed": r["seed"], **{q: round(r["ttft_ms"][q], 1)
+                                               for q in ("p50", "p90", "p99")},
+                         "hit_rate": round(r["hit_rate"], 4)} for r in runs],
+        })
+    return {k: v for k, v in merged.items() if not k.startswith("_")}
 
 
 # --- report -------------------------------------------------------------------------------
@@ -709,6 +770,18 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def report_line(wk: str, policy: str, r: dict[str, Any], wall: float, note: str) -> None:
+    print(
+        f"[{WORKLOADS[wk]['title']:<24} {policy:<11}{note}] n={r['ok']}/{r['requests']} "
+        f"ttft p50/p90/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f}/"
+        f"{r['ttft_ms']['p99']:.0f} ms  hit {r['hit_rate']:.1%}  "
+        f"imb {r['imbalance']:.2f}  busy {r['busy_mean']:.0%}  "
+        f"cpu router {r['cpu']['router']:.0%} fleet {r['cpu']['fleet']:.0%} "
+        f"gen {r['cpu']['loadgen']:.0%}  routes {r['routes']}  ({wall:.0f}s)",
+        flush=True,
+    )
+
+
 def strip_src(argv: list[str]) -> list[str]:
     out: list[str] = []
     skip = False
@@ -745,6 +818,9 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=N_ENGINES)
     ap.add_argument("--kv-blocks", type=int, default=KV_BLOCKS)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per workload and policy (seeds seed, seed+1, ...); TTFT "
+                    "percentiles are taken over the pooled samples")
     ap.add_argument("--calibrate", action="store_true",
                     help="least-conn only, print the engines' busy share per workload")
     ap.add_argument("--router-arg", action="append",
@@ -766,20 +842,21 @@ def main() -> None:
             raise SystemExit(f"unknown policy {p!r}")
     results: list[dict[str, Any]] = []
     for wk in wks:
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+        # Repeats interleave the policies (seed 1: every policy, then seed 2, ...) so
+        # that drift in the machine's load falls on every policy alike.
+        for rep in range(args.repeats):
+            for policy in policies:
+                t = time.monotonic()
+                r = asyncio.run(run_one(wk, policy, args, rep))
+                runs[policy].append(r)
+                report_line(wk, policy, r, time.monotonic() - t,
+                            f" rep {rep + 1}/{args.repeats}" if args.repeats > 1 else "")
         for policy in policies:
-            t = time.monotonic()
-            r = asyncio.run(run_one(wk, policy, args))
+            r = merge_repeats(runs[policy])
             results.append(r)
-            print(
-                f"[{WORKLOADS[wk]['title']:<24} {policy:<11}] n={r['ok']}/{r['requests']} "
-                f"ttft p50/p90/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f}/"
-                f"{r['ttft_ms']['p99']:.0f} ms  hit {r['hit_rate']:.1%}  "
-                f"imb {r['imbalance']:.2f}  busy {r['busy_mean']:.0%}  "
-                f"cpu router {r['cpu']['router']:.0%} fleet {r['cpu']['fleet']:.0%} "
-                f"gen {r['cpu']['loadgen']:.0%}  routes {r['routes']}  "
-                f"({time.monotonic() - t:.0f}s)",
-                flush=True,
-            )
+            if args.repeats > 1:
+                report_line(wk, policy, r, r["wall_s"], " pooled")
     if args.calibrate:
         return
     tg = targets(results)

@@ -503,6 +503,7 @@ class Proxy:
         await response.prepare(call.request)
         last = time.monotonic()
         metrics.ttft_by(call.model).observe(last - call.started)
+        self.state.policy.on_first_token(call.features, engine.id, last)
         itl = metrics.itl_by(call.model)
         chunk = first
         try:

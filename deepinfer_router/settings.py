@@ -108,9 +108,10 @@ class RouterSettings(BaseSettings):
         "load cost of the least loaded, chosen by rendezvous hash of its first chunk."
     )
     prefill_load_chars: float = Field(
-        4096.0, ge=0, description="kv-aware load cost: uncached prompt characters in flight to an "
-        "engine (prompt minus the prefix expected cached there, summed over its requests in "
-        "flight from this router) that count as one request of load (0: count requests only)."
+        4096.0, ge=0, description="kv-aware load cost: uncached prompt characters still to be "
+        "prefilled by an engine (prompt minus the prefix expected cached there, summed over its "
+        "requests from this router until their first streamed token, or their end) that count "
+        "as one request of load (0: count requests only)."
     )
 
     # --- engine observation ----------------------------------------------------------

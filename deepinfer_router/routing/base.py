@@ -2,8 +2,10 @@
 
 A policy gets the request's features and the candidate engines (already filtered to
 healthy, non-draining engines serving the model) and returns a Decision. The router calls
-`on_routed` once the request is actually sent, `on_complete` when it ends, and
-`forget_engine` when an engine leaves or restarts (new instance).
+`on_routed` once the request is actually sent, `on_first_token` when a streamed answer's
+first chunk arrives (the engine has finished the prompt's prefill; not called for answers
+that arrive whole), `on_complete` when it ends, and `forget_engine` when an engine leaves
+or restarts (new instance).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class RoutingPolicy(Protocol):
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None: ...
 
+    def on_first_token(self, request: RequestFeatures, engine_id: str, now: float) -> None: ...
+
     def on_complete(
         self, request: RequestFeatures, engine_id: str, ok: bool, now: float
     ) -> None: ...
@@ -78,6 +82,9 @@ class PolicyBase:
     needs_prompt = False
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
+        return None
+
+    def on_first_token(self, request: RequestFeatures, engine_id: str, now: float) -> None:
         return None
 
     def on_complete(self, request: RequestFeatures, engine_id: str, ok: bool, now: float) -> None:

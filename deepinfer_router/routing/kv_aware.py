@@ -18,7 +18,8 @@ One decision, O(candidates + matched chunks):
               (`new-prefix`); no complete chunk at all: least loaded (`least-conn`).
 `on_routed` records the prompt's chain on the chosen engine, binds the session and adds
 the request's expected uncached prompt chars (prompt_chars - matched_chars) to the
-engine's pending prefill work; `on_complete` subtracts exactly that amount again.
+engine's pending prefill work; `on_first_token` (prefill done) or else `on_complete`
+subtracts exactly that amount again.
 """
 
 from __future__ import annotations
@@ -298,9 +299,22 @@ class KvAwarePolicy(PolicyBase):
                 }
             )
 
+    def on_first_token(self, request: RequestFeatures, engine_id: str, now: float) -> None:
+        """The engine has prefilled `request`'s prompt: its uncached chars stop counting
+        as pending work there (decode costs new requests little; the request itself still
+        counts as one in flight until it completes)."""
+        eng = self._engines.get(engine_id)
+        if eng is None:
+            return
+        key = id(request)
+        entry = eng.inflight.get(key)
+        if entry is not None and entry[1]:
+            eng.pending -= entry[1]
+            eng.inflight[key] = (request, 0)
+
     def on_complete(self, request: RequestFeatures, engine_id: str, ok: bool, now: float) -> None:
-        """Release exactly the pending prefill chars `on_routed` added for `request`
-        (nothing if the engine was forgotten or restarted in between)."""
+        """Release what is left of the pending prefill chars `on_routed` added for
+        `request` (nothing if the engine was forgotten or restarted in between)."""
         eng = self._engines.get(engine_id)
         if eng is None:
             return

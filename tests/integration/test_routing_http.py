@@ -136,3 +136,38 @@ async def test_a_flood_of_one_prefix_spills_to_a_second_engine(
     # affinity held as long as the bound allowed: the home engine took the most
     assert engines.most_common(1)[0][0] == home, (home, engines)
     assert routes["prefix"] >= engines[home] - 1, (routes, engines)
+
+
+
+async def test_prefill_work_is_pending_until_the_first_streamed_token(
+    echo_engines: Any, router: Any
+) -> None:
+    """The uncached prompt counts as pending work on its engine until the engine streams
+    its first token (prefill done), not until the answer ends."""
+    from tests.support.echo_engine import STATE as ENGINE
+
+    engine = await echo_engines("a")
+    engine.app[ENGINE].token_delay_s = 0.4  # before every token, the first included
+    r = await router(engine=[engine.url], policy="kv-aware")
+    state = r.app[STATE]
+    deadline = time.monotonic() + 10
+    while not state.fleet.candidates("m1", time.monotonic()):
+        assert time.monotonic() < deadline, "engine not routable"
+        await asyncio.sleep(0.02)
+    engine_id = next(iter(state.fleet.engines))
+    prompt = "a long prompt nobody has sent before " * 100
+    body = {"model": "m1", "prompt": prompt, "max_tokens": 3, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        sent = asyncio.create_task(s.post(r.url + "/v1/completions", json=body))
+        while state.fleet.engines[engine_id].inflight == 0:
+            await asyncio.sleep(0.01)
+        assert state.policy.pending_chars(engine_id) == len(prompt)
+        # the client gets the headers with the first chunk: by then prefill is over,
+        # while the request is still in flight
+        resp = await sent
+        assert resp.status == 200
+        assert state.fleet.engines[engine_id].inflight == 1
+        assert state.policy.pending_chars(engine_id) == 0
+        await resp.read()
+    assert state.fleet.engines[engine_id].inflight == 0
+    assert state.policy.pending_chars(engine_id) == 0

@@ -180,3 +180,37 @@ def test_off_counts_requests_only() -> None:
 def test_negative_prefill_load_chars_rejected() -> None:
     with pytest.raises(ValueError):
         policy(prefill_load_chars=-1.0)
+
+
+def test_first_token_releases_the_prefill_and_completion_releases_nothing_more() -> None:
+    p = policy()
+    fl = Fleet()
+    a, b = cold(1, 6000), cold(2, 3000)
+    fl.route(p, a, "e1")
+    fl.route(p, b, "e1")
+    assert p.pending_chars("e1") == a.prompt_chars + b.prompt_chars
+    p.on_first_token(a, "e1", 0.5)  # a's prompt is prefilled: only b's is pending
+    assert p.pending_chars("e1") == b.prompt_chars
+    p.on_first_token(a, "e1", 0.6)  # a second first token releases nothing
+    p.on_first_token(b, "e2", 0.6)  # wrong engine: nothing
+    assert p.pending_chars("e1") == b.prompt_chars
+    fl.done(p, a, "e1")
+    assert p.pending_chars("e1") == b.prompt_chars
+    fl.done(p, b, "e1")  # b never streamed: released at completion
+    assert p.pending_chars("e1") == 0
+    assert all(not eng.inflight for eng in p._engines.values())
+
+
+def test_decoding_requests_cost_less_than_prefilling_ones() -> None:
+    """Two engines with as many requests in flight: the one whose requests are past
+    prefill (streaming tokens) takes a cold prompt before the one still prefilling."""
+    p = policy()
+    fl = Fleet(2)
+    decoding = [cold(10 + i, 8000) for i in range(2)]
+    for f in decoding:
+        fl.route(p, f, "e0")
+        p.on_first_token(f, "e0", 0.2)
+    for i in range(2):
+        fl.route(p, cold(20 + i, 8000), "e1")
+    assert fl.inflight == {"e0": 2, "e1": 2}
+    assert p.select(cold(99), fl.cands(), 0.3).engine_id == "e0"
