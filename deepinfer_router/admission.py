@@ -3,14 +3,16 @@ bounded wait queue.
 
 A request first takes a router-wide slot (FIFO waiters, woken one at a time as slots
 free up). Then, when every engine that serves its model is at --max-inflight-per-engine,
-it waits for an engine slot in the same queue (per model, woken when a request to an
-engine serving that model finishes). A request that finds the queue full, or waits
+it waits for an engine slot in the same queue (per model, in arrival order, woken when a
+request to an engine serving that model finishes, or when such an engine joins, comes
+back or is un-drained). A request that finds the queue full, or waits
 longer than --queue-timeout-s in all, is refused (429 with Retry-After). Neither wait
 costs anything while there is room."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections import deque
 
@@ -28,9 +30,11 @@ class Admission:
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        # model -> requests waiting for a slot on an engine serving it
-        self._engine_waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        # model -> (ticket, future) of the requests waiting for a slot on an engine
+        # serving it, in ticket order (at most max_queue entries in all)
+        self._engine_waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
         self.engine_waiting = 0
+        self._tickets = 0
         self._idle: asyncio.Event | None = None  # set up by wait_idle (shutdown)
 
     @property
@@ -88,22 +92,29 @@ class Admission:
         return True
 
 
-    async def wait_engine_slot(self, model: str, timeout_s: float, front: bool = False) -> None:
-        """Wait until a request to an engine serving `model` finishes (the caller then
-        looks for a free engine again). `front`: a request woken before that found no room
-        after all keeps its place. Raises AdmissionRejected."""
-        if not front and self.queued >= self.max_queue:
+    def engine_ticket(self) -> int:
+        """A place in line for the engine-slot wait, kept across wake-ups (FIFO order)."""
+        self._tickets += 1
+        return self._tickets
+
+    async def wait_engine_slot(
+        self, model: str, timeout_s: float, ticket: int, requeue: bool = False
+    ) -> None:
+        """Wait until an engine serving `model` may have room: a request to one finished,
+        or one joined, came back or was un-drained (the caller then looks for a free
+        engine again). `requeue`: a waiter woken before that found no room after all
+        goes back to its `ticket`'s place in line, not to the end. Raises
+        AdmissionRejected."""
+        if not requeue and self.queued >= self.max_queue:
             raise AdmissionRejected("queue_full")
         if timeout_s <= 0:
             raise AdmissionRejected("queue_timeout")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._engine_waiters.get(model)
         if waiters is None:
-            waiters = self._engine_waiters[model] = deque()
-        if front:
-            waiters.appendleft(fut)
-        else:
-            waiters.append(fut)
+            waiters = self._engine_waiters[model] = []
+        entry = (ticket, fut)
+        bisect.insort(waiters, entry, key=_ticket_of)  # tickets are unique
         self.engine_waiting += 1
         try:
             await asyncio.wait_for(fut, timeout_s)
@@ -114,7 +125,7 @@ class Admission:
             if not fut.done():
                 fut.cancel()
             with contextlib.suppress(ValueError):
-                waiters.remove(fut)
+                waiters.remove(entry)
             if not waiters and self._engine_waiters.get(model) is waiters:
                 del self._engine_waiters[model]
 
@@ -122,9 +133,22 @@ class Admission:
         """A request to an engine serving `models` finished: wake the first waiter of
         each (call only when `engine_waiting`)."""
         for model in models:
-            waiters = self._engine_waiters.get(model)
-            while waiters:
-                fut = waiters.popleft()
+            for _, fut in self._engine_waiters.get(model, ()):
                 if not fut.done():
                     fut.set_result(None)
                     break
+
+    def engines_available(self, models: list[str]) -> None:
+        """An engine serving `models` joined, restarted, passed its health check again or
+        was un-drained: it may take several requests, so wake every waiter of each
+        model; those that find no room go back to their place in line."""
+        if not self.engine_waiting:
+            return
+        for model in models:
+            for _, fut in self._engine_waiters.get(model, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+
+def _ticket_of(entry: tuple[int, asyncio.Future[None]]) -> int:
+    return entry[0]

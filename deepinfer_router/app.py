@@ -58,6 +58,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         metrics=router_metrics,
         admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s),
     )
+    fleet.on_routable(state.admission.engines_available)
     app[STATE] = state
     proxy = Proxy(state)
 

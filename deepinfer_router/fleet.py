@@ -74,11 +74,22 @@ class Fleet:
         self._eject_after = eject_after_failures
         self._eject_cooldown = eject_cooldown_s
         self._forget_listeners: list[Callable[[str], None]] = []
+        self._routable_listeners: list[Callable[[list[str]], None]] = []
         self._sorted_ids: list[str] = []
         self._by_model: dict[str, list[EngineState]] = {}
 
     def on_forget(self, listener: Callable[[str], None]) -> None:
         self._forget_listeners.append(listener)
+
+    def on_routable(self, listener: Callable[[list[str]], None]) -> None:
+        """`listener(models)` when an engine serving `models` may have become routable:
+        it joined or restarted, passed a health check after failing, or was un-drained
+        (requests waiting for room on an engine then look again)."""
+        self._routable_listeners.append(listener)
+
+    def _routable(self, state: EngineState) -> None:
+        for listener in self._routable_listeners:
+            listener(state.record.models)
 
     # --- membership --------------------------------------------------------------
     def sync(self, sources: Iterable[tuple[str, Mapping[str, EngineRecord]]]) -> None:
@@ -92,10 +103,12 @@ class Fleet:
                 # Requests in flight keep their EngineState reference and finish.
                 del self.engines[engine_id]
                 self._forget(engine_id)
+        joined: list[EngineState] = []
         for engine_id, (source, record) in merged.items():
             state = self.engines.get(engine_id)
             if state is None:
-                self.engines[engine_id] = EngineState(record=record, source=source)
+                self.engines[engine_id] = state = EngineState(record=record, source=source)
+                joined.append(state)
             elif state.record.instance != record.instance:
                 # A restart: its cache is empty and its old failures are history. The
                 # same object is kept: requests in flight hold it and count themselves
@@ -107,10 +120,13 @@ class Fleet:
                 state.consecutive_failures = 0
                 state.ejected_until = 0.0
                 state.probing = False
+                joined.append(state)
             else:
                 state.record = record
                 state.source = source
         self._reindex()
+        for state in joined:
+            self._routable(state)
 
     def _forget(self, engine_id: str) -> None:
         for listener in self._forget_listeners:
@@ -224,11 +240,17 @@ class Fleet:
         # A passing /health does not close an open circuit: an engine can answer /health
         # and still fail or hang on requests. After the cool-down one real request goes
         # through (half-open); its outcome closes the circuit or opens it again.
+        came_back = ok and not state.healthy
         state.healthy = ok
+        if came_back:
+            self._routable(state)
 
     def set_draining(self, engine_id: str, draining: bool = True) -> bool:
         state = self.engines.get(engine_id)
         if state is None:
             return False
+        undrained = state.draining and not draining
         state.draining = draining
+        if undrained:
+            self._routable(state)
         return True

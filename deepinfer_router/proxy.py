@@ -294,13 +294,13 @@ class Proxy:
                 c for c in state.fleet.candidates(call.model, now, exclude=tried)
                 if c.inflight < settings.max_inflight_per_engine
             ]
+            if not candidates and state.fleet.candidates(call.model, now, exclude=tried):
+                # every engine not tried yet is at its limit: wait for room on one
+                candidates = await self._wait_for_engine(call, tried)
+                now = time.monotonic()
             if not candidates:
                 if last is not None:
                     break
-                if state.fleet.candidates(call.model, now):  # all at their limit: wait
-                    candidates = await self._wait_for_engine(call)
-                    now = time.monotonic()
-            if not candidates:
                 raise RouterError(
                     503, f"No healthy engine serves `{call.model}` right now.", "no_engine",
                     headers={"Retry-After": "2"},
@@ -327,30 +327,32 @@ class Proxy:
         assert last is not None
         raise _UpstreamFailure(last.status, last.message, last.kind)
 
-    async def _wait_for_engine(self, call: _Call) -> list[Candidate]:
-        """Every engine serving the model is at --max-inflight-per-engine: wait in the
-        admission queue until a request to one of them finishes. An empty list when no
-        engine serves the model any more; 429 when the queue is full or the wait lasts
-        longer than --queue-timeout-s."""
+    async def _wait_for_engine(self, call: _Call, tried: list[str]) -> list[Candidate]:
+        """Every engine serving the model (but those in `tried`) is at
+        --max-inflight-per-engine: wait in the admission queue until one may have room (a
+        request to one finished, or one joined, came back or was un-drained). An empty
+        list when no such engine serves the model any more; 429 when the queue is full
+        or the wait lasts longer than --queue-timeout-s."""
         state = self.state
         admission = state.admission
         limit = state.settings.max_inflight_per_engine
         started = time.monotonic()
         give_up = started + admission.queue_timeout_s
-        front = False  # woken but beaten to the slot: keep the place in line
+        ticket = admission.engine_ticket()
+        requeue = False  # woken but beaten to the slot: back to the same place in line
         while True:
             try:
                 await admission.wait_engine_slot(
-                    call.model, give_up - time.monotonic(), front
+                    call.model, give_up - time.monotonic(), ticket, requeue
                 )
             except AdmissionRejected as exc:
                 raise RouterError(
                     429, "Every engine serving this model is at its limit; retry shortly.",
                     f"engine_{exc.reason}", headers={"Retry-After": "1"},
                 ) from None
-            front = True
+            requeue = True
             now = time.monotonic()
-            every = state.fleet.candidates(call.model, now)
+            every = state.fleet.candidates(call.model, now, exclude=tried)
             candidates = [c for c in every if c.inflight < limit]
             if candidates or not every:
                 state.metrics.queue_wait.observe(now - started)

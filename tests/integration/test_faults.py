@@ -337,6 +337,52 @@ async def test_per_engine_limit_waits_in_the_bounded_queue(procs, router, http):
     assert (await slow)[0] == 200
 
 
+async def test_waiters_take_an_engine_that_joins_and_wait_after_a_failed_attempt(
+    echo_engines, router, http
+):
+    """A request waiting for room (every engine at --max-inflight-per-engine) goes to an
+    engine that joins meanwhile at once, not when the busy one frees up; and a request
+    whose attempt failed while the other engine was full waits for that engine instead
+    of getting the failure."""
+    busy = await echo_engines("busy")
+    busy.app[ENGINE].token_delay_s = 0.1
+    r = await router(policy="least-conn", max_inflight_per_engine=1, queue_timeout_s=10,
+                     retry_backoff_s=0)
+    busy_id = await register(http, r, busy.url)
+    completion = {"model": "m1", "prompt": "x"}
+    slow = asyncio.create_task(
+        http.post(r.url + "/v1/completions", json={**completion, "max_tokens": 40, "stream": True}))
+    await wait_until(lambda: r.app[STATE].fleet.engines[busy_id].inflight == 1)
+    waiting = asyncio.create_task(http.post(r.url + "/v1/completions", json=completion))
+    await wait_until(lambda: r.app[STATE].admission.engine_waiting == 1)
+    started = time.monotonic()
+    fresh = await echo_engines("fresh")
+    fresh_id = await register(http, r, fresh.url)
+    resp = await waiting
+    assert resp.status == 200 and resp.headers["x-deepinfer-engine"] == fresh_id
+    assert time.monotonic() - started < 2.0  # the slow stream takes 4 s
+    assert not slow.done()
+
+    # the fresh engine fails now; the busy one is still full: wait for it, then succeed
+    fresh.app[ENGINE].fail_status = 500
+    resp2 = await http.post(r.url + "/v1/completions", json=completion)
+    assert resp2.status == 200, await resp2.text()
+    assert resp2.headers["x-deepinfer-engine"] == busy_id
+    assert metric(r, "deepinfer_upstream_errors_total", engine=fresh_id, kind="status_500") == 1
+    slow_resp = await slow
+    assert slow_resp.status == 200 and b"[DONE]" in await slow_resp.read()
+    assert r.app[STATE].admission.queued == 0
+
+
+async def register(http: aiohttp.ClientSession, r: RunningServer, url: str) -> str:
+    async with http.post(r.url + "/admin/engines", json={"url": url, "models": ["m1"]}) as resp:
+        assert resp.status == 200, await resp.text()
+        engine_id = str((await resp.json())["id"])
+    await wait_until(lambda: r.app[STATE].fleet.engines[engine_id].state(time.monotonic())
+                     == "healthy", timeout=10)
+    return engine_id
+
+
 # --- drain and deregistration ----------------------------------------------------------------
 async def test_deregistration_keeps_inflight_stream_and_stops_new(echo_engines, router, http):
     a, b = await echo_engines("a"), await echo_engines("b")

@@ -74,3 +74,26 @@ def test_restart_and_removal_are_forgotten_and_inflight_survives():
     assert forgotten == [r1.id, r1.id] and not fleet.engines
     fleet.request_finished(state, ok=True, now=1.0)  # a request that outlived its engine
     assert state.inflight == 0
+
+
+def test_routable_listeners_hear_joins_restarts_recoveries_and_undrains():
+    fleet = make_fleet()
+    heard: list[list[str]] = []
+    fleet.on_routable(heard.append)
+    a, b = record(1, models=["m", "n"]), record(2)
+    fleet.sync([("local", {a.id: a})])
+    assert heard == [["m", "n"]]  # joined
+    fleet.sync([("local", {a.id: a, b.id: b})])
+    assert heard == [["m", "n"], ["m"]]  # only the new one
+    heard.clear()
+    fleet.sync([("local", {a.id: a, b.id: b})])
+    fleet.health_result(b.id, True, 0.0)  # healthy already: nothing new
+    fleet.set_draining(b.id, False)  # not draining: nothing new
+    assert heard == []
+    fleet.health_result(b.id, False, 0.0)
+    fleet.health_result(b.id, True, 1.0)
+    fleet.set_draining(b.id)
+    fleet.set_draining(b.id, False)
+    restarted = record(2, instance="j")
+    fleet.sync([("local", {a.id: a, restarted.id: restarted})])
+    assert heard == [["m"], ["m"], ["m"]]  # back healthy, un-drained, restarted

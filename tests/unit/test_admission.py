@@ -1,0 +1,78 @@
+"""The admission queue's engine-slot wait: arrival order kept across wake-ups, one waiter
+woken per finished request, every waiter woken when an engine becomes available."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deepinfer_router.admission import Admission, AdmissionRejected
+
+
+async def _waiter(adm: Admission, order: list[str], name: str, ticket: int,
+                  rooms: list[bool]) -> None:
+    """Wait like the proxy does: woken, take the room if there is one, else requeue."""
+    requeue = False
+    while True:
+        await adm.wait_engine_slot("m", 5.0, ticket, requeue)
+        requeue = True
+        if rooms and rooms[0]:
+            rooms.pop(0)
+            order.append(name)
+            return
+
+
+async def test_freed_slots_go_in_arrival_order_even_after_failed_wakeups() -> None:
+    adm = Admission(max_inflight=100, max_queue=10, queue_timeout_s=5.0)
+    order: list[str] = []
+    rooms: list[bool] = []
+    tasks = []
+    for name in "abcd":
+        tasks.append(asyncio.create_task(_waiter(adm, order, name, adm.engine_ticket(), rooms)))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert adm.engine_waiting == 4
+    # an engine came back but had no room after all: all woken, all back in line
+    adm.engines_available(["m"])
+    await asyncio.sleep(0.01)
+    assert adm.engine_waiting == 4 and order == []
+    for _ in range(4):
+        rooms.append(True)
+        adm.engine_slot_freed(["m"])
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "d"]
+    assert adm.engine_waiting == 0 and adm.queued == 0
+
+
+async def test_engines_available_wakes_every_waiter_of_its_models_only() -> None:
+    adm = Admission(max_inflight=100, max_queue=10, queue_timeout_s=5.0)
+    woken: list[str] = []
+
+    async def wait(model: str) -> None:
+        await adm.wait_engine_slot(model, 5.0, adm.engine_ticket())
+        woken.append(model)
+
+    tasks = [asyncio.create_task(wait(m)) for m in ("m", "m", "m", "other")]
+    await asyncio.sleep(0.01)
+    adm.engines_available(["m"])
+    await asyncio.sleep(0.01)
+    assert woken == ["m", "m", "m"]
+    assert adm.engine_waiting == 1
+    tasks[-1].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert adm.engine_waiting == 0 and adm.queued == 0
+
+
+async def test_queue_full_and_timeout() -> None:
+    adm = Admission(max_inflight=100, max_queue=1, queue_timeout_s=5.0)
+    first = asyncio.create_task(adm.wait_engine_slot("m", 0.05, adm.engine_ticket()))
+    await asyncio.sleep(0)
+    with pytest.raises(AdmissionRejected) as full:
+        await adm.wait_engine_slot("m", 1.0, adm.engine_ticket())
+    assert full.value.reason == "queue_full"
+    with pytest.raises(AdmissionRejected) as late:
+        await first
+    assert late.value.reason == "queue_timeout"
+    assert adm.engine_waiting == 0
