@@ -77,6 +77,7 @@ class _FaultPlan:
     error: bool = False
     hang: bool = False
     drop: bool = False
+    stall: bool = False
 
 
 class SimState:
@@ -211,6 +212,8 @@ class SimState:
             plan.hang = True
         if f["fault_drop_rate"] > 0 and rng.random() < f["fault_drop_rate"]:
             plan.drop = True
+        if f["fault_stall_rate"] > 0 and rng.random() < f["fault_stall_rate"]:
+            plan.stall = True
         return plan
 
     def update_faults(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -326,9 +329,10 @@ async def _generate(request: web.Request, state: SimState, gen: Generation, pref
     flow = req.user_data
     assert isinstance(flow, _Flow)
     drop_after = state.faults["fault_drop_after_tokens"] if plan.drop else -1
+    stall_after = state.faults["fault_stall_after_tokens"] if plan.stall else -1
     try:
         if resp is not None:
-            await _stream(request, resp, state, gen, req, flow, drop_after)
+            await _stream(request, resp, state, gen, req, flow, drop_after, stall_after)
             return resp
         while not req.finished:
             await flow.event.wait()
@@ -349,7 +353,8 @@ async def _generate(request: web.Request, state: SimState, gen: Generation, pref
 
 
 async def _stream(request: web.Request, resp: web.StreamResponse, state: SimState,
-                  gen: Generation, req: Request, flow: _Flow, drop_after: int) -> None:
+                  gen: Generation, req: Request, flow: _Flow, drop_after: int,
+                  stall_after: int = -1) -> None:
     writer = ChunkWriter(gen.kind, req.id, state.model_name)
     tokens = req.all_tokens
     base = req.num_prompt
@@ -369,6 +374,12 @@ async def _stream(request: web.Request, resp: web.StreamResponse, state: SimStat
                     state.abort(req)
                     _drop_connection(request)
                     return
+                if i == stall_after:
+                    if parts:
+                        await resp.write(b"".join(parts))
+                    # silent with the connection open; the sequence keeps its KV blocks
+                    # until the client goes away (handler cancelled: freed in finally)
+                    await asyncio.Event().wait()
                 parts.append(writer.token(tokens[base + i],
                                           req.finish_reason if i == last else None))
             flow.sent = n

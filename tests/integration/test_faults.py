@@ -154,6 +154,34 @@ async def test_hanging_engine_times_out_is_ejected_and_traffic_moves(procs, rout
     assert all(e.inflight == 0 for e in fleet.engines.values())
 
 
+async def test_stalled_engine_stream_ends_with_idle_timeout_and_is_freed(procs, router, http):
+    """A simulated engine whose stream goes silent mid-answer (connection open): after
+    --stream-idle-timeout-s the client gets the tokens so far, an SSE error event and
+    [DONE]; the router closes the engine connection, so the engine frees the sequence."""
+    (sim,) = await start_sims(procs, 1, "--fault-stall-rate", "1", "--fault-stall-after-tokens",
+                              "3")
+    r = await router(engine=[sim.url], stream_idle_timeout_s=0.5)
+    await ready(r, 1)
+    async with http.post(r.url + CHAT, json=chat(max_tokens=50, stream=True)) as resp:
+        assert resp.status == 200
+        events = sse_events(await resp.read())
+    assert events[-1] == "[DONE]"
+    error = orjson.loads(events[-2])["error"]
+    assert error["type"] == "timeout_error" and "idle" in error["message"]
+    tokens = [e for e in events[:-2] if orjson.loads(e)["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 3
+    assert metric(r, "deepinfer_upstream_errors_total", kind="idle_timeout") == 1
+
+    async def engine_idle() -> bool:
+        async with http.get(sim.url + "/metrics") as m:
+            text = await m.text()
+        return any(line.startswith("vllm:num_requests_running{") and line.endswith(" 0.0")
+                   for line in text.splitlines())
+
+    await wait_until(engine_idle, timeout=5)
+    assert r.app[STATE].fleet.engines[next(iter(r.app[STATE].fleet.engines))].inflight == 0
+
+
 async def test_idle_and_total_timeouts_mid_stream(echo_engines, router, http):
     """A stream that goes silent longer than --stream-idle-timeout-s, or outlasts
     --request-timeout-s, ends with an SSE error event (504 type) and [DONE]."""
