@@ -1,0 +1,61 @@
+"""benchmarks/routing.py: pooling repeats (the benchmark itself runs by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "routing.py"
+
+
+@pytest.fixture(scope="module")
+def rb() -> Any:
+    spec = importlib.util.spec_from_file_location("routing_bench", PATH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(rb: Any, seed: int, ttft: list[float], hits: float, per_engine: list[int]) -> dict:
+    return {
+        "workload": "3", "policy": "kv-aware", "requests": len(ttft), "offered": len(ttft),
+        "ok": len(ttft), "errors": 0,
+        "ttft_ms": {q: rb.pct(ttft, v) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
+        "ttft_ms_by_kind": {}, "output_tokens_per_s": 0.0, "hit_rate": hits / 100,
+        "prefix_cache_hits": hits, "prefix_cache_queries": 100.0,
+        "imbalance": max(per_engine) / (sum(per_engine) / len(per_engine)),
+        "requests_per_engine": per_engine, "busy": [0.5, 0.7], "busy_mean": 0.6,
+        "routes": {"new-prefix": len(ttft)}, "cpu": {"router": 0.1, "fleet": 0.2, "loadgen": 0.1},
+        "wall_s": 10.0, "preemptions": 0.0, "seed": seed, "_ttft": ttft,
+        "_by_kind": {"distinct": ttft}, "_out_tokens": 100 * len(ttft), "_model_makespan": 25.0,
+    }
+
+
+def test_repeats_pool_samples_and_sum_counters(rb: Any) -> None:
+    a = run(rb, 1001, [float(x) for x in range(1, 101)], 40.0, [30, 70])
+    b = run(rb, 2001, [float(x) for x in range(101, 201)], 60.0, [50, 50])
+    merged = rb.merge_repeats([a, b])
+    pooled = [float(x) for x in range(1, 201)]
+    assert merged["ttft_ms"]["p99"] == rb.pct(pooled, 0.99)
+    assert merged["ttft_ms"]["p50"] == rb.pct(pooled, 0.5)
+    assert merged["requests"] == 200 and merged["routes"] == {"new-prefix": 200}
+    assert merged["hit_rate"] == 0.5  # (40 + 60) / (100 + 100), not a mean of rates
+    assert merged["requests_per_engine"] == [80, 120]
+    assert merged["output_tokens_per_s"] == 20_000 / 50.0
+    assert merged["seed"] == [1001, 2001]
+    assert [r["seed"] for r in merged["repeats"]] == [1001, 2001]
+    assert merged["repeats"][0]["p99"] == round(a["ttft_ms"]["p99"], 1)
+    assert not any(k.startswith("_") for k in merged)  # raw samples stay out of the JSON
+
+
+def test_one_run_is_reported_as_is(rb: Any) -> None:
+    a = run(rb, 1001, [1.0, 2.0, 3.0], 10.0, [1, 2])
+    merged = rb.merge_repeats([a])
+    assert merged["ttft_ms"] == a["ttft_ms"] and "repeats" not in merged
+    assert not any(k.startswith("_") for k in merged)
