@@ -5,9 +5,9 @@ A request first takes a router-wide slot (FIFO waiters, woken one at a time as s
 free up). Then, when every engine that serves its model is at --max-inflight-per-engine,
 it waits for an engine slot in the same queue (per model, in arrival order, woken when a
 request to an engine serving that model finishes, or when such an engine joins, comes
-back or is un-drained). A request that finds the queue full, or waits
-longer than --queue-timeout-s in all, is refused (429 with Retry-After). Neither wait
-costs anything while there is room."""
+back or is un-drained). A request that finds the queue full, or waits longer than
+--queue-timeout-s in all, is refused (429 with Retry-After). Neither wait costs anything
+while there is room."""
 
 from __future__ import annotations
 
@@ -90,7 +90,6 @@ class Admission:
         except TimeoutError:
             return False
         return True
-
 
     def engine_ticket(self) -> int:
         """A place in line for the engine-slot wait, kept across wake-ups (FIFO order)."""
