@@ -50,7 +50,7 @@ class KvAwareParams:
     max_sessions: int = 200_000
     default_capacity_chars: int = 400_000  # when a candidate reports no capacity
     hint_outbox: int = 0  # placements kept for export_hints (0: off)
-    prefill_load_chars: float = 4096.0  # uncached prompt chars in flight = 1 request (0: off)
+    prefill_load_chars: float = 4096.0  # uncached chars not yet prefilled = 1 request (0: off)
 
 
 class _Engine:
