@@ -377,8 +377,9 @@ async def _stream(request: web.Request, resp: web.StreamResponse, state: SimStat
                 if i == stall_after:
                     if parts:
                         await resp.write(b"".join(parts))
-                    # silent with the connection open; the sequence keeps its KV blocks
-                    # until the client goes away (handler cancelled: freed in finally)
+                    # the answer goes silent with the connection open (the model still
+                    # finishes the sequence) until the client goes away and the handler
+                    # is cancelled
                     await asyncio.Event().wait()
                 parts.append(writer.token(tokens[base + i],
                                           req.finish_reason if i == last else None))

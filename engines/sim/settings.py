@@ -101,8 +101,8 @@ class SimSettings(BaseSettings, RegistrationOptions):
     )
     fault_stall_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of streamed requests that go silent mid-stream "
-        "(the connection stays open, nothing more is sent, until the client goes away: a hung "
-        "GPU or worker)."
+        "(the connection stays open and nothing more is sent until the client goes away, while "
+        "the model finishes the sequence: a hung API server or network path)."
     )
     fault_stall_after_tokens: int = Field(
         1, ge=0, description="Tokens streamed before a stalled stream goes silent."

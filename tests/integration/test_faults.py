@@ -157,7 +157,7 @@ async def test_hanging_engine_times_out_is_ejected_and_traffic_moves(procs, rout
 async def test_stalled_engine_stream_ends_with_idle_timeout_and_is_freed(procs, router, http):
     """A simulated engine whose stream goes silent mid-answer (connection open): after
     --stream-idle-timeout-s the client gets the tokens so far, an SSE error event and
-    [DONE]; the router closes the engine connection, so the engine frees the sequence."""
+    [DONE]; the router closes its connection to the engine and leaks no in-flight count."""
     (sim,) = await start_sims(procs, 1, "--fault-stall-rate", "1", "--fault-stall-after-tokens",
                               "3")
     r = await router(engine=[sim.url], stream_idle_timeout_s=0.5)
@@ -178,7 +178,9 @@ async def test_stalled_engine_stream_ends_with_idle_timeout_and_is_freed(procs, 
         return any(line.startswith("vllm:num_requests_running{") and line.endswith(" 0.0")
                    for line in text.splitlines())
 
-    await wait_until(engine_idle, timeout=5)
+    await wait_until(engine_idle, timeout=5)  # nothing left running on the engine
+    # the silent connection was closed, not kept or pooled (only proxied requests use it)
+    await wait_until(lambda: r.app[STATE].upstream_pool().open_connections() == 0, timeout=2)
     assert r.app[STATE].fleet.engines[next(iter(r.app[STATE].fleet.engines))].inflight == 0
 
 
