@@ -290,11 +290,9 @@ class Proxy:
         last: _Retryable | None = None
         for attempt in range(settings.max_retries + 1):
             now = time.monotonic()
-            candidates = [
-                c for c in state.fleet.candidates(call.model, now, exclude=tried)
-                if c.inflight < settings.max_inflight_per_engine
-            ]
-            if not candidates and state.fleet.candidates(call.model, now, exclude=tried):
+            untried = state.fleet.candidates(call.model, now, exclude=tried)
+            candidates = [c for c in untried if c.inflight < settings.max_inflight_per_engine]
+            if not candidates and untried:
                 # every engine not tried yet is at its limit: wait for room on one
                 candidates = await self._wait_for_engine(call, tried)
                 now = time.monotonic()
