@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+from tests.support.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ov():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("overhead_bench", PATH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overhead.py", "overhead_bench")
 
 
 def test_sse_body_has_200_events_then_done(ov) -> None:  # type: ignore[no-untyped-def]

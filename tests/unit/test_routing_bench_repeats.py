@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "routing.py"
+from tests.support.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def rb() -> Any:
-    spec = importlib.util.spec_from_file_location("routing_bench", PATH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("routing.py", "routing_bench")
 
 
 def run(rb: Any, seed: int, ttft: list[float], hits: float, per_engine: list[int]) -> dict:
