@@ -8,7 +8,7 @@ One decision, O(candidates + matched chunks):
               bound it moves (`spill`) and is rebound;
   3. score    score = matched prefix chars - load_cost_chars * load cost over all
               candidates, load cost = request load (scoring.py) + uncached prompt chars
-              in flight to the engine / prefill_load_chars (see _Engine); the best one
+              the engine has yet to prefill / prefill_load_chars (see _Engine); the best one
               passing the guard takes it (`prefix`, or `balance` when a match existed
               but an unmatched engine won on load);
               when the best is over its bound the request goes to the best passing one
@@ -55,10 +55,11 @@ class KvAwareParams:
 
 class _Engine:
     """What the policy tracks per engine. `pending` is the sum of the expected uncached
-    prompt chars of the requests routed to it and not yet complete; `inflight` maps
-    id(features) -> (features, amount) for exactly those requests (the features object is
-    held so its id cannot be reused while the entry lives), so `on_complete` releases
-    exactly what `on_routed` added. Memory: one entry per in-flight request."""
+    prompt chars of the requests routed to it that have neither streamed a first token nor
+    completed; `inflight` maps id(features) -> (features, amount still pending) for every
+    request routed to it and not yet complete (the features object is held so its id
+    cannot be reused while the entry lives), so `on_first_token` and `on_complete`
+    release exactly what `on_routed` added. Memory: one entry per in-flight request."""
 
     __slots__ = ("capacity", "epoch", "inflight", "instance", "pending", "seed")
 
@@ -103,14 +104,14 @@ class KvAwarePolicy(PolicyBase):
         return self._sessions
 
     def pending_chars(self, engine_id: str) -> int:
-        """Expected uncached prompt chars in flight to `engine_id` (0 when unknown)."""
+        """Expected uncached prompt chars `engine_id` has yet to prefill (0 when unknown)."""
         eng = self._engines.get(engine_id)
         return eng.pending if eng is not None else 0
 
     # --- the decision -------------------------------------------------------------------
     def _cost(self, cand: Candidate, matched_chars: int = 0) -> float:
         """Load cost in request units: the request load (scoring.load_cost) plus the
-        uncached prompt chars in flight to the engine / prefill_load_chars. Pending work
+        uncached prompt chars the engine has yet to prefill / prefill_load_chars. Pending work
         up to `matched_chars` is not counted: an engine that is still prefilling the
         prefix this request matches is computing this request's cache hit, and waiting
         for it costs no more than recomputing the prefix elsewhere."""
