@@ -49,7 +49,9 @@ def refuses_connections(port: int) -> bool:
         s.settimeout(0.5)
         try:
             s.connect(("127.0.0.1", port))
-        except (ConnectionRefusedError, TimeoutError):
+        except (ConnectionRefusedError, TimeoutError, ConnectionResetError):
+            # a reset: the connection reached the accept queue just as the listener
+            # closed, and the kernel dropped it; refused all the same
             return True
     return False
 
