@@ -402,19 +402,36 @@ def run_wrk(
 MODES = (("non_streaming", False), ("streaming", True))
 
 
-def measure_target(port: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (/proc/PID/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_target(
+    port: int, args: argparse.Namespace, workdir: Path, pid: int | None = None
+) -> dict[str, Any]:
+    """wrk against `port`; with `pid` (the router's), also its CPU time per request at
+    saturation."""
     out: dict[str, Any] = {}
     for mode, stream in MODES:
         if args.warmup > 0:
             run_wrk(port, stream, workdir, duration=args.warmup,
                     connections=args.connections, threads=args.threads)
+        cpu_before = cpu_seconds(pid) if pid else 0.0
         sat = run_wrk(port, stream, workdir, duration=args.duration,
                       connections=args.connections, threads=args.threads)
+        if pid:
+            sat["router_cpu_s"] = cpu_seconds(pid) - cpu_before
+            sat["router_cpu_us_per_request"] = 1e6 * sat["router_cpu_s"] / max(sat["requests"], 1)
         fixed = run_wrk(port, stream, workdir, duration=args.rate_duration,
                         connections=args.rate_connections, threads=1, rate=args.rate)
         out[mode] = {"saturation": sat, "fixed_rate": fixed}
+        cpu = (
+            f", router CPU {sat['router_cpu_us_per_request']:.1f} us/req" if pid else ""
+        )
         print(
-            f"    {mode:14s} {sat['rps']:9.0f} req/s (errors {sat['error_count']}); "
+            f"    {mode:14s} {sat['rps']:9.0f} req/s{cpu} (errors {sat['error_count']}); "
             f"at {fixed['rps']:.0f} req/s p50 {fixed['latency_us']['p50']} us "
             f"p99 {fixed['latency_us']['p99']} us",
             flush=True,
@@ -431,6 +448,9 @@ def summarize(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, Any]:
             "direct_rps": round(d["saturation"]["rps"]),
             "router_rps": round(r["saturation"]["rps"]),
             "rps_ratio": round(r["saturation"]["rps"] / d["saturation"]["rps"], 3),
+            "router_cpu_us_per_request": round(
+                r["saturation"].get("router_cpu_us_per_request", 0.0), 1
+            ),
             "fixed_rate_rps": round(r["fixed_rate"]["rps"]),
             "direct_p50_ms": dl["p50"] / 1000,
             "router_p50_ms": rl["p50"] / 1000,
@@ -448,7 +468,8 @@ def summarize(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, Any]:
 def print_table(results: dict[str, Any], rate: float) -> None:
     head = (
         f"{'policy':11s} {'mode':14s} {'direct r/s':>10s} {'router r/s':>10s} {'ratio':>6s} "
-        f"{'p50 +ms':>8s} {'p99 +ms':>8s}  (latency at {rate:g} r/s: direct -> router p50, p99)"
+        f"{'p50 +ms':>8s} {'p99 +ms':>8s} {'cpu us/req':>10s}  "
+        f"(latency at {rate:g} r/s: direct -> router p50, p99)"
     )
     print(head)
     print("-" * len(head))
@@ -456,7 +477,8 @@ def print_table(results: dict[str, Any], rate: float) -> None:
         for mode, s in entry["summary"].items():
             print(
                 f"{policy:11s} {mode:14s} {s['direct_rps']:10d} {s['router_rps']:10d} "
-                f"{s['rps_ratio']:6.2f} {s['added_p50_ms']:8.3f} {s['added_p99_ms']:8.3f}  "
+                f"{s['rps_ratio']:6.2f} {s['added_p50_ms']:8.3f} {s['added_p99_ms']:8.3f} "
+                f"{s['router_cpu_us_per_request']:10.1f}  "
                 f"({s['direct_p50_ms']:.3f} -> {s['router_p50_ms']:.3f}, "
                 f"{s['direct_p99_ms']:.3f} -> {s['router_p99_ms']:.3f})"
                 + (f"  ERRORS {s['errors']}" if s["errors"] else "")
@@ -508,10 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"direct (nginx :{ports[0]})", flush=True)
             results["direct"] = measure_target(ports[0], args, workdir)
             for policy in policies:
-                with router(ports, policy, workdir, args.router_arg) as (port, _):
+                with router(ports, policy, workdir, args.router_arg) as (port, proc):
                     first = check_answers(port, via_router=True)
                     print(f"router --policy {policy} (:{port}, first route {first})", flush=True)
-                    routed = measure_target(port, args, workdir)
+                    routed = measure_target(port, args, workdir, proc.pid)
                     results["router"][policy] = {
                         "runs": routed,
                         "summary": summarize(results["direct"], routed),

@@ -16,8 +16,9 @@ from .api import admin, health, metrics, models
 from .errors import error_response
 from .fleet import Fleet
 from .health import HealthChecker
+from .loop_lag import LoopLagProbe
 from .metrics import RouterMetrics
-from .proxy import Proxy
+from .proxy import Proxy, max_body_bytes
 from .registry.base import RegistrySource
 from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
@@ -34,7 +35,7 @@ VLLM_ROUTES = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/cl
 
 
 def build_app(settings: RouterSettings) -> web.Application:
-    app = web.Application(client_max_size=int(settings.max_body_mb * 1024 * 1024))
+    app = web.Application(client_max_size=max_body_bytes(settings.max_body_mb))
     fleet = Fleet(
         chars_per_token=settings.chars_per_token,
         default_kv_tokens=settings.default_engine_kv_tokens,
@@ -98,7 +99,10 @@ async def _services(app: web.Application) -> Any:
     stop them in reverse order."""
     state = app[STATE]
     settings = state.settings
-    state.upstream = UpstreamPool(connect_timeout_s=settings.connect_timeout_s)
+    state.upstream = UpstreamPool(
+        connect_timeout_s=settings.connect_timeout_s,
+        idle_timeout_s=settings.upstream_keepalive_s,
+    )
     connector = aiohttp.TCPConnector(
         limit=0,  # admission control bounds concurrency, not the pool
         ttl_dns_cache=60,
@@ -161,6 +165,8 @@ async def _services(app: web.Application) -> Any:
         state.fleet, state.session, settings.health_interval_s, settings.health_timeout_s,
         engine_headers,
     )
+    lag_probe = LoopLagProbe(settings.loop_lag_interval_s, state.metrics.event_loop_lag.observe)
+    lag_probe.start()
     services: list[Any] = [*sources, scraper, checker]
     if settings.redis_url and settings.share_hints:
         from .registry.redis_hints import RedisHints
@@ -175,6 +181,7 @@ async def _services(app: web.Application) -> Any:
         settings.policy, len(static_urls), sources[-1].name if sources else "none",
     )
     yield
+    lag_probe.stop()
     for service in reversed(services):
         with contextlib.suppress(Exception):
             await service.close()

@@ -21,6 +21,7 @@ TOKEN_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
     0.75, 1.0, 2.5, 5.0,
 )
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DECISION_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.01,
 )
@@ -146,6 +147,13 @@ class RouterMetrics:
             registry=r,
         )
         self.registry_up.set(1)
+        self.event_loop_lag = Histogram(
+            "deepinfer_event_loop_lag_seconds",
+            "How late the router's periodic event-loop probe fired (--loop-lag-interval-s): "
+            "time during which no request could make progress.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         # Memoised children of the metrics the proxy touches on every request.
         self.requests_by = LabelCache(self.requests)
         self.request_duration_by = LabelCache(self.request_duration)

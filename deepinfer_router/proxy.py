@@ -19,12 +19,12 @@ event: kinds `idle_timeout`, `total_timeout`, `reset`). Every kind is counted in
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
+import contextlib
 import hmac
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,10 @@ from aiohttp import web
 from .admission import AdmissionRejected
 from .errors import RouterError, sse_error_event
 from .fleet import EngineState
+from .json_limits import json_items_exceed
+from .multipart import MalformedMultipart, multipart_model
 from .routing.base import Candidate, Decision, RequestFeatures
-from .routing.features import request_features
+from .routing.features import request_features, session_key
 from .state import REQUEST_ID, REQUEST_MODEL, RouterState
 from .upstream import (
     UpstreamConnectError,
@@ -57,10 +59,16 @@ _HOP_BY_HOP = frozenset(
         "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server",
     )
 )
-_ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id"))
+# The router sets these itself: the engine key (or the client's), the request id, the
+# forwarding chain (appended to); `Expect` was answered when the body was read.
+_ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id", "x-forwarded-for", "expect"))
 # Response headers the router sets itself (an engine's own x-request-id is replaced).
 _NOT_RELAYED = _HOP_BY_HOP | frozenset(("x-deepinfer-engine", "x-deepinfer-route", "x-request-id"))
 _MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
+_ERROR_BODY_BYTES = 4096  # of an engine's 5xx body, kept for the message; the rest is dropped
+# A write of at most this much into an empty socket buffer never waits (below the
+# transport's high-water mark): no timer is armed for it.
+_UNTIMED_WRITE = 65536
 # One set lookup per header on the hot path instead of two.
 _NOT_FORWARDED = _HOP_BY_HOP | _ROUTER_REQUEST_HEADERS
 
@@ -86,6 +94,7 @@ class _Call:
     stream: bool
     features: RequestFeatures
     started: float
+    parsed: dict[str, Any] | None  # the JSON body, until the features are taken from it
     route: str = "none"
     engine: str = ""
     status: int = 499  # until known: the client went away
@@ -132,19 +141,9 @@ def check_api_key(state: RouterState, request: web.Request) -> None:
         raise RouterError(401, "Invalid or missing API key.", "invalid_api_key")
 
 
-def _multipart_model(content_type: str, body: bytes) -> str | None:
-    """The `model` form field of a multipart body (audio routes)."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
-        return None
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "model":
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes):
-                return payload.decode("utf-8", "replace").strip()
-    return None
+def max_body_bytes(max_body_mb: float) -> int:
+    """--max-body-mb in bytes (the aiohttp app's client_max_size too)."""
+    return int(max_body_mb * 1024 * 1024)
 
 
 class Proxy:
@@ -157,6 +156,7 @@ class Proxy:
         self._idle_timeout = s.stream_idle_timeout_s
         self._total_timeout = s.request_timeout_s
         self._policy_needs_prompt = state.policy.needs_prompt
+        self._max_body = max_body_bytes(s.max_body_mb)
 
     # --- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -187,22 +187,25 @@ class Proxy:
     # --- parsing ------------------------------------------------------------------------
     async def _parse(self, request: web.Request, rid: str, started: float) -> _Call:
         state = self.state
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise RouterError(
-                413,
-                f"Request body larger than {state.settings.max_body_mb:g} MiB.",
-                "body_too_large",
-            ) from None
+        settings = state.settings
+        body = await self._read_body(request)
         content_type = request.headers.get("Content-Type", "")
         parsed: dict[str, Any] | None = None
         if content_type.startswith("multipart/"):
             try:
-                model: Any = _multipart_model(content_type, body)
-            except (ValueError, LookupError, TypeError):
-                raise RouterError(400, "Malformed multipart body.", "invalid_body") from None
+                model: Any = multipart_model(content_type, body)
+            except MalformedMultipart as exc:
+                raise RouterError(
+                    400, f"Malformed multipart body: {exc}.", "invalid_body"
+                ) from None
         else:
+            if await json_items_exceed(body, settings.max_json_items):
+                raise RouterError(
+                    400,
+                    f"The JSON body has more than {settings.max_json_items} values "
+                    "(--max-json-items).",
+                    "invalid_body",
+                )
             try:
                 value = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -229,28 +232,44 @@ class Proxy:
             raise RouterError(400, "`model` must be a string.", "invalid_model")
         request[REQUEST_MODEL] = model
         stream = parsed is not None and parsed.get("stream") is True
-        session_key = request.headers.get(state.settings.session_header)
-        if session_key is None and parsed is not None:
-            user = parsed.get("user")
-            session_key = user if isinstance(user, str) and user else None
-        if session_key is not None and len(session_key) > _MAX_SESSION_KEY:
+        key = session_key(request.headers.get(settings.session_header), parsed)
+        if key is not None and len(key) > _MAX_SESSION_KEY:
             # The session table holds --max-sessions keys: bound their size too.
-            session_key = "h:" + xxhash.xxh3_128_hexdigest(
-                session_key.encode("utf-8", "surrogatepass")
-            )
-        features = (
-            request_features(
+            key = "h:" + xxhash.xxh3_128_hexdigest(key.encode("utf-8", "surrogatepass"))
+        features = RequestFeatures(model=model, session_key=key)
+        return _Call(request, rid, model, body, stream, features, started, parsed)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, refused with 413 before any of it is read when its declared
+        length is over --max-body-mb (aiohttp alone would read that much first)."""
+        limit = self._max_body
+        declared = request.content_length
+        try:
+            if declared is not None and declared > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RouterError(
+                413,
+                f"Request body larger than {self.state.settings.max_body_mb:g} MiB.",
+                "body_too_large",
+                headers={"Connection": "close"},
+            ) from None
+
+    def _take_features(self, call: _Call) -> None:
+        """Prompt features for the routing policy, once the model is known to be served
+        (an unknown model costs no hashing); the parsed body is dropped after."""
+        parsed, call.parsed = call.parsed, None
+        if self._policy_needs_prompt and parsed is not None:
+            settings = self.state.settings
+            call.features = request_features(
                 parsed,
-                model,
-                session_key,
+                call.model,
+                call.features.session_key,
                 with_prompt=True,
-                chunk_chars=state.settings.prefix_chunk_chars,
-                max_chars=state.settings.prefix_max_chars,
+                chunk_chars=settings.prefix_chunk_chars,
+                max_chars=settings.prefix_max_chars,
             )
-            if self._policy_needs_prompt and parsed is not None
-            else RequestFeatures(model=model, session_key=session_key)
-        )
-        return _Call(request, rid, model, body, stream, features, started)
 
     # --- admission and routing ---------------------------------------------------------
     async def _admit_and_route(self, call: _Call) -> web.StreamResponse:
@@ -267,6 +286,7 @@ class Proxy:
                 "model_not_found",
                 available_models=served,
             )
+        self._take_features(call)
         admission = state.admission
         if not admission.try_acquire():
             wait_started = time.monotonic()
@@ -289,6 +309,11 @@ class Proxy:
         tried: list[str] = []
         last: _Retryable | None = None
         for attempt in range(settings.max_retries + 1):
+            if last is not None:  # a retry: only when some engine is left to try
+                if not state.fleet.candidates(call.model, time.monotonic(), exclude=tried):
+                    break
+                backoff = settings.retry_backoff_s * (2 ** (attempt - 1))
+                await asyncio.sleep(backoff * (0.5 + random.random()))
             now = time.monotonic()
             untried = state.fleet.candidates(call.model, now, exclude=tried)
             candidates = [c for c in untried if c.inflight < settings.max_inflight_per_engine]
@@ -303,6 +328,12 @@ class Proxy:
                     503, f"No healthy engine serves `{call.model}` right now.", "no_engine",
                     headers={"Retry-After": "2"},
                 )
+            if last is not None:  # counted once there is an engine to retry on
+                state.metrics.retries.labels(last.kind).inc()
+                log.info(
+                    "request %s: engine %s failed (%s), retrying on another engine",
+                    call.rid, tried[-1], last.message,
+                )
             t0 = time.perf_counter()
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
@@ -314,14 +345,6 @@ class Proxy:
             except _Retryable as exc:
                 last = exc
                 tried.append(decision.engine_id)
-                if attempt < settings.max_retries:
-                    state.metrics.retries.labels(exc.kind).inc()
-                    log.info(
-                        "request %s: engine %s failed (%s), retrying on another engine",
-                        call.rid, decision.engine_id, exc.message,
-                    )
-                    backoff = settings.retry_backoff_s * (2**attempt)
-                    await asyncio.sleep(backoff * (0.5 + random.random()))
         assert last is not None
         raise _UpstreamFailure(last.status, last.message, last.kind)
 
@@ -357,16 +380,23 @@ class Proxy:
                 return candidates
 
     # --- one attempt on one engine ----------------------------------------------------
-    def _upstream_headers(self, call: _Call) -> dict[str, str]:
-        headers = {
-            k: v for k, v in call.request.headers.items() if k.lower() not in _NOT_FORWARDED
-        }
-        auth = call.request.headers.get("Authorization")
+    def _upstream_headers(self, call: _Call) -> list[tuple[str, str]]:
+        """The client's headers for the engine: a list, so repeated headers stay repeated;
+        without hop-by-hop headers, those the client's `Connection` names included."""
+        client = call.request.headers
+        drop = _NOT_FORWARDED
+        connection = client.get("Connection")
+        if connection:
+            drop = drop | {token.strip().lower() for token in connection.split(",")}
+        headers = [(k, v) for k, v in client.items() if k.lower() not in drop]
         if self._engine_auth is not None:
-            headers["Authorization"] = self._engine_auth
-        elif auth is not None and not self._strip_client_auth:
-            headers["Authorization"] = auth
-        headers["X-Request-Id"] = call.rid
+            headers.append(("Authorization", self._engine_auth))
+        elif not self._strip_client_auth:
+            headers += (("Authorization", v) for v in client.getall("Authorization", ()))
+        headers.append(("X-Request-Id", call.rid))
+        peer = call.request.remote or ""
+        chain = client.getall("X-Forwarded-For", ())
+        headers.append(("X-Forwarded-For", ", ".join((*chain, peer)) if chain else peer))
         return headers
 
     async def _attempt(
@@ -430,7 +460,7 @@ class Proxy:
             raise _Retryable("upstream", 502, f"engine request failed: {exc}") from None
         try:
             if upstream.status >= 500 and upstream.status != 501:
-                text = (await upstream.read())[:500].decode("utf-8", "replace")
+                text = await self._error_text(upstream, deadline)
                 raise _Retryable(
                     f"status_{upstream.status}",
                     502,
@@ -454,11 +484,65 @@ class Proxy:
             except UpstreamError as exc:
                 raise _Retryable("reset", 502, f"engine response broke off: {exc}") from None
             call.status = upstream.status
-            return web.Response(
+            response = web.Response(
                 status=upstream.status, body=payload, headers=self._client_headers(upstream, call)
             )
+            if len(payload) > _UNTIMED_WRITE:
+                # aiohttp would write it after the handler, with no time limit: a client
+                # that does not read would hold it (and its memory) for ever.
+                try:
+                    await response.prepare(request)
+                    await self._write_timed(call, response.write_eof(), deadline)
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError, _ClientGone):
+                    call.status = 499
+            return response
         finally:
             upstream.close()  # pools the connection only if the response came in whole
+
+    async def _error_text(self, upstream: UpstreamResponse, deadline: float) -> str:
+        """The start of an engine's error body, for the message: at most
+        _ERROR_BODY_BYTES, waited for no longer than the idle timeout or the deadline.
+        The connection is not reused unless the body came whole."""
+        try:
+            async with asyncio.timeout(min(self._idle_timeout, deadline - time.monotonic())):
+                data = await upstream.read_prefix(_ERROR_BODY_BYTES)
+        except (TimeoutError, UpstreamError):
+            data = upstream.read_nowait()
+        if not upstream.complete:
+            upstream.close_connection()
+        return data[:_ERROR_BODY_BYTES].decode("utf-8", "replace")[:500]
+
+    async def _write(self, call: _Call, response: web.StreamResponse, data: bytes,
+                     deadline: float, eof: bool = False) -> None:
+        """Write to the client, bounded by the idle timeout and the request's deadline:
+        a client that stops reading must not hold its engine slot for ever. A write
+        that cannot wait (small, into an empty socket buffer) arms no timer."""
+        write = response.write_eof(data) if eof else response.write(data)
+        transport = call.request.transport
+        if (
+            len(data) <= _UNTIMED_WRITE
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        ):
+            await write
+        else:
+            await self._write_timed(call, write, deadline)
+
+    async def _write_timed(
+        self, call: _Call, write: Coroutine[Any, Any, None], deadline: float
+    ) -> None:
+        try:
+            async with asyncio.timeout(min(self._idle_timeout, deadline - time.monotonic())):
+                await write
+        except TimeoutError:
+            log.warning(
+                "request %s: the client read nothing for --stream-idle-timeout-s; closing",
+                call.rid,
+            )
+            transport = call.request.transport
+            if transport is not None:
+                transport.abort()
+            raise _ClientGone from None
 
     def _client_headers(
         self, upstream: UpstreamResponse, call: _Call
@@ -511,10 +595,10 @@ class Proxy:
             # end of the chunked body leave in one send() (and, for the first chunk, the
             # headers too): nothing is held back, there is nothing left to wait for.
             if content.at_eof():
-                await response.write_eof(first)
+                await self._write(call, response, first, deadline, eof=True)
                 call.status = upstream.status
                 return response
-            await response.write(first)
+            await self._write(call, response, first, deadline)
             while True:
                 try:
                     async with asyncio.timeout(min(idle, deadline - last)):
@@ -530,11 +614,11 @@ class Proxy:
                 itl.observe(now - last)
                 last = now
                 if content.at_eof():
-                    await response.write_eof(chunk)
+                    await self._write(call, response, chunk, deadline, eof=True)
                     break
-                await response.write(chunk)
-            await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                await self._write(call, response, chunk, deadline)
+            await self._write(call, response, b"", deadline, eof=True)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, _ClientGone):
             # The client left: closing `upstream` (in the caller) stops the engine.
             call.status = 499
             return response
@@ -559,11 +643,14 @@ class Proxy:
         self.state.metrics.upstream_errors.labels(engine.id, kind).inc()
         log.warning("request %s: %s on engine %s", call.rid, message, engine.id)
         call.status = status
-        try:
-            await response.write(sse_error_event(status, message, "upstream_error"))
-            await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
+        with contextlib.suppress(
+            ConnectionResetError, aiohttp.ClientConnectionResetError, _ClientGone
+        ):
+            deadline = time.monotonic() + self._idle_timeout  # the error event still leaves
+            await self._write(
+                call, response, sse_error_event(status, message, "upstream_error"), deadline,
+                eof=True,
+            )
         return response
 
 
@@ -577,6 +664,11 @@ _TIMEOUT_MESSAGES = {
 def _timeout_kind(deadline: float, kind: str) -> str:
     """`kind`, or `total_timeout` when the request's overall deadline is what ran out."""
     return "total_timeout" if time.monotonic() >= deadline - 0.001 else kind
+
+
+class _ClientGone(Exception):
+    """The client stopped reading for longer than the idle timeout; its connection was
+    closed."""
 
 
 class _EngineTimeout(_Retryable):

@@ -182,6 +182,20 @@ class RouterSettings(BaseSettings):
         False, description="Accept link-local / cloud-metadata engine addresses at registration."
     )
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body, in MiB.")
+    max_json_items: int = Field(
+        500_000, ge=1, description="Largest number of values in a JSON request body (commas "
+        "and opening brackets outside strings), counted before parsing; more is refused "
+        "with 400. A 128k-token prompt as token ids is 128k."
+    )
+    upstream_keepalive_s: float = Field(
+        4.0, gt=0, description="Seconds an idle connection to an engine is kept for reuse. "
+        "Keep it below the engines' own keep-alive (vLLM's server closes idle connections "
+        "after 5 s)."
+    )
+    loop_lag_interval_s: float = Field(
+        0.1, gt=0, description="Period of the event-loop lag probe behind "
+        "deepinfer_event_loop_lag_seconds (how late a timer of this period fires)."
+    )
 
     # --- logging ---------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(

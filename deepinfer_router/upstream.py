@@ -17,15 +17,21 @@ model listing keep aiohttp: they are not on the hot path.
 What it does:
 - pools: one LIFO stack of idle keep-alive connections per (scheme, host, port), no
   limit on their number (admission control bounds concurrency); an idle connection is
-  closed after `idle_timeout_s`; a connection goes back to the pool only when its
-  response was received completely and the server allowed keep-alive;
+  closed after `idle_timeout_s` (below the engine's own keep-alive: vLLM closes idle
+  connections after 5 s); a request on a reused connection that the engine closed
+  before sending any byte is sent once more on a fresh connection; a connection goes
+  back to the pool only when its response was received completely and the server
+  allowed keep-alive;
 - requests: `Content-Length` framing, `Host` set to the engine's host[:port], headers
   sent as given (no Accept, Accept-Encoding or User-Agent added), TCP_NODELAY;
-- responses: status, headers as a case-preserving list (duplicates kept), body by
-  Content-Length, chunked or until the server closes; bytes passed through as they come
-  (no decompression); `read()` for the whole body, `readany()` / `async for` for
-  streaming, with at most about `buffer_limit` bytes buffered (the socket's reading is
-  paused beyond that and resumed once the caller drained it);
+- responses: status, headers as a case-preserving list (duplicates kept; at most
+  MAX_HEAD_BYTES and MAX_HEADER_FIELDS, else a protocol error), body by Content-Length,
+  chunked (trailers dropped) or until the server closes cleanly (a reset is an error);
+  bytes after the end of the response, or a 101, are a protocol error and close the
+  connection; bytes passed through as they come (no decompression); `read()` for the
+  whole body, `readany()` / `async for` for streaming, with at most about
+  `buffer_limit` bytes buffered (the socket's reading is paused beyond that and resumed
+  once the caller drained it);
 - https engines: TLS with the default SSL context (system CA store, hostname checked).
 
 Timeouts are the caller's (`asyncio.timeout` around `request()` and each read), except
@@ -83,6 +89,10 @@ class UpstreamProtocolError(UpstreamError):
 
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
+# Bounds on a response's head, as aiohttp's client has them: the status line and header
+# fields together, and the number of fields (informational responses and trailers count).
+MAX_HEAD_BYTES = 65536
+MAX_HEADER_FIELDS = 100
 _BODYLESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"))
 
 
@@ -175,6 +185,16 @@ class UpstreamResponse:
             conn.resume()
         return data
 
+    async def read_prefix(self, limit: int) -> bytes:
+        """At least `limit` bytes of the rest of the body, or the rest when shorter (may
+        return more than `limit`: whatever had arrived)."""
+        chunks = []
+        size = 0
+        while size < limit and (chunk := await self.readany()):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
     async def read(self) -> bytes:
         """The rest of the body."""
         if self.complete:  # usual for a small answer: it came with the headers
@@ -244,6 +264,11 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.head_only = False  # the request was HEAD: the response has no body
         self.framed = False  # the response has Content-Length or is chunked
+        self.head_bytes = 0  # received while waiting for the response's headers
+        self.header_fields = 0
+        self.headers_done = False  # of the final response: later fields are trailers
+        self.message_done = False  # the final response ended: more bytes are a fault
+        self.received = False  # any byte of the current response arrived
         self.idle_since = 0.0
         self.buffer_limit = pool.buffer_limit
 
@@ -260,10 +285,29 @@ class _Connection(asyncio.Protocol):
         if response is None or response.complete:  # unasked: a server must not send that
             self.abort()
             return
+        self.received = True
+        waiting_for_head = self.headers_waiter is not None
+        if waiting_for_head:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # raised by a callback below
+            cause = exc.__context__
+            self._broken(
+                cause if isinstance(cause, UpstreamError)
+                else UpstreamProtocolError(f"invalid HTTP response from engine: {exc}")
+            )
+            return
         except httptools.HttpParserError as exc:
             self._broken(UpstreamProtocolError(f"invalid HTTP response from engine: {exc}"))
+            return
+        except httptools.HttpParserUpgrade:
+            self._broken(UpstreamProtocolError("engine switched protocols (status 101)"))
+            return
+        if self.headers_waiter is not None and self.head_bytes > MAX_HEAD_BYTES:
+            self._broken(UpstreamProtocolError(
+                f"engine response headers larger than {MAX_HEAD_BYTES} bytes"
+            ))
 
     def eof_received(self) -> bool | None:
         return False  # a half-closed connection is of no further use: close it
@@ -275,12 +319,14 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         if (
-            self.headers_waiter is None
+            exc is None
+            and self.headers_waiter is None
             and not response.complete
             and not self.framed
             and response._exc is None
         ):
-            # A body without Content-Length or chunking ends when the server closes.
+            # A body without Content-Length or chunking ends when the server closes the
+            # connection cleanly (a reset is a failure, not the end).
             self.on_message_complete()
             return
         reason = f": {exc}" if exc else ""
@@ -297,13 +343,33 @@ class _Connection(asyncio.Protocol):
         pass
 
     # --- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.message_done:
+            # A second response on a connection that was asked one question: its bytes
+            # must not be read as part of the first. The first is suspect too.
+            assert self.response is not None
+            self.response.complete = False
+            raise UpstreamProtocolError("engine sent data after the end of its response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
+        self.header_fields += 1
+        self.head_bytes += len(name) + len(value)
+        if self.header_fields > MAX_HEADER_FIELDS:
+            raise UpstreamProtocolError(
+                f"engine response has more than {MAX_HEADER_FIELDS} header fields"
+            )
+        if self.headers_done:  # a chunked body's trailer: not relayed as a header
+            return
         if len(name) in (14, 17):
             lname = name.lower()
-            if lname == _CONTENT_LENGTH or lname == _TRANSFER_ENCODING:
+            if lname == _CONTENT_LENGTH:
                 self.framed = True
+            elif lname == _TRANSFER_ENCODING:
+                # Framed only when chunked is the last coding; any other (identity...)
+                # means the body runs until the server closes (RFC 9112 6.3).
+                self.framed = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         response.headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
@@ -317,6 +383,7 @@ class _Connection(asyncio.Protocol):
             self.framed = False
             return
         response.status = status
+        self.headers_done = True
         self.keep_alive = self.parser.should_keep_alive()
         waiter = self.headers_waiter
         self.headers_waiter = None
@@ -345,6 +412,7 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         if response.status == 0:  # the end of an informational response
             return
+        self.message_done = True
         response.complete = True
         response._wake()
 
@@ -356,6 +424,8 @@ class _Connection(asyncio.Protocol):
         self.head_only = head_only
         self.framed = False
         self.keep_alive = False
+        self.head_bytes = self.header_fields = 0
+        self.headers_done = self.message_done = self.received = False
         waiter = self.headers_waiter = self.pool.loop.create_future()
         if body and len(body) > 65536:  # no copy of a large body just to join it
             self.transport.write(data)
@@ -420,7 +490,7 @@ class UpstreamPool:
         self,
         *,
         connect_timeout_s: float = 5.0,
-        idle_timeout_s: float = 30.0,
+        idle_timeout_s: float = 4.0,
         buffer_limit: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -466,7 +536,22 @@ class UpstreamPool:
         if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
             raise ValueError("CR or LF in a request header or path")  # header injection
         data = head.encode("utf-8", "surrogateescape")
-        conn = self._acquire(origin.key) or await self._connect(origin)
+        conn = self._acquire(origin.key)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, body, method)
+            except UpstreamDisconnected:
+                if conn.received:
+                    raise
+                # A kept-alive connection the engine closed while it was idle (the race
+                # every keep-alive client has): once more, on a fresh connection.
+        conn = await self._connect(origin)
+        return await self._exchange(conn, data, body, method)
+
+    @staticmethod
+    async def _exchange(
+        conn: _Connection, data: bytes, body: bytes, method: str
+    ) -> UpstreamResponse:
         waiter = conn.send(data, body, method == "HEAD")
         try:
             return await waiter
@@ -476,8 +561,14 @@ class UpstreamPool:
 
     def _acquire(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        too_old = time.monotonic() - self.idle_timeout_s
         while idle:
             conn = idle.pop()
+            if conn.idle_since <= too_old:  # the engine may be closing it right now
+                conn.abort()
+                continue
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None

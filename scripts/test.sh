@@ -5,14 +5,16 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Use python3 directly unless the distribution marks it externally managed (PEP 668,
-# Debian/Ubuntu system Python): then a virtual environment that can still see the
-# system's packages (a pre-installed CPU torch wheel, for one).
-PYTHON="${PYTHON:-python3}"
-if "$PYTHON" -c 'import sys, sysconfig, pathlib; sys.exit(0 if (pathlib.Path(sysconfig.get_path("stdlib")) / "EXTERNALLY-MANAGED").exists() and sys.prefix == sys.base_prefix else 1)'; then
-  [ -x .venv/bin/python ] || "$PYTHON" -m venv --system-site-packages .venv
-  PYTHON="$PWD/.venv/bin/python"
+# Everything installs into .venv, a virtual environment that sees only what this
+# project's own files install (no system site-packages), so a dependency missing from
+# pyproject.toml fails here exactly as on a new machine. A .venv made otherwise (an older
+# script used --system-site-packages) is made anew.
+BASE_PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ] || ! grep -qi '^include-system-site-packages *= *false' .venv/pyvenv.cfg; then
+  rm -rf .venv
+  "$BASE_PYTHON" -m venv .venv
 fi
+PYTHON="$PWD/.venv/bin/python"
 export PYTHON
 
 bash scripts/install-test-deps.sh

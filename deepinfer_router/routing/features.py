@@ -16,53 +16,98 @@ import xxhash
 from .base import RequestFeatures
 
 
-def _content_text(content: Any) -> str:
+class _PromptText:
+    """The prompt's text, collected piece by piece up to a budget of characters: pieces
+    past the budget are counted (`total`) but never joined, so a huge prompt costs its
+    length in arithmetic, not in memory."""
+
+    __slots__ = ("budget", "pieces", "total")
+
+    def __init__(self, max_chars: int) -> None:
+        self.budget = max_chars if max_chars > 0 else -1  # -1: no cap
+        self.pieces: list[str] = []
+        self.total = 0
+
+    def add(self, piece: str) -> None:
+        self.total += len(piece)
+        budget = self.budget
+        if budget < 0:
+            self.pieces.append(piece)
+        elif budget > 0:
+            self.pieces.append(piece if len(piece) <= budget else piece[:budget])
+            self.budget = max(0, budget - len(piece))
+
+    def add_token_ids(self, ids: list[Any]) -> None:
+        """Token ids as decimal numbers joined by spaces. Only the ids that fit the budget
+        are turned into text; the length of the rest is estimated from those."""
+        if self.budget < 0:
+            self.add(" ".join(str(t) for t in ids if isinstance(t, int)))
+            return
+        # Every id takes at least 2 characters with its space: this many cover the budget.
+        head = ids[: self.budget // 2 + 1]
+        text = " ".join(str(t) for t in head if isinstance(t, int))
+        self.add(text)
+        if len(ids) > len(head) and head:
+            self.total += round(len(text) / len(head) * (len(ids) - len(head)))
+
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def _add_content(out: _PromptText, content: Any) -> None:
     if isinstance(content, str):
-        return content
+        out.add(content)
+        return
     if isinstance(content, list):  # multimodal parts: text verbatim, others by reference
-        parts: list[str] = []
         for part in content:
             if not isinstance(part, dict):
                 continue
             kind = part.get("type")
             if kind == "text":
                 text = part.get("text")
-                parts.append(text if isinstance(text, str) else "")
+                out.add(text if isinstance(text, str) else "")
             elif isinstance(kind, str):
                 ref = part.get(kind)
                 if isinstance(ref, dict):
                     ref = ref.get("url") or ref.get("data") or ""
-                parts.append(f"<{kind}:{ref if isinstance(ref, str) else ''}>")
-        return "".join(parts)
-    return ""
+                out.add(f"<{kind}:{ref if isinstance(ref, str) else ''}>")
 
 
-def prompt_text(body: Mapping[str, Any]) -> str:
-    """The text an engine will see first, in order. Chat messages are joined with their
-    roles so that turn N+1 starts with exactly the text of turn N."""
+def _collect_prompt(body: Mapping[str, Any], max_chars: int) -> _PromptText:
+    out = _PromptText(max_chars)
     messages = body.get("messages")
     if isinstance(messages, list):
-        pieces: list[str] = []
         for msg in messages:
             if isinstance(msg, dict):
                 role = msg.get("role")
-                pieces.append(f"<|{role if isinstance(role, str) else ''}|>")
-                pieces.append(_content_text(msg.get("content")))
-                pieces.append("\n")
-        return "".join(pieces)
+                out.add(f"<|{role if isinstance(role, str) else ''}|>")
+                _add_content(out, msg.get("content"))
+                out.add("\n")
+        return out
     for key in ("prompt", "input", "text", "query"):
         value = body.get(key)
         if isinstance(value, str):
-            return value
+            out.add(value)
+            return out
         if isinstance(value, list) and value:
             first = value[0]
             if isinstance(first, str):
-                return first
+                out.add(first)
+                return out
             if isinstance(first, int):  # token ids
-                return " ".join(str(t) for t in value if isinstance(t, int))
+                out.add_token_ids(value)
+                return out
             if isinstance(first, list):  # batch of token-id lists
-                return " ".join(str(t) for t in first if isinstance(t, int))
-    return ""
+                out.add_token_ids(first)
+                return out
+    return out
+
+
+def prompt_text(body: Mapping[str, Any], max_chars: int = 0) -> str:
+    """The text an engine will see first, in order, cut at `max_chars` (> 0) without
+    building the rest. Chat messages are joined with their roles so that turn N+1 starts
+    with exactly the text of turn N."""
+    return _collect_prompt(body, max_chars).text()
 
 
 def model_seed(model: str) -> int:
@@ -132,10 +177,10 @@ def request_features(
 ) -> RequestFeatures:
     if not with_prompt:
         return RequestFeatures(model=model, session_key=session_key)
-    text = prompt_text(body)
+    prompt = _collect_prompt(body, max_chars)
     return RequestFeatures(
         model=model,
         session_key=session_key,
-        chunk_hashes=chain_hashes(text, chunk_chars, model, max_chars),
-        prompt_chars=len(text),
+        chunk_hashes=chain_hashes(prompt.text(), chunk_chars, model, max_chars),
+        prompt_chars=prompt.total,  # the whole prompt's length, for the prefill load
     )
