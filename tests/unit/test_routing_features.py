@@ -121,3 +121,28 @@ def test_session_key_header_then_user() -> None:
     assert session_key("", {"user": ""}) is None
     assert session_key(None, {"user": 5}) is None
     assert session_key(None, None) is None
+
+
+def test_prompt_cut_at_max_chars_keeps_the_same_prefix_hashes() -> None:
+    """The cut prompt hashes exactly like the first max_chars characters of the whole
+    one, and prompt_chars still counts the whole prompt (for the prefill load)."""
+    messages = [{"role": "user", "content": f"message {i} " + "x" * 300} for i in range(200)]
+    body = {"messages": messages}
+    whole = prompt_text(body)
+    assert prompt_text(body, 1000) == whole[:1000]
+    cut = request_features(body, "m", None, with_prompt=True, chunk_chars=64, max_chars=1000)
+    full = request_features(body, "m", None, with_prompt=True, chunk_chars=64, max_chars=0)
+    assert cut.chunk_hashes == full.chunk_hashes[: 1000 // 64]
+    assert cut.prompt_chars == full.prompt_chars == len(whole)
+
+
+def test_token_id_prompt_is_not_turned_into_text_past_the_cap() -> None:
+    """A huge token-id prompt: only the ids that fit the cap become text; the length of
+    the rest is estimated from them."""
+    ids = [12345] * 2_000_000
+    text = prompt_text({"prompt": ids}, 600)
+    assert text == " ".join(["12345"] * 101)[:600]
+    f = request_features({"prompt": ids}, "m", None, with_prompt=True, chunk_chars=64,
+                         max_chars=600)
+    assert abs(f.prompt_chars - 6 * len(ids)) < 6 * len(ids) * 0.01
+    assert prompt_text({"prompt": [[7, 8, 9], [1]]}, 3) == "7 8"
