@@ -153,6 +153,7 @@ http {{
   tcp_nodelay on;
   keepalive_requests 10000000;
   keepalive_timeout 300s;
+  client_max_body_size 64m;  # benchmarks/hostile.py sends bodies up to 32 MiB
   client_body_temp_path {prefix}/tmp_body;
   proxy_temp_path {prefix}/tmp_proxy;
   fastcgi_temp_path {prefix}/tmp_fastcgi;

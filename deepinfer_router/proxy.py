@@ -65,6 +65,9 @@ _ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id", "x-forward
 # Response headers the router sets itself (an engine's own x-request-id is replaced).
 _NOT_RELAYED = _HOP_BY_HOP | frozenset(("x-deepinfer-engine", "x-deepinfer-route", "x-request-id"))
 _MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
+# Bodies above this size yield to the event loop between reading, counting and parsing,
+# so that other requests run between those steps (each is C code over the whole body).
+_LARGE_BODY = 1 << 20
 _ERROR_BODY_BYTES = 4096  # of an engine's 5xx body, kept for the message; the rest is dropped
 # A write of at most this much into an empty socket buffer never waits (below the
 # transport's high-water mark): no timer is armed for it.
@@ -189,6 +192,9 @@ class Proxy:
         state = self.state
         settings = state.settings
         body = await self._read_body(request)
+        large = len(body) > _LARGE_BODY
+        if large:  # each step over a large body gets its own turn of the loop
+            await asyncio.sleep(0)
         content_type = request.headers.get("Content-Type", "")
         parsed: dict[str, Any] | None = None
         if content_type.startswith("multipart/"):
@@ -206,6 +212,8 @@ class Proxy:
                     "(--max-json-items).",
                     "invalid_body",
                 )
+            if large:
+                await asyncio.sleep(0)
             try:
                 value = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -214,6 +222,8 @@ class Proxy:
                 raise RouterError(400, "The request body must be a JSON object.", "invalid_body")
             parsed = value
             model = parsed.get("model")
+            if large:
+                await asyncio.sleep(0)
         now = time.monotonic()
         if model is None or model == "":
             served = state.fleet.models(now)
@@ -503,11 +513,11 @@ class Proxy:
         """The start of an engine's error body, for the message: at most
         _ERROR_BODY_BYTES, waited for no longer than the idle timeout or the deadline.
         The connection is not reused unless the body came whole."""
-        try:
+        chunks: list[bytes] = []
+        with contextlib.suppress(TimeoutError, UpstreamError):
             async with asyncio.timeout(min(self._idle_timeout, deadline - time.monotonic())):
-                data = await upstream.read_prefix(_ERROR_BODY_BYTES)
-        except (TimeoutError, UpstreamError):
-            data = upstream.read_nowait()
+                await upstream.read_prefix(_ERROR_BODY_BYTES, into=chunks)
+        data = b"".join(chunks) + upstream.read_nowait()
         if not upstream.complete:
             upstream.close_connection()
         return data[:_ERROR_BODY_BYTES].decode("utf-8", "replace")[:500]

@@ -93,6 +93,9 @@ _TRANSFER_ENCODING = b"transfer-encoding"
 # fields together, and the number of fields (informational responses and trailers count).
 MAX_HEAD_BYTES = 65536
 MAX_HEADER_FIELDS = 100
+# httptools gathers a header field whole before handing it over: a head that never ends
+# is cut off once this much arrived without the head being complete.
+_MAX_BYTES_BEFORE_HEAD = 2 * MAX_HEAD_BYTES
 _BODYLESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"))
 
 
@@ -185,10 +188,11 @@ class UpstreamResponse:
             conn.resume()
         return data
 
-    async def read_prefix(self, limit: int) -> bytes:
+    async def read_prefix(self, limit: int, into: list[bytes] | None = None) -> bytes:
         """At least `limit` bytes of the rest of the body, or the rest when shorter (may
-        return more than `limit`: whatever had arrived)."""
-        chunks = []
+        return more than `limit`: whatever had arrived). The chunks are also appended to
+        `into`, which keeps what was read when a timeout or an error interrupts this."""
+        chunks = [] if into is None else into
         size = 0
         while size < limit and (chunk := await self.readany()):
             chunks.append(chunk)
@@ -264,7 +268,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.head_only = False  # the request was HEAD: the response has no body
         self.framed = False  # the response has Content-Length or is chunked
-        self.head_bytes = 0  # received while waiting for the response's headers
+        self.head_bytes = 0  # header names and values so far (trailers included)
+        self.bytes_before_head = 0  # received while waiting for the response's headers
         self.header_fields = 0
         self.headers_done = False  # of the final response: later fields are trailers
         self.message_done = False  # the final response ended: more bytes are a fault
@@ -286,9 +291,8 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.received = True
-        waiting_for_head = self.headers_waiter is not None
-        if waiting_for_head:
-            self.head_bytes += len(data)
+        if self.headers_waiter is not None:
+            self.bytes_before_head += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:  # raised by a callback below
@@ -304,7 +308,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._broken(UpstreamProtocolError("engine switched protocols (status 101)"))
             return
-        if self.headers_waiter is not None and self.head_bytes > MAX_HEAD_BYTES:
+        if self.headers_waiter is not None and self.bytes_before_head > _MAX_BYTES_BEFORE_HEAD:
             self._broken(UpstreamProtocolError(
                 f"engine response headers larger than {MAX_HEAD_BYTES} bytes"
             ))
@@ -359,6 +363,10 @@ class _Connection(asyncio.Protocol):
         if self.header_fields > MAX_HEADER_FIELDS:
             raise UpstreamProtocolError(
                 f"engine response has more than {MAX_HEADER_FIELDS} header fields"
+            )
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise UpstreamProtocolError(
+                f"engine response headers larger than {MAX_HEAD_BYTES} bytes"
             )
         if self.headers_done:  # a chunked body's trailer: not relayed as a header
             return
@@ -424,7 +432,7 @@ class _Connection(asyncio.Protocol):
         self.head_only = head_only
         self.framed = False
         self.keep_alive = False
-        self.head_bytes = self.header_fields = 0
+        self.head_bytes = self.bytes_before_head = self.header_fields = 0
         self.headers_done = self.message_done = self.received = False
         waiter = self.headers_waiter = self.pool.loop.create_future()
         if body and len(body) > 65536:  # no copy of a large body just to join it

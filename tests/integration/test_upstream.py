@@ -26,6 +26,7 @@ from deepinfer_router.upstream import (
     UpstreamProtocolError,
 )
 from tests.support.echo_engine import RunningServer
+from tests.support.raw_engine import raw_server, read_request_head
 from tests.support.waiting import wait_until
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,28 +52,6 @@ async def pool() -> AsyncIterator[UpstreamPool]:
     p = UpstreamPool(connect_timeout_s=2.0)
     yield p
     await p.close()
-
-
-@contextlib.asynccontextmanager
-async def raw_server(
-    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[str]:
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
-
-
-async def read_request_head(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":")[1]))
-    return head
 
 
 def peer_port(request: web.Request) -> int:
