@@ -156,6 +156,13 @@ CORPUS: list[tuple[str, bytes, str, bool]] = [
     ("multipart garbage", b"\x00\xff" * 100, "multipart/form-data; boundary=Q", False),
     ("multipart model list", b"--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
      b"gpt-17\r\n--XX--\r\n", "multipart/form-data; boundary=XX", False),
+    ("multipart CRLFs", b"\r\n" * MB, "multipart/form-data; boundary=XX", False),
+    ("multipart endless part headers", b"--XX\r\n" + b"X-A: b\r\n" * 100_000,
+     "multipart/form-data; boundary=XX", False),
+    ("many tiny objects", b"[" + b"{}," * 600_000 + b"{}]", "application/json", False),
+    ("token ids over the item limit", b'{"model": "sim-a", "prompt": [' + b"1," * 600_000
+     + b"1]}", "application/json", False),
+    ("many messages", orjson.dumps(chat(messages=[{}] * 600_000)), "application/json", False),
 ]
 
 
