@@ -25,7 +25,7 @@ import asyncio
 _QUOTES_PER_SLICE = 4096  # then let the event loop run (a few ms of work)
 
 
-def _items_upper_bound(data: bytes, start: int = 0, end: int | None = None) -> int:
+def items_upper_bound(data: bytes, start: int = 0, end: int | None = None) -> int:
     end = len(data) if end is None else end
     return data.count(b",", start, end) + data.count(b"{", start, end) + data.count(
         b"[", start, end
@@ -47,7 +47,7 @@ def _escaped(body: bytes, quote: int, floor: int) -> bool:
 
 async def json_items_exceed(body: bytes, limit: int) -> bool:
     """True when `body` holds more than `limit` items (as defined above)."""
-    if _items_upper_bound(body) <= limit:
+    if items_upper_bound(body) <= limit:
         return False
     if body.count(b'"') > 4 * (limit + 1):
         return True
@@ -58,8 +58,8 @@ async def json_items_exceed(body: bytes, limit: int) -> bool:
     while True:
         opening = find(b'"', pos)
         if opening < 0:
-            return items + _items_upper_bound(body, pos) > limit
-        items += _items_upper_bound(body, pos, opening)
+            return items + items_upper_bound(body, pos) > limit
+        items += items_upper_bound(body, pos, opening)
         if items > limit:
             return True
         closing = opening
@@ -69,7 +69,7 @@ async def json_items_exceed(body: bytes, limit: int) -> bool:
             if quotes % _QUOTES_PER_SLICE == 0:
                 await asyncio.sleep(0)
             if closing < 0:  # unterminated: not JSON; count the rest as it comes
-                return items + _items_upper_bound(body, opening) > limit
+                return items + items_upper_bound(body, opening) > limit
             if not _escaped(body, closing, opening + 1):
                 break
         pos = closing + 1

@@ -36,7 +36,7 @@ from aiohttp import web
 from .admission import AdmissionRejected
 from .errors import RouterError, sse_error_event
 from .fleet import EngineState
-from .json_limits import json_items_exceed
+from .json_limits import items_upper_bound, json_items_exceed
 from .multipart import MalformedMultipart, multipart_model
 from .routing.base import Candidate, Decision, RequestFeatures
 from .routing.features import request_features, session_key
@@ -205,7 +205,10 @@ class Proxy:
                     400, f"Malformed multipart body: {exc}.", "invalid_body"
                 ) from None
         else:
-            if await json_items_exceed(body, settings.max_json_items):
+            if (  # the cheap bound in line: no coroutine for the usual small body
+                items_upper_bound(body) > settings.max_json_items
+                and await json_items_exceed(body, settings.max_json_items)
+            ):
                 raise RouterError(
                     400,
                     f"The JSON body has more than {settings.max_json_items} values "
@@ -405,8 +408,9 @@ class Proxy:
             headers += (("Authorization", v) for v in client.getall("Authorization", ()))
         headers.append(("X-Request-Id", call.rid))
         peer = call.request.remote or ""
-        chain = client.getall("X-Forwarded-For", ())
-        headers.append(("X-Forwarded-For", ", ".join((*chain, peer)) if chain else peer))
+        if "X-Forwarded-For" in client:
+            peer = ", ".join((*client.getall("X-Forwarded-For"), peer))
+        headers.append(("X-Forwarded-For", peer))
         return headers
 
     async def _attempt(
