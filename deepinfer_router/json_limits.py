@@ -45,9 +45,10 @@ def _escaped(body: bytes, quote: int, floor: int) -> bool:
         window *= 4  # a long run of backslashes: look further back, C speed
 
 
-async def json_items_exceed(body: bytes, limit: int) -> bool:
-    """True when `body` holds more than `limit` items (as defined above)."""
-    if items_upper_bound(body) <= limit:
+async def json_items_exceed(body: bytes, limit: int, upper_bound: int | None = None) -> bool:
+    """True when `body` holds more than `limit` items (as defined above). `upper_bound`:
+    `items_upper_bound(body)` when the caller has it already."""
+    if (items_upper_bound(body) if upper_bound is None else upper_bound) <= limit:
         return False
     if body.count(b'"') > 4 * (limit + 1):
         return True

@@ -205,13 +205,14 @@ class Proxy:
                     400, f"Malformed multipart body: {exc}.", "invalid_body"
                 ) from None
         else:
+            limit = settings.max_json_items
+            upper = items_upper_bound(body)
             if (  # the cheap bound in line: no coroutine for the usual small body
-                items_upper_bound(body) > settings.max_json_items
-                and await json_items_exceed(body, settings.max_json_items)
+                upper > limit and await json_items_exceed(body, limit, upper)
             ):
                 raise RouterError(
                     400,
-                    f"The JSON body has more than {settings.max_json_items} values "
+                    f"The JSON body has more than {limit} values "
                     "(--max-json-items).",
                     "invalid_body",
                 )
@@ -255,19 +256,18 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, refused with 413 before any of it is read when its declared
         length is over --max-body-mb (aiohttp alone would read that much first)."""
-        limit = self._max_body
         declared = request.content_length
-        try:
-            if declared is not None and declared > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise RouterError(
-                413,
-                f"Request body larger than {self.state.settings.max_body_mb:g} MiB.",
-                "body_too_large",
-                headers={"Connection": "close"},
-            ) from None
+        if declared is None or declared <= self._max_body:
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge:  # read past the limit (chunked body)
+                pass
+        raise RouterError(
+            413,
+            f"Request body larger than {self.state.settings.max_body_mb:g} MiB.",
+            "body_too_large",
+            headers={"Connection": "close"},
+        )
 
     def _take_features(self, call: _Call) -> None:
         """Prompt features for the routing policy, once the model is known to be served

@@ -89,8 +89,9 @@ class UpstreamProtocolError(UpstreamError):
 
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
-# Bounds on a response's head, as aiohttp's client has them: the status line and header
-# fields together, and the number of fields (informational responses and trailers count).
+# Bounds on a response's head, as aiohttp's client has them: the bytes of its header names
+# and values together, and the number of fields (informational responses and trailers
+# count).
 MAX_HEAD_BYTES = 65536
 MAX_HEADER_FIELDS = 100
 # httptools gathers a header field whole before handing it over: a head that never ends
