@@ -24,7 +24,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +155,11 @@ class Proxy:
         s = state.settings
         self._engine_auth = f"Bearer {s.engine_api_key}" if s.engine_api_key else None
         self._strip_client_auth = bool(s.api_key) or self._engine_auth is not None
+        # Client headers not forwarded: the client's Authorization passes as it came
+        # (repeated ones too) unless the router checks keys or sends its own.
+        self._not_forwarded = (
+            _NOT_FORWARDED if self._strip_client_auth else _NOT_FORWARDED - {"authorization"}
+        )
         self._first_byte_timeout = s.first_byte_timeout_s
         self._idle_timeout = s.stream_idle_timeout_s
         self._total_timeout = s.request_timeout_s
@@ -191,7 +196,15 @@ class Proxy:
     async def _parse(self, request: web.Request, rid: str, started: float) -> _Call:
         state = self.state
         settings = state.settings
-        body = await self._read_body(request)
+        # A declared length over --max-body-mb is refused before any byte of the body is
+        # read (aiohttp alone would read that much first).
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            raise self._too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # read past the limit (chunked body)
+            raise self._too_large() from None
         large = len(body) > _LARGE_BODY
         if large:  # each step over a large body gets its own turn of the loop
             await asyncio.sleep(0)
@@ -206,9 +219,12 @@ class Proxy:
                 ) from None
         else:
             limit = settings.max_json_items
-            upper = items_upper_bound(body)
-            if (  # the cheap bound in line: no coroutine for the usual small body
-                upper > limit and await json_items_exceed(body, limit, upper)
+            # Every item is at least one byte: a body no longer than the limit is within
+            # it, and the usual small body costs no counting at all.
+            if (
+                len(body) > limit
+                and (upper := items_upper_bound(body)) > limit
+                and await json_items_exceed(body, limit, upper)
             ):
                 raise RouterError(
                     400,
@@ -253,16 +269,8 @@ class Proxy:
         features = RequestFeatures(model=model, session_key=key)
         return _Call(request, rid, model, body, stream, features, started, parsed)
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, refused with 413 before any of it is read when its declared
-        length is over --max-body-mb (aiohttp alone would read that much first)."""
-        declared = request.content_length
-        if declared is None or declared <= self._max_body:
-            try:
-                return await request.read()
-            except web.HTTPRequestEntityTooLarge:  # read past the limit (chunked body)
-                pass
-        raise RouterError(
+    def _too_large(self) -> RouterError:
+        return RouterError(
             413,
             f"Request body larger than {self.state.settings.max_body_mb:g} MiB.",
             "body_too_large",
@@ -397,15 +405,13 @@ class Proxy:
         """The client's headers for the engine: a list, so repeated headers stay repeated;
         without hop-by-hop headers, those the client's `Connection` names included."""
         client = call.request.headers
-        drop = _NOT_FORWARDED
+        drop = self._not_forwarded
         connection = client.get("Connection")
         if connection:
             drop = drop | {token.strip().lower() for token in connection.split(",")}
         headers = [(k, v) for k, v in client.items() if k.lower() not in drop]
         if self._engine_auth is not None:
             headers.append(("Authorization", self._engine_auth))
-        elif not self._strip_client_auth:
-            headers += (("Authorization", v) for v in client.getall("Authorization", ()))
         headers.append(("X-Request-Id", call.rid))
         peer = call.request.remote or ""
         if "X-Forwarded-For" in client:
@@ -526,11 +532,12 @@ class Proxy:
             upstream.close_connection()
         return data[:_ERROR_BODY_BYTES].decode("utf-8", "replace")[:500]
 
-    async def _write(self, call: _Call, response: web.StreamResponse, data: bytes,
-                     deadline: float, eof: bool = False) -> None:
-        """Write to the client, bounded by the idle timeout and the request's deadline:
+    def _write(self, call: _Call, response: web.StreamResponse, data: bytes,
+               deadline: float, eof: bool = False) -> Awaitable[None]:
+        """A write to the client, bounded by the idle timeout and the request's deadline:
         a client that stops reading must not hold its engine slot for ever. A write
-        that cannot wait (small, into an empty socket buffer) arms no timer."""
+        that cannot wait (small, into an empty socket buffer) is returned as it is: no
+        timer, no extra coroutine per chunk."""
         write = response.write_eof(data) if eof else response.write(data)
         transport = call.request.transport
         if (
@@ -538,9 +545,8 @@ class Proxy:
             and transport is not None
             and not transport.get_write_buffer_size()
         ):
-            await write
-        else:
-            await self._write_timed(call, write, deadline)
+            return write
+        return self._write_timed(call, write, deadline)
 
     async def _write_timed(
         self, call: _Call, write: Coroutine[Any, Any, None], deadline: float

@@ -359,15 +359,13 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
-        self.header_fields += 1
-        self.head_bytes += len(name) + len(value)
-        if self.header_fields > MAX_HEADER_FIELDS:
+        fields = self.header_fields = self.header_fields + 1
+        size = self.head_bytes = self.head_bytes + len(name) + len(value)
+        if fields > MAX_HEADER_FIELDS or size > MAX_HEAD_BYTES:
             raise UpstreamProtocolError(
                 f"engine response has more than {MAX_HEADER_FIELDS} header fields"
-            )
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamProtocolError(
-                f"engine response headers larger than {MAX_HEAD_BYTES} bytes"
+                if fields > MAX_HEADER_FIELDS
+                else f"engine response headers larger than {MAX_HEAD_BYTES} bytes"
             )
         if self.headers_done:  # a chunked body's trailer: not relayed as a header
             return
@@ -546,27 +544,23 @@ class UpstreamPool:
             raise ValueError("CR or LF in a request header or path")  # header injection
         data = head.encode("utf-8", "surrogateescape")
         conn = self._acquire(origin.key)
-        if conn is not None:
+        reused = conn is not None
+        while True:  # at most twice: a reused connection, then a fresh one
+            if conn is None:
+                conn = await self._connect(origin)
+            waiter = conn.send(data, body, method == "HEAD")
             try:
-                return await self._exchange(conn, data, body, method)
+                return await waiter
             except UpstreamDisconnected:
-                if conn.received:
+                conn.abort()
+                if not reused or conn.received:
                     raise
                 # A kept-alive connection the engine closed while it was idle (the race
                 # every keep-alive client has): once more, on a fresh connection.
-        conn = await self._connect(origin)
-        return await self._exchange(conn, data, body, method)
-
-    @staticmethod
-    async def _exchange(
-        conn: _Connection, data: bytes, body: bytes, method: str
-    ) -> UpstreamResponse:
-        waiter = conn.send(data, body, method == "HEAD")
-        try:
-            return await waiter
-        except BaseException:  # cancelled (client left, timeout) or failed: drop it
-            conn.abort()
-            raise
+                conn, reused = None, False
+            except BaseException:  # cancelled (client left, timeout) or failed: drop it
+                conn.abort()
+                raise
 
     def _acquire(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)

@@ -8,6 +8,7 @@ the default 256-character chunks a 32,000-character prompt is 125 chunks, about 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,98 +17,83 @@ import xxhash
 from .base import RequestFeatures
 
 
-class _PromptText:
-    """The prompt's text, collected piece by piece up to a budget of characters: pieces
-    past the budget are counted (`total`) but never joined, so a huge prompt costs its
-    length in arithmetic, not in memory."""
-
-    __slots__ = ("budget", "pieces", "total")
-
-    def __init__(self, max_chars: int) -> None:
-        self.budget = max_chars if max_chars > 0 else -1  # -1: no cap
-        self.pieces: list[str] = []
-        self.total = 0
-
-    def add(self, piece: str) -> None:
-        self.total += len(piece)
-        budget = self.budget
-        if budget < 0:
-            self.pieces.append(piece)
-        elif budget > 0:
-            self.pieces.append(piece if len(piece) <= budget else piece[:budget])
-            self.budget = max(0, budget - len(piece))
-
-    def add_token_ids(self, ids: list[Any]) -> None:
-        """Token ids as decimal numbers joined by spaces. Only the ids that fit the budget
-        are turned into text; the length of the rest is estimated from those."""
-        if self.budget < 0:
-            self.add(" ".join(str(t) for t in ids if isinstance(t, int)))
-            return
-        # Every id takes at least 2 characters with its space: this many cover the budget.
-        head = ids[: self.budget // 2 + 1]
-        text = " ".join(str(t) for t in head if isinstance(t, int))
-        self.add(text)
-        if len(ids) > len(head) and head:
-            self.total += round(len(text) / len(head) * (len(ids) - len(head)))
-
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-
-def _add_content(out: _PromptText, content: Any) -> None:
+def _content_text(content: Any) -> str:
     if isinstance(content, str):
-        out.add(content)
-        return
+        return content
     if isinstance(content, list):  # multimodal parts: text verbatim, others by reference
+        parts: list[str] = []
         for part in content:
             if not isinstance(part, dict):
                 continue
             kind = part.get("type")
             if kind == "text":
                 text = part.get("text")
-                out.add(text if isinstance(text, str) else "")
+                parts.append(text if isinstance(text, str) else "")
             elif isinstance(kind, str):
                 ref = part.get(kind)
                 if isinstance(ref, dict):
                     ref = ref.get("url") or ref.get("data") or ""
-                out.add(f"<{kind}:{ref if isinstance(ref, str) else ''}>")
+                parts.append(f"<{kind}:{ref if isinstance(ref, str) else ''}>")
+        return "".join(parts)
+    return ""
 
 
-def _collect_prompt(body: Mapping[str, Any], max_chars: int) -> _PromptText:
-    out = _PromptText(max_chars)
+def _token_ids_text(ids: list[Any], budget: int) -> tuple[str, int]:
+    """Token ids as decimal numbers joined by spaces, and the length of all of it. Only
+    the ids that fit `budget` characters become text; the length of the rest is
+    estimated from them."""
+    head = ids[: budget // 2 + 1]  # every id takes at least 2 characters with its space
+    text = " ".join(str(t) for t in head if isinstance(t, int))
+    if len(ids) == len(head):
+        return text, len(text)
+    return text, len(text) + round(len(text) / len(head) * (len(ids) - len(head)))
+
+
+def _collect_prompt(body: Mapping[str, Any], max_chars: int) -> tuple[str, int]:
+    """The prompt's first `max_chars` characters (all when 0) and the whole prompt's
+    length. Pieces past the cap are counted, never joined: a huge prompt costs its
+    length in arithmetic, not in memory."""
+    budget = max_chars if max_chars > 0 else sys.maxsize
     messages = body.get("messages")
     if isinstance(messages, list):
+        pieces: list[str] = []
+        total = 0
         for msg in messages:
-            if isinstance(msg, dict):
-                role = msg.get("role")
-                out.add(f"<|{role if isinstance(role, str) else ''}|>")
-                _add_content(out, msg.get("content"))
-                out.add("\n")
-        return out
+            if not isinstance(msg, dict):
+                continue
+            role = msg.get("role")
+            marker = f"<|{role if isinstance(role, str) else ''}|>"
+            content = _content_text(msg.get("content"))
+            if total < budget:
+                room = budget - total - len(marker)
+                # Only the piece that crosses the cap is cut (a copy of what fits).
+                pieces += (marker, content if len(content) <= room else content[: max(room, 0)],
+                           "\n")
+            total += len(marker) + len(content) + 1
+        text = "".join(pieces)
+        return (text if len(text) <= budget else text[:budget]), total
     for key in ("prompt", "input", "text", "query"):
         value = body.get(key)
         if isinstance(value, str):
-            out.add(value)
-            return out
+            return value[:budget], len(value)
         if isinstance(value, list) and value:
             first = value[0]
             if isinstance(first, str):
-                out.add(first)
-                return out
+                return first[:budget], len(first)
             if isinstance(first, int):  # token ids
-                out.add_token_ids(value)
-                return out
+                text, total = _token_ids_text(value, budget)
+                return text[:budget], total
             if isinstance(first, list):  # batch of token-id lists
-                out.add_token_ids(first)
-                return out
-    return out
+                text, total = _token_ids_text(first, budget)
+                return text[:budget], total
+    return "", 0
 
 
 def prompt_text(body: Mapping[str, Any], max_chars: int = 0) -> str:
     """The text an engine will see first, in order, cut at `max_chars` (> 0) without
     building the rest. Chat messages are joined with their roles so that turn N+1 starts
     with exactly the text of turn N."""
-    return _collect_prompt(body, max_chars).text()
+    return _collect_prompt(body, max_chars)[0]
 
 
 def model_seed(model: str) -> int:
@@ -177,10 +163,10 @@ def request_features(
 ) -> RequestFeatures:
     if not with_prompt:
         return RequestFeatures(model=model, session_key=session_key)
-    prompt = _collect_prompt(body, max_chars)
+    text, total = _collect_prompt(body, max_chars)
     return RequestFeatures(
         model=model,
         session_key=session_key,
-        chunk_hashes=chain_hashes(prompt.text(), chunk_chars, model, max_chars),
-        prompt_chars=prompt.total,  # the whole prompt's length, for the prefill load
+        chunk_hashes=chain_hashes(text, chunk_chars, model, max_chars),
+        prompt_chars=total,  # the whole prompt's length, for the prefill load
     )
