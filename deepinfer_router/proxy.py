@@ -460,14 +460,14 @@ class Proxy:
         deadline = call.started + self._total_timeout
         first_byte_by = time.monotonic() + self._first_byte_timeout
         try:
-            async with asyncio.timeout(min(first_byte_by, deadline) - time.monotonic()):
-                upstream = await state.upstream_pool().request(
-                    request.method,
-                    engine.record.url,
-                    request.path_qs,
-                    self._upstream_headers(call),
-                    call.body,
-                )
+            upstream = await state.upstream_pool().request(
+                request.method,
+                engine.record.url,
+                request.path_qs,
+                self._upstream_headers(call),
+                call.body,
+                head_by=min(first_byte_by, deadline),
+            )
         except UpstreamConnectTimeout as exc:
             raise _Retryable("connect_timeout", 504, f"cannot connect to engine: {exc}") from None
         except TimeoutError:

@@ -489,6 +489,11 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
 
+def _expire(waiter: asyncio.Future[UpstreamResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class UpstreamPool:
     """Keep-alive connections to engines, by origin. Hangs off RouterState; `close()` at
     shutdown."""
@@ -527,9 +532,11 @@ class UpstreamPool:
         path: str,
         headers: dict[str, str] | Iterable[tuple[str, str]],
         body: bytes = b"",
+        head_by: float | None = None,
     ) -> UpstreamResponse:
         """Send `method base_url+path` and wait for the response's status and headers.
-        `path` starts with "/" and may carry a query string."""
+        `path` starts with "/" and may carry a query string. `head_by` (time.monotonic()):
+        raise TimeoutError if the head has not come by then (connecting included)."""
         if self._closed:
             raise UpstreamError("upstream pool is closed")
         origin = self._origin(base_url)
@@ -547,8 +554,15 @@ class UpstreamPool:
         reused = conn is not None
         while True:  # at most twice: a reused connection, then a fresh one
             if conn is None:
-                conn = await self._connect(origin)
+                conn = await self._connect(origin, head_by)
             waiter = conn.send(data, body, method == "HEAD")
+            # A timer on the future rather than asyncio.timeout(): no task lookup or
+            # context manager per request (measurable on the hot path).
+            timer = (
+                None
+                if head_by is None
+                else self.loop.call_later(head_by - time.monotonic(), _expire, waiter)
+            )
             try:
                 return await waiter
             except UpstreamDisconnected:
@@ -561,6 +575,9 @@ class UpstreamPool:
             except BaseException:  # cancelled (client left, timeout) or failed: drop it
                 conn.abort()
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _acquire(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -576,14 +593,19 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    async def _connect(self, origin: _Origin, head_by: float | None = None) -> _Connection:
+        limit = self.connect_timeout_s
+        head_first = head_by is not None and head_by - time.monotonic() < limit
+        if head_first:
+            assert head_by is not None
+            limit = head_by - time.monotonic()
         ssl_context: ssl.SSLContext | None = None
         if origin.tls:
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
             ssl_context = self._ssl_context
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout(limit):
                 _, protocol = await self.loop.create_connection(
                     lambda: _Connection(self, origin.key),
                     origin.host,
@@ -592,6 +614,8 @@ class UpstreamPool:
                     server_hostname=origin.host if ssl_context is not None else None,
                 )
         except TimeoutError:
+            if head_first:  # the caller's deadline, not the connect timeout
+                raise
             raise UpstreamConnectTimeout(
                 f"no connection to {origin.host_header} within {self.connect_timeout_s:g}s"
             ) from None
