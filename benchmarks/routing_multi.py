@@ -82,12 +82,13 @@ class SplitGen(rb.Gen):
         k = int(user.rsplit("-", 1)[1])
         return (k + rnd) % n if self.split == "alternate" else k % n
 
-    async def send(self, body: dict[str, Any], kind: str, user: str | None = None) -> rb.Result:
-        rnd = int(kind.removeprefix("round")) if kind.startswith("round") else 0
-        idx = self.pick(user or "user-0", rnd)
+    async def send(self, body: dict[str, Any], kind: str, session_id: str | None = None,
+                   turn: int = 0, warm: bool = False) -> rb.Result:
+        user, rnd = session_id or "chat-0", turn
+        idx = self.pick(user, rnd)
         # Gen.send reads router_url before its first await: safe with concurrent sends.
         self.router_url = self.routers[idx]
-        res = await super().send(body, kind, user)
+        res = await super().send(body, kind, session_id, turn, warm)
         self.turns.append(
             {
                 "user": user,
@@ -154,7 +155,6 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
     from engines.redis_registration import RedisRegistrar
     from tests.support.redis_server import RedisServer
 
-    wl = rb.WORKLOADS[WORKLOAD]
     seed = args.seed * 1000 + int(WORKLOAD)
     scale = 0.4 if args.quick else 1.0
     speed = args.speed
@@ -163,7 +163,7 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
     routers: list[rb.Router] = []
     registrars: list[RedisRegistrar] = []
     hints: dict[str, Any] = {}
-    fleet = rb.Fleet(args.engines, args.kv_blocks, speed)
+    fleet = rb.Fleet([args.kv_blocks] * args.engines, speed)
     try:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(
@@ -206,8 +206,7 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
                 )
                 m0 = await scrape(session, fleet.urls)
                 wall0 = time.monotonic()
-                system, users = rb.build_chat(wl, seed, scale)
-                await rb.drive_chat(gen, system, users, wl["max_tokens"])
+                await rb.drive_open(gen, rb.build(WORKLOAD, "high", seed, scale))
                 wall = time.monotonic() - wall0
                 m1 = await scrape(session, fleet.urls)
                 if redis is not None and setup == "two":
@@ -293,7 +292,7 @@ def main() -> None:
         help="comma-separated, each run for every two-router setup: " + ", ".join(SPLITS),
     )
     ap.add_argument("--quick", action="store_true", help="40%% of the workload's duration")
-    ap.add_argument("--speed", type=float, default=rb.SPEED)
+    ap.add_argument("--speed", type=float, default=2.5)  # as its published figures
     ap.add_argument("--engines", type=int, default=rb.N_ENGINES)
     ap.add_argument("--kv-blocks", type=int, default=rb.KV_BLOCKS)
     ap.add_argument("--seed", type=int, default=1)

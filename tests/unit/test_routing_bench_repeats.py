@@ -16,16 +16,16 @@ def rb() -> Any:
 
 def run(rb: Any, seed: int, ttft: list[float], hits: float, per_engine: list[int]) -> dict:
     return {
-        "workload": "3", "policy": "kv-aware", "requests": len(ttft), "offered": len(ttft),
-        "ok": len(ttft), "errors": 0,
-        "ttft_ms": {q: rb.pct(ttft, v) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
-        "ttft_ms_by_kind": {}, "output_tokens_per_s": 0.0, "hit_rate": hits / 100,
+        "workload": "3", "level": "high", "policy": "kv-aware", "session_header": True,
+        "requests": len(ttft), "offered": len(ttft), "ok": len(ttft), "errors": 0,
+        "ttft_ms": rb.percentiles(ttft), "ttft_ms_warm": rb.percentiles(ttft[1:]),
+        "output_tokens_per_s": 0.0, "hit_rate": hits / 100,
         "prefix_cache_hits": hits, "prefix_cache_queries": 100.0,
         "imbalance": max(per_engine) / (sum(per_engine) / len(per_engine)),
         "requests_per_engine": per_engine, "busy": [0.5, 0.7], "busy_mean": 0.6,
         "routes": {"new-prefix": len(ttft)}, "cpu": {"router": 0.1, "fleet": 0.2, "loadgen": 0.1},
         "wall_s": 10.0, "preemptions": 0.0, "seed": seed, "_ttft": ttft,
-        "_by_kind": {"distinct": ttft}, "_out_tokens": 100 * len(ttft), "_model_makespan": 25.0,
+        "_ttft_warm": ttft[1:], "_out_tokens": 100 * len(ttft), "_model_makespan": 25.0,
     }
 
 
@@ -36,6 +36,7 @@ def test_repeats_pool_samples_and_sum_counters(rb: Any) -> None:
     pooled = [float(x) for x in range(1, 201)]
     assert merged["ttft_ms"]["p99"] == rb.pct(pooled, 0.99)
     assert merged["ttft_ms"]["p50"] == rb.pct(pooled, 0.5)
+    assert merged["ttft_ms_warm"]["p90"] == rb.pct(pooled[1:100] + pooled[101:], 0.9)
     assert merged["requests"] == 200 and merged["routes"] == {"new-prefix": 200}
     assert merged["hit_rate"] == 0.5  # (40 + 60) / (100 + 100), not a mean of rates
     assert merged["requests_per_engine"] == [80, 120]
