@@ -30,7 +30,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import xxhash
 from aiohttp import web
 
 from .admission import AdmissionRejected
@@ -64,7 +63,6 @@ _HOP_BY_HOP = frozenset(
 _ROUTER_REQUEST_HEADERS = frozenset(("authorization", "x-request-id", "x-forwarded-for", "expect"))
 # Response headers the router sets itself (an engine's own x-request-id is replaced).
 _NOT_RELAYED = _HOP_BY_HOP | frozenset(("x-deepinfer-engine", "x-deepinfer-route", "x-request-id"))
-_MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
 # Bodies above this size yield to the event loop between reading, counting and parsing,
 # so that other requests run between those steps (each is C code over the whole body).
 _LARGE_BODY = 1 << 20
@@ -263,9 +261,6 @@ class Proxy:
         request[REQUEST_MODEL] = model
         stream = parsed is not None and parsed.get("stream") is True
         key = session_key(request.headers.get(settings.session_header), parsed)
-        if key is not None and len(key) > _MAX_SESSION_KEY:
-            # The session table holds --max-sessions keys: bound their size too.
-            key = "h:" + xxhash.xxh3_128_hexdigest(key.encode("utf-8", "surrogatepass"))
         features = RequestFeatures(model=model, session_key=key)
         return _Call(request, rid, model, body, stream, features, started, parsed)
 

@@ -140,16 +140,22 @@ def chain_hashes(text: str, chunk_chars: int, seed: str, max_chars: int = 0) -> 
     return out
 
 
+MAX_SESSION_KEY = 256  # characters; longer session keys are hashed
+
+
 def session_key(header_value: str | None, body: Mapping[str, Any] | None) -> str | None:
     """The session key: the session header when present and non-empty, else the body's
-    `user` field (OpenAI's end-user id), else None."""
-    if header_value:
-        return header_value
-    if body is not None:
+    `user` field (OpenAI's end-user id), else None (an empty value is no session). Keys
+    longer than MAX_SESSION_KEY characters become a 128-bit hash of themselves: the
+    session table holds up to --max-sessions keys, so their size is bounded too."""
+    key: str | None = header_value or None
+    if key is None and body is not None:
         user = body.get("user")
         if isinstance(user, str) and user:
-            return user
-    return None
+            key = user
+    if key is not None and len(key) > MAX_SESSION_KEY:
+        key = "h:" + xxhash.xxh3_128_hexdigest(key.encode("utf-8", "surrogatepass"))
+    return key
 
 
 def request_features(

@@ -4,18 +4,24 @@ engine. The default policy; routing/README.md has the full description.
 
 One decision, O(candidates + matched chunks):
   1. filter   bounded-load guard (guard.py): which engines may take one more request;
-  2. session  a live binding whose engine passes the guard wins (`session`); over its
-              bound it moves (`spill`) and is rebound;
-  3. score    score = matched prefix chars - load_cost_chars * load cost over all
-              candidates, load cost = request load (scoring.py) + uncached prompt chars
-              the engine has yet to prefill / prefill_load_chars (see _Engine); the best one
-              passing the guard takes it (`prefix`, or `balance` when a match existed
-              but an unmatched engine won on load);
+  2. session  the shared session step (sessions.SessionAffinity): a live binding whose
+              engine passes the guard and holds at least as much of the prompt as any
+              other engine wins (`session`); over its bound it moves (`spill`) and is
+              rebound; another engine holding more of the prompt is scored as below;
+  3. score    score = matched prefix chars - load_cost_chars * load cost - cache
+              pressure over all candidates; load cost = request load (scoring.py) +
+              uncached prompt chars the engine has yet to prefill / prefill_load_chars
+              (see _Engine); cache pressure = the live prefixes the uncached part of
+              the prompt would evict there (they are prefilled again on their next
+              use) + home_chars x the share of its cache in use (homes spread over all
+              caches); the best one passing the guard takes it (`prefix`, or `balance`
+              when a match existed but an unmatched engine won);
               when the best is over its bound the request goes to the best passing one
               (`spill`), which becomes a second home for that prefix;
-  4. place    nobody holds any of the prompt: least loaded passing engine, ties (within
-              `placement_window` load) broken by rendezvous hashing of the first chunk
-              (`new-prefix`); no complete chunk at all: least loaded (`least-conn`).
+  4. place    nobody holds any of the prompt: least load cost + cache pressure among
+              passing engines, ties (within `placement_window` load) broken by
+              rendezvous hashing of the first chunk (`new-prefix`); no complete chunk
+              at all: least loaded (`least-conn`).
 `on_routed` records the prompt's chain on the chosen engine, binds the session and adds
 the request's expected uncached prompt chars (prompt_chars - matched_chars) to the
 engine's pending prefill work; `on_first_token` (prefill done) or else `on_complete`
@@ -34,7 +40,9 @@ from .base import Candidate, Decision, PolicyBase, RequestFeatures
 from .guard import BoundedLoad
 from .prefix_index import PrefixIndex
 from .scoring import LoadWeights, engine_seed, load_cost, rendezvous
-from .sessions import SessionTable
+from .sessions import SessionAffinity, SessionTable
+
+_REUSE_EWMA = 0.05  # weight of one observed reuse distance in the running mean
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,9 @@ class KvAwareParams:
     default_capacity_chars: int = 400_000  # when a candidate reports no capacity
     hint_outbox: int = 0  # placements kept for export_hints (0: off)
     prefill_load_chars: float = 4096.0  # uncached chars not yet prefilled = 1 request (0: off)
+    eviction_weight: float = 1.0  # future prefill chars per live cached char evicted (0: off)
+    home_chars: float = 2048.0  # score cost of a full cache against an empty one (0: off)
+    live_horizon: float = 4.0  # live: touched within this many mean reuse distances
 
 
 class _Engine:
@@ -61,12 +72,11 @@ class _Engine:
     cannot be reused while the entry lives), so `on_first_token` and `on_complete`
     release exactly what `on_routed` added. Memory: one entry per in-flight request."""
 
-    __slots__ = ("capacity", "epoch", "inflight", "instance", "pending", "seed")
+    __slots__ = ("capacity", "inflight", "instance", "pending", "seed")
 
-    def __init__(self, instance: str, capacity: int, epoch: int, seed: int) -> None:
+    def __init__(self, instance: str, capacity: int, seed: int) -> None:
         self.instance = instance
         self.capacity = capacity
-        self.epoch = epoch
         self.seed = seed
         self.pending = 0
         self.inflight: dict[int, tuple[RequestFeatures, int]] = {}
@@ -86,10 +96,13 @@ class KvAwarePolicy(PolicyBase):
         self._weights = LoadWeights(running=p.running_weight, kv_usage=p.kv_usage_weight)
         self._prefill_scale = 1.0 / p.prefill_load_chars if p.prefill_load_chars > 0 else 0.0
         self._index = PrefixIndex()
-        self._sessions = SessionTable(p.session_ttl_s, p.max_sessions)
+        self._affinity = SessionAffinity(p.session_ttl_s, p.max_sessions)
         self._engines: dict[str, _Engine] = {}
-        self._epochs = 0
         self._tie = 0
+        # Mean reuse distance: how many requests (as the index counts them) pass between
+        # two uses of a cached prefix, from the matches of routed requests. None until
+        # one is seen (then every cached chunk counts as live).
+        self._reuse: float | None = None
         self._outbox: deque[dict[str, Any]] | None = (
             deque(maxlen=p.hint_outbox) if p.hint_outbox > 0 else None
         )
@@ -101,7 +114,11 @@ class KvAwarePolicy(PolicyBase):
 
     @property
     def sessions(self) -> SessionTable:
-        return self._sessions
+        return self._affinity.table
+
+    @property
+    def mean_reuse_distance(self) -> float | None:
+        return self._reuse
 
     def pending_chars(self, engine_id: str) -> int:
         """Expected uncached prompt chars `engine_id` has yet to prefill (0 when unknown)."""
@@ -133,36 +150,64 @@ class KvAwarePolicy(PolicyBase):
         hashes = request.chunk_hashes
         matched = self._index.match(hashes) if hashes else {}
 
-        key = request.session_key
-        if key is not None:
-            binding = self._sessions.get(key, now)
-            if binding is not None:
-                eng = self._engines.get(binding.engine_id)
-                if eng is not None and eng.epoch == binding.epoch:
-                    for cand in candidates:
-                        if cand.id == binding.engine_id:
-                            if guard.allows(cand):
-                                return Decision(
-                                    cand.id, reasons.SESSION, matched.get(cand.id, 0) * chunk
-                                )
-                            best = self._best_score(candidates, matched, guard, cand)
-                            return Decision(
-                                best.id, reasons.SPILL, matched.get(best.id, 0) * chunk
-                            )
+        bound = self._affinity.bound(request.session_key, candidates, now)
+        if bound is not None:
+            got = matched.get(bound.id, 0)
+            if not guard.allows(bound):
+                best = self._best_score(request, candidates, matched, guard, bound)
+                return Decision(best.id, reasons.SPILL, matched.get(best.id, 0) * chunk)
+            # The binding is the router's memory of where the conversation lives; the
+            # index knows better only when another engine holds more of this prompt
+            # (a session key that spans documents, say).
+            if not matched or got >= max(matched.get(c.id, 0) for c in candidates):
+                return Decision(bound.id, reasons.SESSION, got * chunk)
 
         if matched and any(cand.id in matched for cand in candidates):
-            return self._by_prefix(candidates, matched, guard)
+            return self._by_prefix(request, candidates, matched, guard)
         if hashes:
-            return self._place_new(candidates, guard, hashes[0])
+            return self._place_new(request, candidates, guard, hashes[0])
         return Decision(self._least_cost(candidates, guard).id, reasons.LEAST_CONN)
 
-    def _score(self, cand: Candidate, matched: Mapping[str, int]) -> float:
-        """Expected saved prefill (matched chars) against the queueing cost of load."""
+    def _pressure(self, engine_id: str, new_chars: int) -> float:
+        """Cache pressure of sending `new_chars` uncached prompt chars to an engine, in
+        prefill chars: the live cached chunks they would evict there (each is prefilled
+        again when its conversation or prefix comes back), plus `home_chars` x the
+        share of the engine's cache in use, so that homes spread over every cache while
+        there is room. The LRU evicts its oldest chunk first: when that one is live
+        (touched within `live_horizon` mean reuse distances) everything newer is, and
+        each chunk the prompt pushes out past the capacity costs a chunk of prefill
+        later; when it is stale, stale chunks go first and the eviction costs nothing.
+        O(1)."""
+        p = self.params
+        held, capacity, tail_age = self._index.occupancy(engine_id)
+        cost = p.home_chars * held / capacity
+        if new_chars > 0 and p.eviction_weight and tail_age >= 0:
+            chunk = p.chunk_chars
+            new = min(capacity, -(-new_chars // chunk))
+            over = held + new - capacity
+            reuse = self._reuse
+            if over > 0 and (reuse is None or tail_age <= p.live_horizon * reuse):
+                cost += p.eviction_weight * min(over, new) * chunk
+        return cost
+
+    def _score(
+        self, request: RequestFeatures, cand: Candidate, matched: Mapping[str, int]
+    ) -> float:
+        """Expected saved prefill (matched chars) against the queueing cost of load and
+        the cache pressure, all in prefill chars."""
         got = matched.get(cand.id, 0) * self.params.chunk_chars
-        return got - self.params.load_cost_chars * self._cost(cand, got)
+        return (
+            got
+            - self.params.load_cost_chars * self._cost(cand, got)
+            - self._pressure(cand.id, request.prompt_chars - got)
+        )
 
     def _by_prefix(
-        self, candidates: Sequence[Candidate], matched: Mapping[str, int], guard: BoundedLoad
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        matched: Mapping[str, int],
+        guard: BoundedLoad,
     ) -> Decision:
         chunk = self.params.chunk_chars
         n = len(candidates)
@@ -174,7 +219,7 @@ class KvAwarePolicy(PolicyBase):
         best_ok_score = 0.0
         for k in range(n):
             cand = candidates[(start + k) % n]
-            score = self._score(cand, matched)
+            score = self._score(request, cand, matched)
             if best_all is None or score > best_all_score:
                 best_all, best_all_score = cand, score
             if (best_ok is None or score > best_ok_score) and guard.allows(cand):
@@ -189,6 +234,7 @@ class KvAwarePolicy(PolicyBase):
 
     def _best_score(
         self,
+        request: RequestFeatures,
         candidates: Sequence[Candidate],
         matched: Mapping[str, int],
         guard: BoundedLoad,
@@ -200,15 +246,21 @@ class KvAwarePolicy(PolicyBase):
         for cand in candidates:
             if cand is exclude or not guard.allows(cand):
                 continue
-            score = self._score(cand, matched)
+            score = self._score(request, cand, matched)
             if best is None or score > best_score:
                 best, best_score = cand, score
         return best if best is not None else self._least_cost(candidates, guard)
 
     def _place_new(
-        self, candidates: Sequence[Candidate], guard: BoundedLoad, first_hash: int
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        guard: BoundedLoad,
+        first_hash: int,
     ) -> Decision:
-        costs = [self._cost(c) for c in candidates]
+        scale = 1.0 / self.params.load_cost_chars if self.params.load_cost_chars else 0.0
+        chars = request.prompt_chars
+        costs = [self._cost(c) + self._pressure(c.id, chars) * scale for c in candidates]
         allowed = [guard.allows(c) for c in candidates]
         if not any(allowed):
             allowed = [True] * len(candidates)
@@ -266,9 +318,9 @@ class KvAwarePolicy(PolicyBase):
     def _add_engine(self, engine_id: str, instance: str, capacity_chars: int) -> _Engine:
         if engine_id in self._engines:  # restarted: a new instance holds nothing
             self.forget_engine(engine_id)
-        self._epochs += 1
-        eng = _Engine(instance, capacity_chars, self._epochs, engine_seed(engine_id))
+        eng = _Engine(instance, capacity_chars, engine_seed(engine_id))
         self._engines[engine_id] = eng
+        self._affinity.restarted(engine_id, instance)
         self._index.sync(engine_id, instance, self._capacity_chunks(capacity_chars))
         return eng
 
@@ -285,10 +337,13 @@ class KvAwarePolicy(PolicyBase):
             amount = max(0, request.prompt_chars - decision.matched_chars)
             eng.inflight[key] = (request, amount)
             eng.pending += amount
-        if request.chunk_hashes:
-            self._index.record(decision.engine_id, request.chunk_hashes)
-        if request.session_key is not None:
-            self._sessions.bind(request.session_key, decision.engine_id, eng.epoch, now)
+        hashes = request.chunk_hashes
+        if hashes:
+            matched = min(decision.matched_chars // self.params.chunk_chars, len(hashes))
+            if matched:
+                self._note_reuse(decision.engine_id, hashes[matched - 1])
+            self._index.record(decision.engine_id, hashes)
+        self._affinity.bind(request.session_key, decision.engine_id, now)
         if self._outbox is not None:
             self._outbox.append(
                 {
@@ -299,6 +354,16 @@ class KvAwarePolicy(PolicyBase):
                     "session": request.session_key,
                 }
             )
+
+    def _note_reuse(self, engine_id: str, chain_hash: int) -> None:
+        """A request reuses `chain_hash` (its deepest matched chunk) on `engine_id`: how
+        many requests ago it was last sent there feeds the mean reuse distance."""
+        touched = self._index.touched(engine_id, chain_hash)
+        if touched is None:
+            return
+        distance = float(self._index.clock + 1 - touched)  # record() ticks the clock
+        reuse = self._reuse
+        self._reuse = distance if reuse is None else reuse + _REUSE_EWMA * (distance - reuse)
 
     def on_first_token(self, request: RequestFeatures, engine_id: str, now: float) -> None:
         """The engine has prefilled `request`'s prompt: its uncached chars stop counting
@@ -329,6 +394,7 @@ class KvAwarePolicy(PolicyBase):
         epoch)."""
         self._engines.pop(engine_id, None)
         self._index.forget(engine_id)
+        self._affinity.forget(engine_id)
 
     # --- multi-router sharing -----------------------------------------------------------------
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
@@ -363,7 +429,7 @@ class KvAwarePolicy(PolicyBase):
                 continue
             if hashes:
                 self._index.record(engine_id, hashes)
-            if isinstance(session, str) and session:
-                self._sessions.bind(session, engine_id, eng.epoch, now)
+            if isinstance(session, str):
+                self._affinity.bind(session, engine_id, now)
             applied += 1
         return applied

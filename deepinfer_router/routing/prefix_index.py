@@ -15,6 +15,11 @@ the holder sets only shrink, and `match` finds where each engine's prefix ends w
 binary search per distinct end: O(log chunks) lookups per engine whose match ends
 inside the prompt, O(1) for a prompt nobody holds.
 
+Recency: `record` counts the requests it is told about (`clock`) and stamps every chunk
+it touches with that count, so `tail_age` says, in O(1), how many requests ago an
+engine's least recently used chunk was last sent: what the next eviction there would
+remove (cache pressure, see kv_aware.py).
+
 Memory: one OrderedDict entry per (engine, chunk) plus one int per distinct chunk,
 bounded by the sum of engine capacities (about 150 bytes per (engine, chunk)).
 """
@@ -32,7 +37,7 @@ class _EngineCache:
         self.instance = instance
         self.capacity = capacity
         self.bit = bit
-        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.lru: OrderedDict[int, int] = OrderedDict()  # chain hash -> clock when touched
 
 
 class PrefixIndex:
@@ -41,6 +46,7 @@ class PrefixIndex:
         self._holders: dict[int, int] = {}  # chain hash -> bitmask of engine slots
         self._by_bit: dict[int, str] = {}  # slot bit -> engine id
         self._free_bits: list[int] = []
+        self.clock = 0  # requests recorded so far
 
     # --- engines -------------------------------------------------------------------
     def sync(self, engine_id: str, instance: str, capacity: int) -> None:
@@ -78,6 +84,22 @@ class PrefixIndex:
     def capacity(self, engine_id: str) -> int:
         cache = self._engines.get(engine_id)
         return cache.capacity if cache is not None else 0
+
+    def occupancy(self, engine_id: str) -> tuple[int, int, int]:
+        """(chunks held, capacity in chunks, requests since the least recently used chunk
+        was touched; -1 when empty) of one engine, O(1)."""
+        cache = self._engines.get(engine_id)
+        if cache is None:
+            return 0, 1, -1
+        lru = cache.lru
+        if not lru:
+            return 0, cache.capacity, -1
+        return len(lru), cache.capacity, self.clock - next(iter(lru.values()))
+
+    def touched(self, engine_id: str, chain_hash: int) -> int | None:
+        """The clock when `engine_id` was last sent `chain_hash` (None: not held)."""
+        cache = self._engines.get(engine_id)
+        return cache.lru.get(chain_hash) if cache is not None else None
 
     def __len__(self) -> int:
         """Distinct chain hashes held by any engine."""
@@ -133,6 +155,8 @@ class PrefixIndex:
         cache = self._engines.get(engine_id)
         if cache is None or not hashes:
             return
+        self.clock += 1
+        now = self.clock
         lru = cache.lru
         holders = self._holders
         bit = cache.bit
@@ -141,9 +165,10 @@ class PrefixIndex:
         move = lru.move_to_end
         for h in reversed(hashes):
             if h in lru:
+                lru[h] = now
                 move(h)
             else:
-                lru[h] = None
+                lru[h] = now
                 holders[h] = holders.get(h, 0) | bit
         if len(lru) > cache.capacity:
             self._evict(cache)

@@ -112,13 +112,37 @@ def test_least_conn_for_prompts_shorter_than_a_chunk() -> None:
     assert (d.engine_id, d.reason) == ("e1", reasons.LEAST_CONN)
 
 
-def test_session_kept_over_a_better_prefix() -> None:
+def test_session_kept_when_no_engine_holds_more_of_the_prompt() -> None:
     p = policy()
     cands = fleet()
     d0 = route(p, feats("hello " * 20, session="s1"), cands)
-    place_on(p, feats(SYSTEM), "e3" if d0.engine_id != "e3" else "e2", cands)
-    d = p.select(feats(SYSTEM + "turn", session="s1"), cands, 1.0)
+    # another engine holds an equally long (different) prompt: the binding decides
+    place_on(p, feats("other " * 20), "e3" if d0.engine_id != "e3" else "e2", cands)
+    d = p.select(feats("hello " * 20 + "turn", session="s1"), cands, 1.0)
     assert (d.engine_id, d.reason) == (d0.engine_id, reasons.SESSION)
+    # a prompt nobody holds: the binding still decides (the router's memory of the
+    # conversation, e.g. a router restart or chunks not hashed)
+    d = p.select(feats("x" * (CHUNK - 1), session="s1"), cands, 1.0)
+    assert (d.engine_id, d.reason) == (d0.engine_id, reasons.SESSION)
+
+
+def test_a_longer_prefix_elsewhere_beats_the_session_binding() -> None:
+    """A session key that spans documents (one client asking about many): the engine
+    holding this prompt's document wins over the bound one."""
+    p = policy()
+    cands = fleet()
+    d0 = route(p, feats("hello " * 20, session="s1"), cands)
+    other = "e3" if d0.engine_id != "e3" else "e2"
+    place_on(p, feats(SYSTEM), other, cands)
+    d = p.select(feats(SYSTEM + "turn", session="s1"), cands, 1.0)
+    assert (d.engine_id, d.reason) == (other, reasons.PREFIX)
+
+
+def test_empty_session_key_is_no_session() -> None:
+    p = policy()
+    cands = fleet()
+    route(p, feats("hello " * 20, session=""), cands)
+    assert len(p.sessions) == 0
 
 
 def test_conversation_stays_and_new_one_joins_its_system_prompt() -> None:

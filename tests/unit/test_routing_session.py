@@ -37,6 +37,36 @@ def test_no_key_is_least_conn() -> None:
     assert (d.engine_id, d.reason) == ("e2", reasons.LEAST_CONN)
 
 
+def test_empty_key_is_no_session() -> None:
+    p = SessionPolicy()
+    d = route(p, req(""), fleet(e0=2, e1=1), 0.0)
+    assert (d.engine_id, d.reason) == ("e2", reasons.LEAST_CONN)
+    assert len(p.sessions) == 0
+
+
+def test_affinity_breaks_on_restart_and_on_forget() -> None:
+    """The shared session step: a new instance or a forgotten engine breaks bindings."""
+    from deepinfer_router.routing.sessions import SessionAffinity
+
+    a = SessionAffinity(ttl_s=60.0, max_sessions=10)
+    cands = fleet()
+    a.sync(cands)
+    a.bind("s", "e1", 0.0)
+    assert a.bound("s", cands, 1.0) is cands[1]
+    assert a.bound("s", cands, 61.0) is None  # expired
+    a.bind("s", "e1", 100.0)
+    restarted = [Candidate("e0", "1"), Candidate("e1", "2"), Candidate("e2", "1")]
+    a.sync(restarted)
+    assert a.bound("s", restarted, 101.0) is None
+    a.bind("s", "e1", 102.0)
+    assert a.bound("s", restarted, 103.0) is restarted[1]
+    assert a.bound("s", [restarted[0]], 103.0) is None  # not a candidate (draining)
+    a.forget("e1")
+    assert a.bound("s", restarted, 104.0) is None
+    a.bind("", "e0", 105.0)
+    assert a.bound("", restarted, 106.0) is None and len(a.table) == 1
+
+
 def test_spill_over_bound_then_rebound() -> None:
     p = SessionPolicy()
     d0 = route(p, req("s"), fleet(), 0.0)
