@@ -35,6 +35,7 @@ MODEL = "sim-model"
 CLOSED_MAX_TOKENS = 24  # closed loop: TTFT is what is measured, decode only costs time
 LEVELS = ("closed", "low", "high")
 HELD_BACK_SEEDS = (7301, 7302, 7303)  # frozen before any policy change; never tuned on
+LOW_LONGER = 1.5  # the low level's duration against the high level's
 
 
 class Text:
@@ -84,7 +85,7 @@ class Plan:
 TUNING: dict[str, dict[str, Any]] = {
     "1": {
         "name": "chat", "title": "1 multi-round chat",
-        "rate": 0.38, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 12,
+        "rate": 0.7, "duration_s": 100.0, "low_factor": 0.25, "closed_sessions": 12,
         "rounds": 10, "system_tokens": 1000, "user_tokens": (20, 150), "think_s": 3.0,
         "max_tokens": 200,
     },
@@ -109,7 +110,7 @@ TUNING: dict[str, dict[str, Any]] = {
         # The shape kv-aware lost on: a short shared system prompt, a long context per
         # conversation; the fleet's cache holds about two thirds of the live contexts.
         "name": "convo", "title": "5 long-context chat",
-        "rate": 0.9, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 32,
+        "rate": 2.1, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 32,
         "system_tokens": 75, "context_tokens": (1500, 3500), "rounds": (3, 6),
         "user_tokens": (20, 60), "think_s": 4.0, "max_tokens": 48,
     },
@@ -117,7 +118,7 @@ TUNING: dict[str, dict[str, Any]] = {
         # Agents: a few shared tool preambles, each turn appends tool output; many more
         # sessions than engines, several in flight.
         "name": "agent", "title": "6 agent sessions",
-        "rate": 1.1, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 20,
+        "rate": 1.5, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 20,
         "preambles": 3, "preamble_tokens": (1200, 2000), "task_tokens": (50, 150),
         "tool_tokens": (100, 400), "rounds": (4, 8), "think_s": 0.5, "max_tokens": 48,
     },
@@ -136,14 +137,14 @@ HELD_BACK: dict[str, dict[str, Any]] = {
         # Named dimension: engines of different cache sizes (same total as the others).
         "name": "hetero", "title": "H1 unequal caches (chat)",
         "kv_blocks": [2048, 1024, 512, 512],
-        "rate": 0.6, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 24,
+        "rate": 2.3, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 24,
         "system_tokens": 500, "context_tokens": (800, 2000), "rounds": (3, 6),
         "user_tokens": (20, 80), "think_s": 3.0, "max_tokens": 48,
     },
     "H2": {
         # Named dimension: bursty arrivals (sessions come in bursts, silence between).
         "name": "bursty", "title": "H2 bursty agents",
-        "rate": 1.0, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 20,
+        "rate": 5.0, "duration_s": 100.0, "low_factor": 0.4, "closed_sessions": 20,
         "burst": 8, "preambles": 2, "preamble_tokens": (1500, 2500), "task_tokens": (50, 150),
         "tool_tokens": (100, 300), "rounds": (3, 6), "think_s": 0.5, "max_tokens": 48,
     },
@@ -174,9 +175,8 @@ def build(wkey: str, level: str, seed: int, scale: float) -> Plan:
     rng = random.Random(seed)
     text = Text(seed + 1)
     rate = wl["rate"] * (wl["low_factor"] if level == "low" else 1.0)
-    # The low level runs longer in model time so it sends as many sessions as the high
-    # level would in `scale x duration` (short runs would otherwise rest on few samples).
-    duration = wl["duration_s"] * scale * (1.0 / wl["low_factor"] if level == "low" else 1.0)
+    # The low level runs a little longer in model time, for samples (time budget).
+    duration = wl["duration_s"] * scale * (LOW_LONGER if level == "low" else 1.0)
     times = arrivals(rng, rate, duration, wl.get("burst", 1))
     if level == "closed":
         times = [0.0] * min(len(times), wl["closed_sessions"])
