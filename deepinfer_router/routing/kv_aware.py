@@ -5,9 +5,10 @@ engine. The default policy; routing/README.md has the full description.
 One decision, O(candidates + matched chunks):
   1. filter   bounded-load guard (guard.py): which engines may take one more request;
   2. session  the shared session step (sessions.SessionAffinity): a live binding whose
-              engine passes the guard and holds at least as much of the prompt as any
-              other engine wins (`session`); over its bound it moves (`spill`) and is
-              rebound; another engine holding more of the prompt is scored as below;
+              engine passes the guard and holds part of the prompt, at least as much as
+              any other engine, wins (`session`), as it does for a prompt too short to
+              hash; over its bound it moves (`spill`) and is rebound; otherwise the
+              prompt is scored as below;
   3. score    score = matched prefix chars - load_cost_chars * load cost - cache
               pressure over all candidates; load cost = request load (scoring.py) +
               uncached prompt chars the engine has yet to prefill / prefill_load_chars
@@ -156,10 +157,13 @@ class KvAwarePolicy(PolicyBase):
             if not guard.allows(bound):
                 best = self._best_score(request, candidates, matched, guard, bound)
                 return Decision(best.id, reasons.SPILL, matched.get(best.id, 0) * chunk)
-            # The binding is the router's memory of where the conversation lives; the
-            # index knows better only when another engine holds more of this prompt
-            # (a session key that spans documents, say).
-            if not matched or got >= max(matched.get(c.id, 0) for c in candidates):
+            # The binding keeps a conversation where the index says its prefix is (it
+            # decides between engines holding as much, e.g. a shared system prompt) and
+            # where the index cannot tell (a prompt shorter than a chunk). A binding
+            # whose engine holds none of a hashed prompt carries no cache value: a
+            # client's session key over unrelated prompts would only pile its requests
+            # onto one engine, so such prompts are placed like any other.
+            if (got and got >= max(matched.get(c.id, 0) for c in candidates)) or not hashes:
                 return Decision(bound.id, reasons.SESSION, got * chunk)
 
         if matched and any(cand.id in matched for cand in candidates):

@@ -18,19 +18,15 @@ import os
 import shutil
 import time
 from collections.abc import Generator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.fleet import Fleet, Router, assert_no_leftovers, launch_engine, wait_registered
-from tests.e2e.tiny_model import build_tiny_model
+from tests.e2e.tiny_model import MODEL_CACHE, build_tiny_model
 
 SKIP_ENV = "DEEPINFER_SKIP_VLLM"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Built models are cached by content hash, so reusing one across runs is safe.
-MODEL_CACHE = Path(os.environ.get("DEEPINFER_E2E_CACHE",
-                                  Path.home() / ".cache" / "deepinfer-e2e")) / "tiny-llama"
 
 
 def skip_reason() -> str | None:

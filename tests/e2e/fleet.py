@@ -38,12 +38,13 @@ def _die_with_parent() -> None:
 
 
 def http_json(
-    method: str, url: str, body: Any = None, timeout: float = 30.0
+    method: str, url: str, body: Any = None, timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, dict[str, str]]:
     """(status, parsed JSON body or text, headers) without raising on HTTP errors."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw, headers = resp.status, resp.read(), dict(resp.headers)

@@ -407,6 +407,11 @@ def _build(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# Built models are cached by content hash, so reusing one across runs is safe.
+MODEL_CACHE = Path(os.environ.get("DEEPINFER_E2E_CACHE",
+                                  Path.home() / ".cache" / "deepinfer-e2e")) / "tiny-llama"
+
+
 def build_tiny_model(dest: Path) -> Path:
     """Build (or reuse) the tiny model in directory ``dest`` and return ``dest``.
 

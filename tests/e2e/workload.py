@@ -2,9 +2,11 @@
 it gets, measured from the engines' own `/metrics` (vLLM's counters, not the router's).
 
 Every user sends `rounds` turns; each turn's prompt is the shared system prompt, the
-user's whole history (their earlier messages and the replies they got) and a new message.
-Turns go round by round (user 0, 1, ..., then everyone's next turn), so a policy that
-ignores prefixes sends a user's consecutive turns to different engines. The content comes
+user's whole history (their earlier messages and the replies they got) and a new message
+(the first one carries `context_words` of the user's own context besides). Turns go
+round by round (user 0, 1, ..., then everyone's next turn), so a policy that ignores
+prefixes sends a user's consecutive turns to different engines, or with `shuffle` in a
+seeded shuffled order (each user's turns still in order). The content comes
 from a seed: two runs with different seeds share no prefix, so one run's cache cannot
 help the next one on the same engines.
 
@@ -51,6 +53,9 @@ class Spec:
     max_tokens: int = 8
     concurrency: int = 1
     session_ids: bool = False  # send OpenAI's `user` field (the router's session key)
+    session_header: bool = False  # send X-Session-ID (the router's session header)
+    context_words: int = 0  # extra words of the user's own context in its first message
+    shuffle: bool = False  # turns in a seeded shuffled order instead of round by round
     wait_idle: bool = True  # send a turn once the router sees every engine idle
 
 
@@ -110,16 +115,19 @@ def run(router_url: str, engine_urls: Sequence[str], seed: int, spec: Spec,
     def turn(user: int) -> tuple[int, str, str, int]:
         if spec.wait_idle and spec.concurrency == 1:
             wait_router_idle(router_url)
-        message = {"role": "user", "content": f"User {user} of {seed}: "
-                   + sentences(random.Random(seed * 1000 + user * 10 + len(histories[user])),
-                               spec.user_words)}
+        text_rng = random.Random(seed * 1000 + user * 10 + len(histories[user]))
+        context = (sentences(text_rng, spec.context_words) + " "
+                   if spec.context_words and not histories[user] else "")
+        message = {"role": "user", "content": f"User {user} of {seed}: " + context
+                   + sentences(text_rng, spec.user_words)}
         body = {"model": MODEL, "max_tokens": spec.max_tokens, "temperature": 0,
                 "ignore_eos": True,
                 "messages": [{"role": "system", "content": system}, *histories[user], message]}
         if spec.session_ids:
             body["user"] = f"{label or seed}-user-{user}"
+        extra = {"X-Session-ID": f"{seed}-user-{user}"} if spec.session_header else None
         status, out, headers = http_json("POST", router_url + "/v1/chat/completions", body,
-                                         timeout=120)
+                                         timeout=120, headers=extra)
         assert status == 200, (status, out)
         reply = out["choices"][0]["message"]["content"] or ""
         histories[user] += [message, {"role": "assistant", "content": reply}]
@@ -127,10 +135,16 @@ def run(router_url: str, engine_urls: Sequence[str], seed: int, spec: Spec,
                 headers.get("x-deepinfer-route", "?"), user)
 
     seq: list[list[str]] = [[] for _ in range(spec.users)]
+    if spec.shuffle:  # one batch of every turn, shuffled (run one at a time)
+        order = [u for u in range(spec.users) for _ in range(spec.rounds)]
+        rng.shuffle(order)
+        batches = [order]
+    else:
+        batches = [list(range(spec.users)) for _ in range(spec.rounds)]
     with ThreadPoolExecutor(max_workers=spec.concurrency) as pool:
-        for _ in range(spec.rounds):
+        for batch in batches:
             tokens = []
-            for prompt_tokens, engine, route, user in pool.map(turn, range(spec.users)):
+            for prompt_tokens, engine, route, user in pool.map(turn, batch):
                 seq[user].append(engine)
                 res.requests += 1
                 res.prompt_tokens += prompt_tokens
