@@ -93,7 +93,7 @@ KV_BLOCKS = 1024  # 16,384 tokens per engine, 65,536 for the fleet of 4
 BLOCK_SIZE = 16
 SPEED = 5.0
 SCALE = 0.3  # share of each workload's duration run in the matrix (time budget)
-QUICK_SCALE = 0.25
+QUICK_SCALE = 0.2
 
 
 # --- the fleet subprocess -----------------------------------------------------------------
