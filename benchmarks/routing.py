@@ -38,6 +38,7 @@ the CPU share of the router, fleet and load generator (to show none is the bottl
         --out benchmarks/results/routing_held_back            # held-back matrix
     python benchmarks/routing.py --quick --workloads 5 --levels closed --policies session,kv-aware
     python benchmarks/routing.py --calibrate                  # least-conn busy share per level
+    python benchmarks/routing.py --markdown RESULT.json...    # the README's tables
 """
 
 from __future__ import annotations
@@ -747,9 +748,29 @@ def print_targets(tg: list[dict[str, Any]]) -> None:
     print(f"{met}/{len(tg)} targets met")
 
 
+def markdown(paths: Sequence[str]) -> str:
+    """The README's routing tables from result JSONs: per file, its command, the table
+    and the targets missed (with the count met)."""
+    out: list[str] = []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        results, tg = report["results"], report["targets"]
+        missed = [t for t in tg if not t["met"]]
+        out += [f"`{report['command']}` ({report['source']['revision']}, "
+                f"{report['wall_s'] / 60:.0f} min):", "", table(results), "",
+                f"Targets met: {len(tg) - len(missed)} of {len(tg)}."
+                + (" Missed:" if missed else ""), ""]
+        out += [f"- {t['cell']}: {t['what']}: **{t['value']}**" for t in missed]
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_sims":
         sims_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--markdown":
+        print(markdown(sys.argv[2:]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default=",".join(TUNING),
