@@ -199,6 +199,6 @@ async def test_empty_session_header_means_no_session(echo_engines, router, http,
         async with http.post(r.url + "/v1/chat/completions", json=body,
                              headers={"X-Session-ID": ""}) as resp:
             assert resp.status == 200
-    table = r.app[STATE].policy._sessions._table  # type: ignore[attr-defined]
+    table = r.app[STATE].policy.sessions._table  # type: ignore[attr-defined]
     assert "" not in table
     assert "alice" in table
