@@ -13,13 +13,14 @@ from aiohttp import web
 
 from .admission import Admission
 from .api import admin, health, metrics, models
+from .engine_address import GuardedResolver
 from .errors import error_response
 from .fleet import Fleet
 from .health import HealthChecker
 from .loop_lag import LoopLagProbe
 from .metrics import RouterMetrics
 from .proxy import Proxy, max_body_bytes
-from .registry.base import RegistrySource
+from .registry.base import RefusalLog, RegistrySource
 from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
 from .routing.factory import make_policy
@@ -42,6 +43,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         stale_after_s=settings.scrape_stale_s,
         eject_after_failures=settings.eject_after_failures,
         eject_cooldown_s=settings.eject_cooldown_s,
+        allow_private_urls=settings.allow_private_engine_urls,
     )
     # In a shared fleet, the policy keeps its recent placements for the other routers.
     sharing = bool(settings.redis_url and settings.share_hints)
@@ -99,11 +101,15 @@ async def _services(app: web.Application) -> Any:
     stop them in reverse order."""
     state = app[STATE]
     settings = state.settings
+    guard = not settings.allow_private_engine_urls
     state.upstream = UpstreamPool(
         connect_timeout_s=settings.connect_timeout_s,
         idle_timeout_s=settings.upstream_keepalive_s,
+        guard_addresses=guard,
     )
+    resolver = GuardedResolver() if guard else None
     connector = aiohttp.TCPConnector(
+        resolver=resolver,
         limit=0,  # admission control bounds concurrency, not the pool
         ttl_dns_cache=60,
         keepalive_timeout=30,
@@ -132,8 +138,12 @@ async def _services(app: web.Application) -> Any:
         sims = await _start_sims(settings)
         static_urls += [sim.url for sim in sims]
 
+    refusals = RefusalLog(log)
+
     def resync() -> None:
-        state.fleet.sync((src.name, src.snapshot()) for src in state.sources)
+        refusals.report(
+            state.fleet.sync((src.name, src.snapshot()) for src in state.sources)
+        )
 
     sources: list[RegistrySource] = []
     if static_urls:
@@ -171,8 +181,17 @@ async def _services(app: web.Application) -> Any:
     if settings.redis_url and settings.share_hints:
         from .registry.redis_hints import RedisHints
 
+        fleet = state.fleet
+
+        def engine_lookup(engine_id: str) -> tuple[str, int] | None:
+            engine = fleet.engines.get(engine_id)
+            if engine is None:
+                return None
+            return engine.record.instance, fleet.kv_capacity_chars(engine)
+
         services.append(
-            RedisHints(settings.redis_url, settings.registry_namespace, state.policy)
+            RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
+                       engine_lookup)
         )
     for service in services:
         await service.start()
@@ -188,6 +207,8 @@ async def _services(app: web.Application) -> Any:
     for sim in sims:
         await sim.close()
     await state.session.close()
+    if resolver is not None:  # the connector closes only a resolver it made itself
+        await resolver.close()
     await state.upstream.close()
     await asyncio.sleep(0)  # let the connector close its transports
 

@@ -3,6 +3,7 @@ engine manager (see ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import xxhash
@@ -38,6 +39,10 @@ def engine_id_for(url: str) -> str:
     return "e-" + xxhash.xxh64_hexdigest(normalize_engine_url(url).encode())[:12]
 
 
+# Ids and instances appear in metrics labels, logs and admin URLs: keep them tame.
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
 def new_instance_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -57,6 +62,13 @@ class EngineRecord(BaseModel):
     version: str = ""
     started_at: float = 0.0
     heartbeat_at: float = 0.0
+
+    @field_validator("id", "instance")
+    @classmethod
+    def _tame_token(cls, value: str) -> str:
+        if value and not _TOKEN.fullmatch(value):
+            raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (starting alphanumeric)")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -9,8 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .engine_address import UrlProblem, url_problem
 from .engine_record import EngineRecord
 from .routing.base import Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A record `Fleet.sync` left out, and why."""
+
+    source: str
+    engine_id: str
+    url: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -66,8 +77,11 @@ class Fleet:
         stale_after_s: float,
         eject_after_failures: int,
         eject_cooldown_s: float,
+        allow_private_urls: bool = False,
     ) -> None:
         self.engines: dict[str, EngineState] = {}
+        self._allow_private_urls = allow_private_urls
+        self._url_checks: dict[str, UrlProblem | None] = {}  # sync runs on every change
         self._chars_per_token = chars_per_token
         self._default_kv_tokens = default_kv_tokens
         self._stale_after_s = stale_after_s
@@ -92,12 +106,25 @@ class Fleet:
             listener(state.record.models)
 
     # --- membership --------------------------------------------------------------
-    def sync(self, sources: Iterable[tuple[str, Mapping[str, EngineRecord]]]) -> None:
-        """Merge source views; later sources win for the same id."""
+    def sync(self, sources: Iterable[tuple[str, Mapping[str, EngineRecord]]]) -> list[Refusal]:
+        """Merge source views. Every record passes the same address checks whatever its
+        source (engine_address.url_problem); the first source to name an id keeps it, so
+        a registry record never takes over an operator's `--engine` (ids are predictable
+        hashes of URLs). Returns the records left out."""
         merged: dict[str, tuple[str, EngineRecord]] = {}
+        refused: list[Refusal] = []
         for source, records in sources:
             for engine_id, record in records.items():
-                merged[engine_id] = (source, record)
+                problem = self._url_problem(record.url)
+                owner = merged.get(engine_id)
+                if problem is not None:
+                    refused.append(Refusal(source, engine_id, record.url, problem.message))
+                elif owner is not None and owner[0] != source:
+                    refused.append(Refusal(
+                        source, engine_id, record.url, f"id taken by the {owner[0]} source"
+                    ))
+                else:
+                    merged[engine_id] = (source, record)
         for engine_id in list(self.engines):
             if engine_id not in merged:
                 # Requests in flight keep their EngineState reference and finish.
@@ -127,6 +154,15 @@ class Fleet:
         self._reindex()
         for state in joined:
             self._routable(state)
+        return refused
+
+    def _url_problem(self, url: str) -> UrlProblem | None:
+        checks = self._url_checks
+        if url not in checks:
+            if len(checks) >= 4096:
+                checks.clear()
+            checks[url] = url_problem(url, self._allow_private_urls)
+        return checks[url]
 
     def _forget(self, engine_id: str) -> None:
         for listener in self._forget_listeners:

@@ -20,7 +20,8 @@ class HealthChecker(EnginePoller):
     async def poll(self, engine_id: str, url: str) -> None:
         try:
             async with self._session.get(
-                f"{url}/health", timeout=self._timeout, headers=self._headers
+                f"{url}/health", timeout=self._timeout, headers=self._headers,
+                allow_redirects=False,  # a redirect's target is not the engine
             ) as resp:
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError, ValueError):

@@ -37,6 +37,7 @@ from .errors import RouterError, sse_error_event
 from .fleet import EngineState
 from .json_limits import items_upper_bound, json_items_exceed
 from .multipart import MalformedMultipart, multipart_model
+from .request_ids import RequestIds
 from .routing.base import Candidate, Decision, RequestFeatures
 from .routing.features import request_features, session_key
 from .state import REQUEST_ID, REQUEST_MODEL, RouterState
@@ -101,13 +102,6 @@ class _Call:
     status: int = 499  # until known: the client went away
 
 
-def new_request_id() -> str:
-    """32 random hex digits, like `uuid.uuid4().hex`. A request id must be unique, not
-    secret: `uuid4()` costs a getrandom() system call and a UUID object per request,
-    the Mersenne Twister a few hundred nanoseconds."""
-    return f"{random.getrandbits(128):032x}"
-
-
 class _StreamResponse(web.StreamResponse):
     """A StreamResponse whose headers leave with its first body chunk: one send() on the
     socket instead of two (aiohttp's own web.Response does the same). The proxy writes
@@ -116,12 +110,13 @@ class _StreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: web.Request, ids: RequestIds) -> str:
+    """The client's X-Request-Id (forwarded and returned as it came), or a new one."""
     rid = request.get(REQUEST_ID)
     if rid is None:
         rid = request.headers.get("X-Request-Id") or ""
         if not rid or len(rid) > 200 or not rid.isprintable():  # logged: keep it sane
-            rid = new_request_id()
+            rid = ids.next()
         request[REQUEST_ID] = rid
     return rid
 
@@ -136,6 +131,8 @@ def check_api_key(state: RouterState, request: web.Request) -> None:
     # (Header bytes that are not UTF-8 arrive as surrogate escapes: encode them back.)
     raw = token.encode("utf-8", "surrogateescape")
     matched = False
+    if not raw:  # settings refuse empty keys; an empty token never matches regardless
+        raise RouterError(401, "Invalid or missing API key.", "invalid_api_key")
     for key in keys:
         matched |= hmac.compare_digest(raw, key.encode())
     if not matched:
@@ -163,11 +160,12 @@ class Proxy:
         self._total_timeout = s.request_timeout_s
         self._policy_needs_prompt = state.policy.needs_prompt
         self._max_body = max_body_bytes(s.max_body_mb)
+        self._ids = RequestIds()
 
     # --- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
-        rid = request_id(request)
+        rid = request_id(request, self._ids)
         started = time.monotonic()
         call: _Call | None = None
         try:

@@ -70,9 +70,11 @@ class Scraper(EnginePoller):
         ours_before = before.inflight if before is not None else 0
         try:
             async with self._session.get(
-                f"{url}/metrics", timeout=self._timeout, headers=self._headers
+                f"{url}/metrics", timeout=self._timeout, headers=self._headers,
+                allow_redirects=False,  # engine traffic never follows redirects
             ) as resp:
-                resp.raise_for_status()
+                if resp.status != 200:
+                    raise ValueError(f"/metrics answered {resp.status}")
                 text = await resp.text()
             load = parse_engine_metrics(text, self._clock())
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .engine_address import url_problem
 from .settings_loader import CsvList
 
 ENV_PREFIX = "DEEPINFER_"
@@ -170,16 +171,19 @@ class RouterSettings(BaseSettings):
     # --- security --------------------------------------------------------------------
     api_key: CsvList = Field(
         default_factory=list,
-        description="Accepted client API key (Authorization: Bearer); repeatable. None: open.",
+        description="Accepted client API key (Authorization: Bearer); repeatable. None: open. "
+        "An empty key is refused at start-up.",
     )
     admin_key: str | None = Field(
-        None, description="Key for /admin routes. Without it they answer loopback clients only."
+        None, description="Key for /admin routes. Without it they answer loopback clients "
+        "(with a loopback Host) only."
     )
     engine_api_key: str | None = Field(
         None, description="Authorization bearer sent to engines (the client's key is stripped)."
     )
     allow_private_engine_urls: bool = Field(
-        False, description="Accept link-local / cloud-metadata engine addresses at registration."
+        False, description="Accept link-local / cloud-metadata engine addresses (refused "
+        "otherwise, from every source and at every connection)."
     )
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body, in MiB.")
     max_json_items: int = Field(
@@ -210,6 +214,33 @@ class RouterSettings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"engine URL must start with http:// or https://: {url!r}")
         return urls
+
+    @field_validator("api_key", "admin_key", "engine_api_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: object, info: ValidationInfo) -> object:
+        # Runs before the comma split, which would drop empty parts: `--api-key ''`,
+        # `DEEPINFER_API_KEY=` or `api_key = [""]` (an unset variable, usually) must not
+        # quietly mean "no key" or a key that an empty Authorization matches.
+        parts: object = value
+        if isinstance(value, str):  # a list's parts (api_key) come comma-separated
+            parts = value.split(",") if info.field_name == "api_key" else [value]
+        if isinstance(parts, list | tuple) and any(
+            not isinstance(p, str) or not p.strip() for p in parts
+        ):
+            raise ValueError(
+                "an empty key is refused (an unset variable?); leave the option out instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _engine_addresses(self) -> RouterSettings:
+        # The same address checks as every other source (engine_address.py), told at
+        # start-up rather than as a log line about an engine left out.
+        for url in self.engine:
+            problem = url_problem(url, self.allow_private_engine_urls)
+            if problem is not None:
+                raise ValueError(f"--engine {url}: {problem.message}")
+        return self
 
     @field_validator("redis_url")
     @classmethod

@@ -108,7 +108,8 @@ def _describe_error(cls: type[BaseSettings], exc: ValidationError, env_prefix: s
         where = f"{flag_name(loc)} (env {env_prefix}{loc.upper()}, TOML key {loc})"
     else:
         where = f"option {loc!r}" if loc else "settings"
-    return f"invalid {where}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    return f"invalid {where}: {msg}"
 
 
 def load_settings(

@@ -56,6 +56,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .engine_address import is_ip_literal, resolve_allowed
+
 __all__ = [
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
@@ -103,7 +105,7 @@ _BODYLESS_METHODS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS", "TRACE"))
 class _Origin:
     """A parsed engine base URL."""
 
-    __slots__ = ("host", "host_header", "key", "port", "prefix", "tls")
+    __slots__ = ("host", "host_header", "is_name", "key", "port", "prefix", "tls")
 
     def __init__(self, base_url: str) -> None:
         parts = urlsplit(base_url)
@@ -118,6 +120,7 @@ class _Origin:
         self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.prefix = parts.path.rstrip("/")
         self.key = (scheme, self.host, self.port)
+        self.is_name = not is_ip_literal(self.host)
 
 
 class UpstreamResponse:
@@ -505,8 +508,13 @@ class UpstreamPool:
         idle_timeout_s: float = 4.0,
         buffer_limit: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
+        guard_addresses: bool = True,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        # Names are resolved here and each address checked before connecting (see
+        # engine_address): a name re-pointed at a metadata address after registration
+        # is refused. False: --allow-private-engine-urls.
+        self.guard_addresses = guard_addresses
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.buffer_limit = buffer_limit
@@ -579,6 +587,27 @@ class UpstreamPool:
                 if timer is not None:
                     timer.cancel()
 
+    async def _open(self, origin: _Origin, ssl_context: ssl.SSLContext | None) -> _Connection:
+        server_hostname = origin.host if ssl_context is not None else None
+        if not (origin.is_name and self.guard_addresses):
+            _, protocol = await self.loop.create_connection(
+                lambda: _Connection(self, origin.key), origin.host, origin.port,
+                ssl=ssl_context, server_hostname=server_hostname,
+            )
+            return protocol
+        error: OSError | None = None
+        for address in await resolve_allowed(origin.host, origin.port):
+            try:
+                _, protocol = await self.loop.create_connection(
+                    lambda: _Connection(self, origin.key), address, origin.port,
+                    ssl=ssl_context, server_hostname=server_hostname,
+                )
+                return protocol
+            except OSError as exc:  # the next address, like create_connection would
+                error = exc
+        assert error is not None
+        raise error
+
     def _acquire(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
@@ -606,13 +635,7 @@ class UpstreamPool:
             ssl_context = self._ssl_context
         try:
             async with asyncio.timeout(limit):
-                _, protocol = await self.loop.create_connection(
-                    lambda: _Connection(self, origin.key),
-                    origin.host,
-                    origin.port,
-                    ssl=ssl_context,
-                    server_hostname=origin.host if ssl_context is not None else None,
-                )
+                protocol = await self._open(origin, ssl_context)
         except TimeoutError:
             if head_first:  # the caller's deadline, not the connect timeout
                 raise

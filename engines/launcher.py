@@ -259,7 +259,7 @@ class ReadyInfo:
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
-    async with session.get(url) as resp:
+    async with session.get(url, allow_redirects=False) as resp:
         if resp.status != 200:
             return None
         return await resp.json(content_type=None)
@@ -270,7 +270,7 @@ async def probe_ready(
 ) -> tuple[bool, str, ReadyInfo | None]:
     """One readiness probe: (ready, what is missing, info)."""
     try:
-        async with session.get(f"{base}/health") as resp:
+        async with session.get(f"{base}/health", allow_redirects=False) as resp:
             if resp.status != 200:
                 return False, f"/health answered {resp.status}", None
         models = await _get_json(session, f"{base}/v1/models")
@@ -279,7 +279,9 @@ async def probe_ready(
             return False, f"model {served_name!r} not yet in /v1/models", None
         if check_completion:
             body = {"model": served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
-            async with session.post(f"{base}/v1/completions", json=body) as resp:
+            async with session.post(
+                f"{base}/v1/completions", json=body, allow_redirects=False
+            ) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:200]
                     return False, f"test completion answered {resp.status}: {text}", None
@@ -349,7 +351,7 @@ async def read_capacity(
     labels: dict[str, str] = {}
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            async with session.get(f"{base}/metrics") as resp:
+            async with session.get(f"{base}/metrics", allow_redirects=False) as resp:
                 if resp.status == 200:
                     labels = parse_cache_config(await resp.text())
     max_len = next((m.get("max_model_len") for m in models if m.get("id") == served_name), None)

@@ -97,7 +97,8 @@ class HttpRegistrar:
         self._record.heartbeat_at = time.time()
         payload = {**self._record.model_dump(mode="json"), "ttl_s": self._ttl_s}
         async with self._session.post(
-            f"{self._base}/admin/engines", json=payload, headers=self._headers
+            f"{self._base}/admin/engines", json=payload, headers=self._headers,
+            allow_redirects=False,  # the admin key goes to the router, nowhere else
         ) as resp:
             if resp.status >= 300:
                 raise RuntimeError(
@@ -130,7 +131,8 @@ class HttpRegistrar:
         if self._session is not None and self._record is not None:
             try:
                 async with self._session.delete(
-                    f"{self._base}/admin/engines/{self._record.id}", headers=self._headers
+                    f"{self._base}/admin/engines/{self._record.id}", headers=self._headers,
+                    allow_redirects=False,
                 ):
                     pass
             except (TimeoutError, aiohttp.ClientError) as exc:

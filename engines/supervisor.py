@@ -396,7 +396,7 @@ class Supervisor:
                 if wait_proc in done:
                     return "exited"
                 try:
-                    async with session.get(url) as resp:
+                    async with session.get(url, allow_redirects=False) as resp:
                         ok = resp.status == 200
                 except (TimeoutError, aiohttp.ClientError):
                     ok = False

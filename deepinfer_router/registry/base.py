@@ -6,10 +6,12 @@ changes; the fleet merges the views of all sources. Sources do I/O; the fleet do
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..engine_record import EngineRecord
+from ..fleet import Refusal
 
 OnChange = Callable[[], None]
 
@@ -36,3 +38,21 @@ class WritableRegistry(RegistrySource, Protocol):
     async def register(self, record: EngineRecord, ttl_s: float | None = None) -> None: ...
 
     async def deregister(self, engine_id: str) -> bool: ...
+
+
+class RefusalLog:
+    """Logs a record the fleet leaves out when it starts being left out (sync runs on
+    every registry change); one that comes back after being fixed is logged again."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._current: set[Refusal] = set()
+
+    def report(self, refusals: Iterable[Refusal]) -> None:
+        current = set(refusals)
+        for refusal in current - self._current:
+            self._log.warning(
+                "engine %r (%r) from the %s registry left out: %s",
+                refusal.engine_id[:200], refusal.url[:200], refusal.source, refusal.reason,
+            )
+        self._current = current

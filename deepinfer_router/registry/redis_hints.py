@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
+from ..routing.base import EngineLookup
 from ..tasks import cancel_and_wait
 from . import redis_store as store
 
@@ -33,12 +34,19 @@ log = logging.getLogger("deepinfer.registry.hints")
 _BACKOFF_MAX_S = 5.0
 
 
+# A stream entry larger than this is not parsed: a batch of `batch_max` hints of real
+# prompts is far smaller, and anyone who can write to Redis can write one.
+MAX_BATCH_BYTES = 8 << 20
+
+
 class HintPolicy(Protocol):
     """The sharing hooks of a routing policy (routing.base.PolicyBase has no-op ones)."""
 
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
 
-    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int: ...
+    def import_hints(
+        self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
+    ) -> int: ...
 
 
 class RedisHints:
@@ -49,6 +57,7 @@ class RedisHints:
         url: str,
         namespace: str,
         policy: HintPolicy,
+        engines: EngineLookup,
         *,
         interval_s: float = 0.1,
         batch_max: int = 1024,
@@ -57,6 +66,7 @@ class RedisHints:
         router_id: str | None = None,
     ) -> None:
         self._policy = policy
+        self._engines = engines  # hints about engines the fleet lacks are ignored
         self._key = f"{namespace}:hints"
         self._interval_s = interval_s
         self._batch_max = batch_max
@@ -149,11 +159,13 @@ class RedisHints:
         self.published += len(hints)
 
     def _apply(self, payload: str) -> None:
+        if len(payload) > MAX_BATCH_BYTES:
+            return
         try:
             hints = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
         if isinstance(hints, list):
             self.imported += self._policy.import_hints(
-                (h for h in hints if isinstance(h, dict)), self._now()
+                (h for h in hints if isinstance(h, dict)), self._now(), self._engines
             )

@@ -21,8 +21,9 @@ async def fetch_models(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
 ) -> tuple[list[str], int | None]:
     """Served model names and the largest max_model_len from an engine's /v1/models."""
-    async with session.get(f"{url}/v1/models", headers=headers) as resp:
-        resp.raise_for_status()
+    async with session.get(f"{url}/v1/models", headers=headers, allow_redirects=False) as resp:
+        if resp.status != 200:  # a redirect too: engine traffic never follows one
+            raise ValueError(f"/v1/models answered {resp.status}")
         payload: Any = await resp.json(content_type=None)
     models: list[str] = []
     max_len: int | None = None

@@ -10,9 +10,13 @@ or restarts (new instance).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# What the fleet knows of an engine named by another router's hint: (instance, KV
+# capacity in prompt characters), or None for an engine that is not in the fleet.
+EngineLookup = Callable[[str], "tuple[str, int] | None"]
 
 
 @dataclass(slots=True)
@@ -72,7 +76,9 @@ class RoutingPolicy(Protocol):
 
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
 
-    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int: ...
+    def import_hints(
+        self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
+    ) -> int: ...
 
 
 class PolicyBase:
@@ -98,5 +104,7 @@ class PolicyBase:
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
         return []
 
-    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int:
+    def import_hints(
+        self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
+    ) -> int:
         return 0

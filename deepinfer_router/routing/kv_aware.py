@@ -37,13 +37,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import reasons
-from .base import Candidate, Decision, PolicyBase, RequestFeatures
+from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
+from .features import MAX_SESSION_KEY
 from .guard import BoundedLoad
 from .prefix_index import PrefixIndex
 from .scoring import LoadWeights, engine_seed, load_cost, rendezvous
 from .sessions import SessionAffinity, SessionTable
 
 _REUSE_EWMA = 0.05  # weight of one observed reuse distance in the running mean
+MAX_HINT_CHUNKS = 4096  # chain hashes applied per imported hint (1 MiB of prompt at 256)
+# Prefix-index entries per engine, at most (~150 B each: 40 MiB). 64 Mi prompt chars at
+# 256-char chunks, 16M tokens: more KV cache than any single engine has today.
+MAX_ENGINE_CHUNKS = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,10 @@ class KvAwarePolicy(PolicyBase):
     @property
     def sessions(self) -> SessionTable:
         return self._affinity.table
+
+    def engine_ids(self) -> list[str]:
+        """Engines the policy keeps state for."""
+        return sorted(self._engines)
 
     @property
     def mean_reuse_distance(self) -> float | None:
@@ -304,7 +313,9 @@ class KvAwarePolicy(PolicyBase):
     # --- engine bookkeeping ---------------------------------------------------------------
     def _capacity_chunks(self, capacity_chars: int) -> int:
         chars = capacity_chars if capacity_chars > 0 else self.params.default_capacity_chars
-        return max(1, chars // self.params.chunk_chars)
+        # Clamped: a capacity comes from a registry record or an engine's metrics, either
+        # of which anyone with Redis (or a rogue engine) can inflate.
+        return max(1, min(chars // self.params.chunk_chars, MAX_ENGINE_CHUNKS))
 
     def _sync(self, candidates: Iterable[Candidate]) -> None:
         engines = self._engines
@@ -411,29 +422,45 @@ class KvAwarePolicy(PolicyBase):
             out.append(box.popleft())
         return out
 
-    def import_hints(self, hints: Iterable[Mapping[str, Any]], now: float) -> int:
+    def import_hints(
+        self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
+    ) -> int:
         """Apply other routers' placements as if routed here: record the chains and bind
-        the sessions. Hints for another chunk size or another instance of an engine are
-        ignored. Returns how many were applied."""
+        the sessions. Only hints for an engine the fleet has now (`lookup`), at the
+        instance it has now and with this chunk size are applied: the stream replays
+        hints about engines long gone, and anyone who can write to Redis can write one.
+        Each is bounded (MAX_HINT_CHUNKS chunks, a session key of at most
+        MAX_SESSION_KEY characters), so what a hint adds is bounded by the engine's
+        capacity and --max-sessions, like what routing adds. Returns how many applied."""
         applied = 0
         for hint in hints:
             try:
-                engine_id = str(hint["engine"])
-                instance = str(hint["instance"])
-                if int(hint.get("chunk_chars", 0)) != self.params.chunk_chars:
-                    continue
-                hashes = [int(h) for h in hint.get("hashes") or ()]
+                engine_id = hint["engine"]
+                instance = hint["instance"]
+                chunk_chars = hint.get("chunk_chars")
+                hashes = hint.get("hashes") or []
                 session = hint.get("session")
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError):
+                continue
+            if (
+                not isinstance(engine_id, str)
+                or chunk_chars != self.params.chunk_chars
+                or not isinstance(hashes, list)
+                or not (session is None or isinstance(session, str))
+            ):
+                continue
+            known = lookup(engine_id)
+            if known is None or known[0] != instance:
+                continue
+            hashes = hashes[:MAX_HINT_CHUNKS]
+            if not all(type(h) is int for h in hashes):
                 continue
             eng = self._engines.get(engine_id)
-            if eng is None:
-                eng = self._add_engine(engine_id, instance, 0)
-            elif eng.instance != instance:
-                continue
+            if eng is None or eng.instance != instance:
+                self._add_engine(engine_id, instance, known[1])
             if hashes:
                 self._index.record(engine_id, hashes)
-            if isinstance(session, str):
+            if session and len(session) <= MAX_SESSION_KEY:
                 self._affinity.bind(session, engine_id, now)
             applied += 1
         return applied

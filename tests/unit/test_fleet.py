@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deepinfer_router.engine_record import Capacity, EngineRecord
 from deepinfer_router.fleet import Fleet, ScrapedLoad
 
@@ -97,3 +99,31 @@ def test_routable_listeners_hear_joins_restarts_recoveries_and_undrains():
     restarted = record(2, instance="j")
     fleet.sync([("local", {a.id: a, restarted.id: restarted})])
     assert heard == [["m"], ["m"], ["m"]]  # back healthy, un-drained, restarted
+
+
+def test_sources_never_take_over_each_others_engines():
+    """The first source to name an id keeps it: a Redis record carrying a static
+    engine's id (a predictable hash of its URL) does not replace that engine's URL."""
+    f = make_fleet()
+    static = EngineRecord(url="http://10.0.0.1:8000", models=["m"])
+    hijack = EngineRecord(id=static.id, url="http://10.9.9.9:8000", models=["m"])
+    refused = f.sync([("static", {static.id: static}), ("redis", {hijack.id: hijack})])
+    assert f.engines[static.id].record.url == "http://10.0.0.1:8000"
+    assert f.engines[static.id].source == "static"
+    assert [(r.source, r.engine_id) for r in refused] == [("redis", static.id)]
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254", "http://[::ffff:169.254.169.254]", "http://[::a9fe:a9fe]",
+    "http://[64:ff9b::a9fe:a9fe]", "http://[2002:a9fe:a9fe::1]", "http://metadata.google.internal",
+    "http://[fe80::1]:8000", "http://100.100.100.200", "http://0.0.0.0:1",
+])
+def test_every_source_gets_the_address_checks(url):
+    f = make_fleet()
+    record = EngineRecord(url=url, models=["m"])
+    refused = f.sync([("redis", {record.id: record})])
+    assert not f.engines and refused[0].reason
+    allowed = Fleet(chars_per_token=4, default_kv_tokens=1000, stale_after_s=5,
+                    eject_after_failures=3, eject_cooldown_s=5, allow_private_urls=True)
+    assert not allowed.sync([("redis", {record.id: record})])
+    assert record.id in allowed.engines

@@ -9,7 +9,7 @@ import pytest
 from deepinfer_router.routing import reasons
 from deepinfer_router.routing.base import Candidate, Decision, RequestFeatures
 from deepinfer_router.routing.features import request_features
-from deepinfer_router.routing.kv_aware import KvAwareParams, KvAwarePolicy
+from deepinfer_router.routing.kv_aware import MAX_HINT_CHUNKS, KvAwareParams, KvAwarePolicy
 
 CHUNK = 64
 MODEL = "m"
@@ -247,13 +247,37 @@ def test_hints_roundtrip_between_routers() -> None:
     hints = a.export_hints()
     assert len(hints) == 1 and hints[0]["engine"] == d.engine_id
     assert a.export_hints() == []
-    assert b.import_hints(hints, now=0.0) == 1
-    assert b.import_hints([{"engine": "e0", "instance": "1", "chunk_chars": 999}], 0.0) == 0
-    assert b.import_hints([{"bogus": 1}], 0.0) == 0
+    known = {c.id: (c.instance, c.kv_capacity_chars) for c in cands}.get
+    assert b.import_hints(hints, 0.0, known) == 1
+    assert b.import_hints([{"engine": "e0", "instance": "1", "chunk_chars": 999}], 0.0,
+                          known) == 0
+    assert b.import_hints([{"bogus": 1}], 0.0, known) == 0
     d2 = b.select(feats(SYSTEM + "q"), cands, 1.0)
     assert (d2.engine_id, d2.reason) == (d.engine_id, reasons.PREFIX)
     d3 = b.select(feats("other", "s1"), cands, 1.0)
     assert (d3.engine_id, d3.reason) == (d.engine_id, reasons.SESSION)
+
+
+def test_hints_only_for_engines_in_the_fleet_and_bounded() -> None:
+    cands = fleet()
+    known = {c.id: (c.instance, c.kv_capacity_chars) for c in cands}.get
+    p = policy()
+    chain = feats(SYSTEM).chunk_hashes
+    base = {"engine": cands[0].id, "instance": cands[0].instance, "chunk_chars": CHUNK}
+    hostile = [
+        {**base, "engine": "e-unknown", "hashes": chain, "session": "s-unknown"},
+        {**base, "instance": "another-instance", "hashes": chain, "session": "s-old"},
+        {**base, "hashes": [str(h) for h in chain]},  # hashes are ints
+        {**base, "hashes": "abc"},
+        {**base, "session": ["not", "a", "key"]},
+        {**base, "engine": ["e0"]},
+    ]
+    assert p.import_hints(hostile, 0.0, known) == 0
+    assert p.engine_ids() == [] and len(p.index) == 0 and len(p.sessions) == 0
+    huge = {**base, "hashes": list(range(100_000)), "session": "x" * 100_000}
+    assert p.import_hints([huge], 0.0, known) == 1
+    assert len(p.index) <= MAX_HINT_CHUNKS and len(p.sessions) == 0
+    assert p.engine_ids() == [cands[0].id]
 
 
 def test_hints_off_by_default() -> None:

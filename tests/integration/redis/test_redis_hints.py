@@ -22,6 +22,11 @@ def candidates() -> list[Candidate]:
     return [Candidate(id=f"e{i}", instance=f"i{i}", kv_capacity_chars=10**7) for i in range(4)]
 
 
+def lookup(engine_id: str) -> tuple[str, int] | None:
+    """The fleet of `candidates()`, as the router's hint importer sees it."""
+    return {c.id: (c.instance, c.kv_capacity_chars) for c in candidates()}.get(engine_id)
+
+
 def request(text: str, session: str | None = None) -> RequestFeatures:
     return RequestFeatures(
         model="m", session_key=session, chunk_hashes=chain_hashes(text, CHUNK, "m"),
@@ -31,7 +36,7 @@ def request(text: str, session: str | None = None) -> RequestFeatures:
 
 async def test_placements_flow_between_routers(redis_server: RedisServer) -> None:
     policies = [KvAwarePolicy(KvAwareParams(chunk_chars=CHUNK, hint_outbox=4096)) for _ in "ab"]
-    hints = [RedisHints(redis_server.url, "ns", p, interval_s=0.05) for p in policies]
+    hints = [RedisHints(redis_server.url, "ns", p, lookup, interval_s=0.05) for p in policies]
     for h in hints:
         await h.start()
     try:
@@ -68,7 +73,7 @@ async def test_new_router_replays_history_and_survives_outage(
     redis_server: RedisServer,
 ) -> None:
     a = KvAwarePolicy(KvAwareParams(chunk_chars=CHUNK, hint_outbox=4096))
-    ha = RedisHints(redis_server.url, "ns", a, interval_s=0.05)
+    ha = RedisHints(redis_server.url, "ns", a, lookup, interval_s=0.05)
     await ha.start()
     try:
         cands = candidates()
@@ -78,7 +83,7 @@ async def test_new_router_replays_history_and_survives_outage(
         await wait_for(lambda: ha.published == 1, 3)
         # A router started later gets the history.
         b = KvAwarePolicy(KvAwareParams(chunk_chars=CHUNK, hint_outbox=16))
-        hb = RedisHints(redis_server.url, "ns", b, interval_s=0.05)
+        hb = RedisHints(redis_server.url, "ns", b, lookup, interval_s=0.05)
         await hb.start()
         try:
             await wait_for(lambda: hb.imported == 1, 3)
@@ -94,3 +99,35 @@ async def test_new_router_replays_history_and_survives_outage(
             await hb.close()
     finally:
         await ha.close()
+
+
+async def test_hints_for_unknown_engines_leave_no_state(redis_server: RedisServer) -> None:
+    """Hints naming engines the fleet lacks (gone, or written by anyone with Redis
+    access) create no routing state; known ones still apply."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    writer = aioredis.from_url(redis_server.url)
+    chain = chain_hashes("phantom prefix " * 100, CHUNK, "m")
+    try:
+        for n in range(300):
+            phantom = {"engine": f"e-phantom{n}", "instance": "x", "chunk_chars": CHUNK,
+                       "hashes": chain, "session": f"s{n}"}
+            await writer.xadd("ns:hints", {"r": "other", "h": orjson.dumps([phantom]).decode()})
+        real = {"engine": "e1", "instance": "i1", "chunk_chars": CHUNK, "hashes": chain,
+                "session": "real"}
+        stale = {**real, "instance": "old-instance", "session": "stale"}
+        await writer.xadd("ns:hints", {"r": "other", "h": orjson.dumps([real, stale]).decode()})
+        policy = KvAwarePolicy(KvAwareParams(chunk_chars=CHUNK))
+        hints = RedisHints(redis_server.url, "ns", policy, lookup, interval_s=0.05)
+        await hints.start()
+        try:
+            await wait_for(lambda: hints.status()["up"], 3)
+            await wait_for(lambda: hints.imported >= 1, 3)
+        finally:
+            await hints.close()
+    finally:
+        await writer.aclose()
+    assert hints.imported == 1
+    assert policy.engine_ids() == ["e1"]
+    assert len(policy.sessions) == 1
