@@ -8,14 +8,15 @@
 #   RUN pip install --no-cache-dir /src
 #   ENTRYPOINT ["deepinfer-engine", "launch"]
 # (run it with --gpus all and --registry redis://... or http://router:8080).
-FROM python:3.12-slim AS build
+# Python 3.11: the version CI tests (.ci/run); keep the two the same.
+FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deepinfer_router ./deepinfer_router
 COPY engines ./engines
 RUN pip install --no-cache-dir --prefix=/install .
 
-FROM python:3.12-slim
+FROM python:3.11-slim
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --no-create-home deepinfer
 USER 10001

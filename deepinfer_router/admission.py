@@ -56,18 +56,16 @@ class Admission:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if fut.done() and not fut.cancelled():
-                # The slot was handed over just as we gave up: give it back.
+            await _wait(fut, self.queue_timeout_s)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # The slot was handed over just as we gave up (timed out, or the client
+                # left): give it back, to the next waiter.
                 self.release()
             else:
-                fut.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise AdmissionRejected("queue_timeout") from None
+            raise
 
     def release(self) -> None:
         # Hand the slot straight to the next live waiter, so it cannot be stolen.
@@ -116,17 +114,27 @@ class Admission:
         bisect.insort(waiters, entry, key=_ticket_of)  # tickets are unique
         self.engine_waiting += 1
         try:
-            await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
-            raise AdmissionRejected("queue_timeout") from None
+            await _wait(fut, timeout_s)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Woken, then timed out or cancelled (the client left) before running:
+                # the wake-up is the next waiter's, or it would sit until its timeout.
+                self._wake_next(waiters, fut)
+            raise
         finally:
             self.engine_waiting -= 1
-            if not fut.done():
-                fut.cancel()
             with contextlib.suppress(ValueError):
                 waiters.remove(entry)
             if not waiters and self._engine_waiters.get(model) is waiters:
                 del self._engine_waiters[model]
+
+    @staticmethod
+    def _wake_next(waiters: list[tuple[int, asyncio.Future[None]]],
+                   after: asyncio.Future[None]) -> None:
+        for _, fut in waiters:
+            if fut is not after and not fut.done():
+                fut.set_result(None)
+                return
 
     def engine_slot_freed(self, models: list[str]) -> None:
         """A request to an engine serving `models` finished: wake the first waiter of
@@ -147,6 +155,26 @@ class Admission:
             for _, fut in self._engine_waiters.get(model, ()):
                 if not fut.done():
                     fut.set_result(None)
+
+
+async def _wait(fut: asyncio.Future[None], timeout_s: float) -> None:
+    """Await `fut` for at most `timeout_s`, raising AdmissionRejected("queue_timeout").
+
+    Not asyncio.wait_for: when `fut` completes and the waiting task is cancelled in the
+    same loop turn, wait_for swallows the cancel on Python 3.11 (the request goes on
+    though its client left) and raises it on 3.12+. Here the cancel is always raised,
+    with `fut` done, so the caller can pass on what it was handed (same on every
+    version). The timeout is a timer that fails `fut`, so it never races the hand-over."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(AdmissionRejected("queue_timeout"))
 
 
 def _ticket_of(entry: tuple[int, asyncio.Future[None]]) -> int:

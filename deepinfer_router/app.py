@@ -44,6 +44,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         eject_after_failures=settings.eject_after_failures,
         eject_cooldown_s=settings.eject_cooldown_s,
         allow_private_urls=settings.allow_private_engine_urls,
+        first_byte_timeout_s=settings.first_byte_timeout_s,
     )
     # In a shared fleet, the policy keeps its recent placements for the other routers.
     sharing = bool(settings.redis_url and settings.share_hints)

@@ -50,6 +50,9 @@ class EngineState:
     consecutive_failures: int = 0
     ejected_until: float = 0.0  # circuit open until then; then half-open
     probing: bool = False  # half-open: one request allowed through
+    # When the oldest request whose client left before this engine's first byte was
+    # sent (0: none): its first-byte clock keeps running (see Fleet.request_abandoned).
+    unanswered_since: float = 0.0
 
     @property
     def id(self) -> str:
@@ -78,9 +81,11 @@ class Fleet:
         eject_after_failures: int,
         eject_cooldown_s: float,
         allow_private_urls: bool = False,
+        first_byte_timeout_s: float = 300.0,
     ) -> None:
         self.engines: dict[str, EngineState] = {}
         self._allow_private_urls = allow_private_urls
+        self._first_byte_timeout = first_byte_timeout_s
         self._url_checks: dict[str, UrlProblem | None] = {}  # sync runs on every change
         self._chars_per_token = chars_per_token
         self._default_kv_tokens = default_kv_tokens
@@ -147,6 +152,7 @@ class Fleet:
                 state.consecutive_failures = 0
                 state.ejected_until = 0.0
                 state.probing = False
+                state.unanswered_since = 0.0
                 joined.append(state)
             else:
                 state.record = record
@@ -260,8 +266,34 @@ class Fleet:
             state.ejected_until = 0.0
             state.probing = False
             state.healthy = True
+            state.unanswered_since = 0.0
         else:
             self.record_failure(state, now)
+
+    def request_abandoned(self, state: EngineState, sent_at: float | None) -> None:
+        """The client left: that says nothing about the engine, so neither success nor
+        failure is recorded (a half-open probe's turn passes to the next request). But
+        if the engine had not sent its first byte (`sent_at`: when the request was
+        sent), that request's first-byte clock keeps running: unless the engine answers
+        some request by `sent_at + first_byte_timeout`, `check_unanswered` counts a
+        failure, so an engine that hangs is ejected even when every client gives up
+        first."""
+        state.inflight -= 1
+        state.probing = False
+        if sent_at is not None and not state.unanswered_since:
+            state.unanswered_since = sent_at
+
+    def check_unanswered(self, engine_id: str, now: float) -> bool:
+        """Count a failure if an abandoned request's first-byte deadline passed without
+        any answer from the engine since (called with each health check). True if so."""
+        state = self.engines.get(engine_id)
+        if state is None or not state.unanswered_since:
+            return False
+        if now < state.unanswered_since + self._first_byte_timeout:
+            return False
+        state.unanswered_since = 0.0
+        self.record_failure(state, now)
+        return True
 
     def record_failure(self, state: EngineState, now: float) -> None:
         state.consecutive_failures += 1

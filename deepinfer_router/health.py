@@ -29,4 +29,8 @@ class HealthChecker(EnginePoller):
         state = self._fleet.engines.get(engine_id)
         if state is not None and state.healthy != ok:
             log.warning("engine %s (%s) is %s", engine_id, url, "healthy" if ok else "unhealthy")
-        self._fleet.health_result(engine_id, ok, self._clock())
+        now = self._clock()
+        self._fleet.health_result(engine_id, ok, now)
+        if self._fleet.check_unanswered(engine_id, now):
+            log.warning("engine %s (%s) answered nothing within --first-byte-timeout-s of a "
+                        "request its client gave up on: counted as a failure", engine_id, url)

@@ -100,6 +100,7 @@ class _Call:
     route: str = "none"
     engine: str = ""
     status: int = 499  # until known: the client went away
+    answered: bool = False  # the engine's response head arrived (this attempt)
 
 
 class _StreamResponse(web.StreamResponse):
@@ -423,6 +424,7 @@ class Proxy:
         state.policy.on_routed(call.features, decision, now)
         call.engine, call.route = engine.id, decision.reason
         call.status = 499
+        call.answered = False
         engine_ok = True
         final = True  # False when the error goes back to the retry loop
         try:
@@ -435,7 +437,10 @@ class Proxy:
             end = time.monotonic()
             if call.status in (502, 504):  # broke mid-stream
                 engine_ok = False
-            fleet.request_finished(engine, engine_ok, end)
+            if engine_ok and call.status == 499:  # the client left: no verdict on the engine
+                fleet.request_abandoned(engine, None if call.answered else now)
+            else:
+                fleet.request_finished(engine, engine_ok, end)
             if state.admission.engine_waiting:
                 state.admission.engine_slot_freed(engine.record.models)
             state.policy.on_complete(call.features, engine.id, engine_ok, end)
@@ -471,6 +476,7 @@ class Proxy:
             raise _Retryable("reset", 502, f"engine closed the connection: {exc}") from None
         except UpstreamError as exc:
             raise _Retryable("upstream", 502, f"engine request failed: {exc}") from None
+        call.answered = True
         try:
             if upstream.status >= 500 and upstream.status != 501:
                 text = await self._error_text(upstream, deadline)

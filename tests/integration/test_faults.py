@@ -5,6 +5,7 @@ router. Each test names the failure mode of docs/operations.md it proves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -152,6 +153,63 @@ async def test_hanging_engine_times_out_is_ejected_and_traffic_moves(procs, rout
     assert statuses.count(504) == 1  # the one probe
     assert fleet.engines[hung_id].state(time.monotonic()) == "ejected"
     assert all(e.inflight == 0 for e in fleet.engines.values())
+
+
+async def _give_up_after(http: aiohttp.ClientSession, r: RunningServer, body: dict[str, Any],
+                         seconds: float) -> None:
+    """A client that leaves after `seconds` (or once the answer's first chunk came)."""
+    with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(seconds), http.post(r.url + CHAT, json=body) as resp:
+            await resp.content.readany()
+
+
+async def test_clients_leaving_first_do_not_hide_a_hanging_engine(procs, router, http):
+    """Every client gives up before --first-byte-timeout-s: the engine's first-byte
+    clock keeps running, so a hanging engine is still counted failing and ejected (it
+    used to be counted a success each time, and never ejected)."""
+    (hung,) = await start_sims(procs, 1)
+    await set_faults(http, hung, fault_hang_rate=1.0)
+    r = await router(engine=[hung.url], first_byte_timeout_s=0.5, eject_after_failures=2,
+                     eject_cooldown_s=60, health_interval_s=0.1, max_retries=0)
+    await ready(r, 1)
+    (state,) = r.app[STATE].fleet.engines.values()
+    for failures in (1, 2):
+        await _give_up_after(http, r, chat(text=f"q{failures}"), 0.1)
+        await wait_until(lambda: state.inflight == 0, timeout=5)
+        assert state.consecutive_failures == failures - 1  # not before the deadline
+        await wait_until(lambda n=failures: state.consecutive_failures == n, timeout=5)
+    assert state.state(time.monotonic()) == "ejected"
+
+
+async def test_a_client_leaving_is_neither_success_nor_failure(echo_engines, router, http):
+    """Failures counted before a client leaves stay counted, and a half-open probe whose
+    client leaves does not close the circuit."""
+    a = await echo_engines("a")
+    r = await router(engine=[a.url], max_retries=0, eject_after_failures=2,
+                     eject_cooldown_s=0.3)
+    await ready(r, 1)
+    (state,) = r.app[STATE].fleet.engines.values()
+    engine = a.app[ENGINE]
+    engine.fail_status = 500
+    body = {"model": "m1", "prompt": "x", "max_tokens": 50, "stream": True}
+    status, _, _ = await post(http, r, body)
+    assert status == 502 and state.consecutive_failures == 1
+    engine.fail_status = None
+    engine.token_delay_s = 0.05
+    await _give_up_after(http, r, body, 5.0)  # leaves after the first chunk
+    await wait_until(lambda: state.inflight == 0, timeout=5)
+    assert state.consecutive_failures == 1
+    engine.fail_status = 500
+    await post(http, r, body)
+    assert state.ejected_until > 0  # circuit open
+    await asyncio.sleep(0.35)  # cool-down over: the next request is the half-open probe
+    engine.fail_status = None
+    await _give_up_after(http, r, body, 5.0)
+    await wait_until(lambda: state.inflight == 0, timeout=5)
+    assert state.ejected_until > 0 and state.consecutive_failures == 2  # still open
+    assert not state.probing  # the probe's turn passes on
+    status, _, _ = await post(http, r, {**body, "stream": False})  # a real answer closes it
+    assert status == 200 and state.ejected_until == 0 and state.consecutive_failures == 0
 
 
 async def test_stalled_engine_stream_ends_with_idle_timeout_and_is_freed(procs, router, http):

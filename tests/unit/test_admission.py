@@ -76,3 +76,52 @@ async def test_queue_full_and_timeout() -> None:
         await first
     assert late.value.reason == "queue_timeout"
     assert adm.engine_waiting == 0
+
+
+async def _spin(turns: int = 5) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_engine_wakeup_of_a_waiter_cancelled_at_once_goes_to_the_next() -> None:
+    """Woken, then cancelled (its client left) before it ran: the cancel is honoured
+    and the wake-up passes to the next waiter, not lost until its timeout."""
+    adm = Admission(max_inflight=100, max_queue=10, queue_timeout_s=30.0)
+    first = asyncio.create_task(adm.wait_engine_slot("m", 30.0, adm.engine_ticket()))
+    second = asyncio.create_task(adm.wait_engine_slot("m", 30.0, adm.engine_ticket()))
+    await _spin()
+    assert adm.engine_waiting == 2
+    adm.engine_slot_freed(["m"])  # wakes `first` ...
+    first.cancel()  # ... whose client leaves in the same loop turn
+    await _spin()
+    assert first.cancelled()
+    assert second.done() and second.exception() is None
+    assert adm.engine_waiting == 0 and adm.queued == 0
+
+
+async def test_router_slot_handed_to_a_waiter_cancelled_at_once_goes_to_the_next() -> None:
+    adm = Admission(max_inflight=1, max_queue=10, queue_timeout_s=30.0)
+    await adm.acquire()
+    first = asyncio.create_task(adm.acquire())
+    second = asyncio.create_task(adm.acquire())
+    await _spin()
+    assert adm.queued == 2
+    adm.release()  # hands the slot to `first` ...
+    first.cancel()  # ... whose client leaves in the same loop turn
+    await _spin()
+    assert first.cancelled()
+    assert second.done() and second.exception() is None
+    assert adm.inflight == 1 and adm.queued == 0
+    adm.release()
+    assert adm.inflight == 0
+
+
+async def test_timeouts_leave_nothing_queued() -> None:
+    adm = Admission(max_inflight=1, max_queue=10, queue_timeout_s=0.05)
+    await adm.acquire()
+    with pytest.raises(AdmissionRejected) as info:
+        await adm.acquire()
+    assert info.value.reason == "queue_timeout" and adm.queued == 0 and adm.inflight == 1
+    with pytest.raises(AdmissionRejected) as info:
+        await adm.wait_engine_slot("m", 0.05, adm.engine_ticket())
+    assert info.value.reason == "queue_timeout" and adm.engine_waiting == 0

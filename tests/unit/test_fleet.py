@@ -127,3 +127,24 @@ def test_every_source_gets_the_address_checks(url):
                     eject_after_failures=3, eject_cooldown_s=5, allow_private_urls=True)
     assert not allowed.sync([("redis", {record.id: record})])
     assert record.id in allowed.engines
+
+
+def test_abandoned_request_keeps_the_first_byte_clock_running():
+    fleet = Fleet(chars_per_token=4, default_kv_tokens=1000, stale_after_s=5,
+                  eject_after_failures=2, eject_cooldown_s=10, first_byte_timeout_s=30)
+    r = record(8000)
+    fleet.sync([("static", {r.id: r})])
+    state = fleet.request_started(r.id)
+    assert state is not None
+    fleet.request_abandoned(state, sent_at=100.0)  # the client left before the first byte
+    assert state.inflight == 0 and state.consecutive_failures == 0
+    assert not fleet.check_unanswered(r.id, 129.0)
+    assert fleet.check_unanswered(r.id, 130.0) and state.consecutive_failures == 1
+    assert not fleet.check_unanswered(r.id, 200.0)  # counted once
+    # An answer from the engine in between stops the clock.
+    fleet.request_abandoned(fleet.request_started(r.id), sent_at=200.0)  # type: ignore[arg-type]
+    fleet.request_finished(fleet.request_started(r.id), True, 201.0)  # type: ignore[arg-type]
+    assert not fleet.check_unanswered(r.id, 300.0) and state.consecutive_failures == 0
+    # A client that left after the first byte starts no clock.
+    fleet.request_abandoned(fleet.request_started(r.id), sent_at=None)  # type: ignore[arg-type]
+    assert state.unanswered_since == 0.0
