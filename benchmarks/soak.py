@@ -170,6 +170,31 @@ def make_request(i: int, rng: random.Random) -> tuple[str, bytes, dict[str, str]
         "stream" if stream else "ok"
 
 
+def router_tables(metrics_text: str) -> dict[str, Any]:
+    """What the router's /metrics says about its bounded state: the routing tables
+    (deepinfer_routing_state_entries), requests in flight per engine, and the label
+    series of every deepinfer_ family (the model labels of the request counters too)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tables: dict[str, float] = {}
+    inflight = 0.0
+    series: dict[str, int] = {}
+    models: set[str] = set()
+    for family in text_string_to_metric_families(metrics_text):
+        if not family.name.startswith("deepinfer_"):
+            continue
+        for sample in family.samples:
+            series[sample.name] = series.get(sample.name, 0) + 1
+            if family.name == "deepinfer_routing_state_entries":
+                tables[sample.labels["table"]] = sample.value
+            elif family.name == "deepinfer_engine_inflight_requests":
+                inflight += sample.value
+            if "model" in sample.labels:
+                models.add(sample.labels["model"])
+    return {"tables": tables, "engine_inflight": inflight, "series": series,
+            "model_labels": sorted(models)}
+
+
 async def drive(router_url: str, pid: int, n: int, concurrency: int, samples: int,
                 seed: int) -> dict[str, Any]:
     import aiohttp
@@ -204,13 +229,27 @@ async def drive(router_url: str, pid: int, n: int, concurrency: int, samples: in
             if done % step == 0:
                 rss.append({"requests": done, "rss_kib": rss_kib(pid),
                             "t_s": round(time.monotonic() - started, 2)})
+                async with session.get(router_url + "/metrics") as resp:
+                    tables.append({"after_requests": done,
+                                   **router_tables(await resp.text())["tables"]})
 
+    tables: list[dict[str, Any]] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - started
+        # Settled: the last cancelled streams' engine requests end within moments.
+        settle_by = time.monotonic() + 10
+        while True:
+            async with session.get(router_url + "/metrics") as resp:
+                final = router_tables(await resp.text())
+            idle = final["engine_inflight"] == 0 and final["tables"].get("requests", 0) == 0
+            if idle or time.monotonic() > settle_by:
+                break
+            await asyncio.sleep(0.1)
     return {"rss": rss, "statuses": dict(sorted(statuses.items())), "unexpected": unexpected,
-            "elapsed_s": round(elapsed, 2), "requests_per_s": round(n / elapsed, 1)}
+            "elapsed_s": round(elapsed, 2), "requests_per_s": round(n / elapsed, 1),
+            "tables_over_time": tables, "end_state": final}
 
 
 def summarize(result: dict[str, Any], warmup_fraction: float) -> dict[str, Any]:
@@ -277,7 +316,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "engines": args.engines,
         "router_settings": {"max_sessions": args.max_sessions, "engine_kv_tokens": 4096,
-                            "prefix_chunk_chars": 128},
+                            "prefix_chunk_chars": 256, "chars_per_token": 4},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         **summarize(result, args.warmup_fraction),

@@ -55,6 +55,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         lambda: [(s.id, s.inflight) for s in fleet.engines.values()],
         lambda: fleet.state_counts(time.monotonic()),
     )
+    router_metrics.watch_routing(policy.state_sizes)
     state = RouterState(
         settings=settings,
         fleet=fleet,

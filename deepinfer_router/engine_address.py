@@ -16,7 +16,8 @@ import errno
 import ipaddress
 import re
 import socket
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -178,15 +179,20 @@ def keep_allowed(host: str, addresses: list[str]) -> list[str]:
     return allowed
 
 
-async def resolve_allowed(host: str, port: int) -> list[str]:
+# loop.getaddrinfo's shape (host, port, type=, proto=) -> [(family, type, proto, name, addr)]
+GetAddrInfo = Callable[..., Awaitable[list[tuple[Any, ...]]]]
+
+
+async def resolve_allowed(
+    host: str, port: int, getaddrinfo: GetAddrInfo | None = None
+) -> list[str]:
     """The addresses of `host` that the router may connect to, in resolver order; raises
-    AddressRefusedError if none (OSError if the name does not resolve)."""
+    AddressRefusedError if none (OSError if the name does not resolve). `getaddrinfo`:
+    the event loop's (a slow DNS must not stall the router) unless given."""
     if is_ip_literal(host):
         return [host]
-    # The event loop's resolver: a slow DNS must not stall the router.
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    lookup = getaddrinfo or asyncio.get_running_loop().getaddrinfo
+    infos = await lookup(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     return keep_allowed(host, addresses)
 

@@ -78,6 +78,23 @@ class _FleetCollector(Collector):
         yield s
 
 
+class _RoutingStateCollector(Collector):
+    def __init__(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily(
+            "deepinfer_routing_state_entries",
+            "Entries in each bounded table of the routing policy (sessions: bindings, at "
+            "most --max-sessions; prefix_chunks: distinct prompt chunks estimated cached; "
+            "requests: routed and not complete; hint_outbox: placements not yet shared).",
+            labels=["table"],
+        )
+        for table, n in self._sizes().items():
+            g.add_metric([table], n)
+        yield g
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -167,3 +184,6 @@ class RouterMetrics:
         states: Callable[[], dict[str, int]],
     ) -> None:
         self.registry.register(_FleetCollector(inflight, states))
+
+    def watch_routing(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_RoutingStateCollector(sizes))

@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .engine_address import is_ip_literal, resolve_allowed
+from .engine_address import GetAddrInfo, is_ip_literal, resolve_allowed
 
 __all__ = [
     "UpstreamConnectError",
@@ -509,12 +509,14 @@ class UpstreamPool:
         buffer_limit: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
         guard_addresses: bool = True,
+        getaddrinfo: GetAddrInfo | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         # Names are resolved here and each address checked before connecting (see
         # engine_address): a name re-pointed at a metadata address after registration
         # is refused. False: --allow-private-engine-urls.
         self.guard_addresses = guard_addresses
+        self._getaddrinfo = getaddrinfo  # None: the loop's
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.buffer_limit = buffer_limit
@@ -596,7 +598,7 @@ class UpstreamPool:
             )
             return protocol
         error: OSError | None = None
-        for address in await resolve_allowed(origin.host, origin.port):
+        for address in await resolve_allowed(origin.host, origin.port, self._getaddrinfo):
             try:
                 _, protocol = await self.loop.create_connection(
                     lambda: _Connection(self, origin.key), address, origin.port,

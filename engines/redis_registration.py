@@ -50,6 +50,8 @@ class RedisRegistrar:
         self._record: EngineRecord | None = None
         self._task: asyncio.Task[None] | None = None
         self.failing = False  # True during an outage (for tests and status lines)
+        self.beats = 0  # heartbeats written, and failed (for tests and status lines)
+        self.failed_beats = 0
 
     @property
     def record(self) -> EngineRecord | None:
@@ -82,10 +84,12 @@ class RedisRegistrar:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             try:
                 await self._write()
+                self.beats += 1
                 if self.failing:
                     log.info("registration in %s restored", _redact(self._url))
                 self.failing = False
             except (RedisError, OSError) as exc:
+                self.failed_beats += 1
                 if not self.failing:  # once per outage, not every heartbeat
                     log.warning("heartbeat to %s failed: %s", _redact(self._url), exc)
                 self.failing = True

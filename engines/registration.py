@@ -107,6 +107,7 @@ class HttpRegistrar:
 
     async def start(self, record: EngineRecord) -> None:
         self._record = record
+        self.beats = 0  # heartbeats posted since start (for tests and status lines)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         await self._post()
         self._task = asyncio.create_task(self._loop())
@@ -117,6 +118,7 @@ class HttpRegistrar:
             await asyncio.sleep(self._heartbeat_s)
             try:
                 await self._post()
+                self.beats += 1
                 if failing:
                     log.info("registration at %s restored", self._base)
                 failing = False

@@ -74,6 +74,8 @@ class RoutingPolicy(Protocol):
 
     def forget_engine(self, engine_id: str) -> None: ...
 
+    def state_sizes(self) -> dict[str, int]: ...
+
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
 
     def import_hints(
@@ -98,6 +100,11 @@ class PolicyBase:
 
     def forget_engine(self, engine_id: str) -> None:
         return None
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries in each bounded table the policy keeps (for
+        deepinfer_routing_state_entries): none for a stateless policy."""
+        return {}
 
     # Multi-router sharing (kv-aware overrides them): placements made here, as plain
     # JSON-able dicts, for other routers to import. No-ops for policies without state.

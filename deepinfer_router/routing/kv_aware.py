@@ -126,6 +126,19 @@ class KvAwarePolicy(PolicyBase):
         """Engines the policy keeps state for."""
         return sorted(self._engines)
 
+    def state_sizes(self) -> dict[str, int]:
+        return {
+            "sessions": len(self._affinity.table),
+            "prefix_chunks": len(self._index),
+            "requests": sum(len(e.inflight) for e in self._engines.values()),
+            "hint_outbox": len(self._outbox) if self._outbox is not None else 0,
+        }
+
+    def request_state(self) -> dict[str, tuple[int, int]]:
+        """Per engine: (requests routed and not complete, their pending prefill chars):
+        what on_routed adds and on_first_token/on_complete take back."""
+        return {eid: (len(e.inflight), e.pending) for eid, e in self._engines.items()}
+
     @property
     def mean_reuse_distance(self) -> float | None:
         return self._reuse

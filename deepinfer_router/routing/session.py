@@ -35,6 +35,9 @@ class SessionPolicy(PolicyBase):
     def sessions(self) -> SessionTable:
         return self._affinity.table
 
+    def state_sizes(self) -> dict[str, int]:
+        return {"sessions": len(self._affinity.table)}
+
     def select(
         self, request: RequestFeatures, candidates: Sequence[Candidate], now: float
     ) -> Decision:

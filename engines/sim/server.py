@@ -606,7 +606,8 @@ async def start_sim_server(settings: SimSettings, host: str = "127.0.0.1", port:
     app = build_sim_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which frees the
     # sequence and its blocks at once (aiohttp >= 3.9 no longer does it by default)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           keepalive_timeout=settings.keepalive_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -29,6 +29,10 @@ class SimSettings(BaseSettings, RegistrationOptions):
         "with 127.0.0.1 for a wildcard HOST)."
     )
     model: str = Field("sim-model", min_length=1, description="Model name served.")
+    keepalive_s: float = Field(
+        5.0, gt=0, description="Seconds an idle client connection is kept open before the "
+        "engine closes it (vLLM's server: 5, VLLM_HTTP_TIMEOUT_KEEP_ALIVE)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

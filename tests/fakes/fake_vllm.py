@@ -119,8 +119,9 @@ def build_app(args: argparse.Namespace) -> web.Application:
     created = int(time.time())
 
     def error(message: str, status: int, kind: str = "BadRequestError") -> web.Response:
-        return web.json_response({"object": "error", "message": message, "type": kind,
-                                  "param": None, "code": status}, status=status)
+        # vLLM 0.32's shape (vllm/entrypoints/serve/engine/protocol.py: ErrorResponse).
+        return web.json_response({"error": {"message": message, "type": kind,
+                                            "param": None, "code": status}}, status=status)
 
     sick = {"on": False}
 

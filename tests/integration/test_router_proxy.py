@@ -15,6 +15,7 @@ from openai import AsyncOpenAI
 from deepinfer_router.state import STATE
 from tests.support.echo_engine import STATE as ENGINE
 from tests.support.echo_engine import RunningServer
+from tests.support.router_metrics import metric
 from tests.support.waiting import wait_until
 
 
@@ -178,9 +179,11 @@ async def test_no_engine_503_and_openai_client_sees_it(echo_engines, router):
     assert info.value.status_code == 503
 
 
-async def test_upstream_5xx_answered_502_when_no_other_engine(echo_engines, router):
+@pytest.mark.parametrize("legacy", [False, True], ids=["vllm-0.32-shape", "old-flat-shape"])
+async def test_upstream_5xx_answered_502_when_no_other_engine(echo_engines, router, legacy):
     a = await echo_engines("a")
     a.app[ENGINE].fail_status = 500
+    a.app[ENGINE].legacy_errors = legacy
     r = await router(engine=[a.url], max_retries=1)
     await ready(r)
     async with aiohttp.ClientSession() as s, s.post(
@@ -189,19 +192,26 @@ async def test_upstream_5xx_answered_502_when_no_other_engine(echo_engines, rout
         assert resp.status == 502
         payload = await resp.json()
     assert _is_openai_error(payload)
+    # The engine's own message is quoted whichever shape it used.
     assert "500" in payload["error"]["message"]
+    assert "injected failure" in payload["error"]["message"]
 
 
-async def test_engine_4xx_passes_through_unchanged(echo_engines, router):
+@pytest.mark.parametrize("legacy", [False, True], ids=["vllm-0.32-shape", "old-flat-shape"])
+async def test_engine_4xx_passes_through_unchanged(echo_engines, router, legacy):
     a = await echo_engines("a")
     a.app[ENGINE].fail_status = 400
+    a.app[ENGINE].legacy_errors = legacy
     r = await router(engine=[a.url])
     await ready(r)
     async with aiohttp.ClientSession() as s, s.post(
         r.url + "/v1/completions", json={"model": "m1", "prompt": "x"}
     ) as resp:
         assert resp.status == 400
-        assert (await resp.json())["error"]["message"] == "injected failure"
+        payload = await resp.json()
+    error = payload if legacy else payload["error"]
+    assert error["message"] == "injected failure" and error["code"] == 400
+    assert ("object" in payload) is legacy  # byte for byte: the shape is the engine's
     assert r.app[STATE].fleet.engines[next(iter(r.app[STATE].fleet.engines))].inflight == 0
 
 
@@ -306,6 +316,18 @@ async def test_thousand_mixed_requests_leave_no_inflight(echo_engines, router):
     gauges = [line for line in text.splitlines()
               if line.startswith("deepinfer_engine_inflight_requests{")]
     assert gauges and all(line.endswith(" 0.0") for line in gauges)
+    # The router's own account of each outcome, not the test's: cancelled ones are 499.
+    total = "deepinfer_requests_total"
+    assert metric(r, total, status="499") == 200
+    assert metric(r, total, status="200") == 400
+    assert metric(r, total, status="400") == 200
+    assert metric(r, total, status="502") + metric(r, total, status="503") == 200
+    assert metric(r, total) == 1000  # each request counted once
+    # The default policy (kv-aware) keeps per-request state: all of it released.
+    policy = state.policy
+    assert policy.name == "kv-aware"
+    held = policy.request_state()  # type: ignore[attr-defined]
+    assert held and all(v == (0, 0) for v in held.values())
 
 
 async def test_unknown_route_and_wrong_method_in_openai_shape(router):

@@ -16,6 +16,7 @@ import pytest
 from deepinfer_router.state import STATE
 from engines.sim.server import SimServer, start_sim_server
 from engines.sim.settings import SimSettings
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,10 +45,7 @@ async def kv_router(router: Any, sims: list[SimServer]) -> str:
     def ready() -> bool:
         return len(fleet.candidates(MODEL, time.monotonic())) == len(sims)
 
-    deadline = time.monotonic() + 10
-    while not ready():
-        assert time.monotonic() < deadline, "engines not routable"
-        await asyncio.sleep(0.02)
+    await wait_until(ready, timeout=10)
     return str(r.url)
 
 
@@ -150,17 +148,13 @@ async def test_prefill_work_is_pending_until_the_first_streamed_token(
     engine.app[ENGINE].token_delay_s = 0.4  # before every token, the first included
     r = await router(engine=[engine.url], policy="kv-aware")
     state = r.app[STATE]
-    deadline = time.monotonic() + 10
-    while not state.fleet.candidates("m1", time.monotonic()):
-        assert time.monotonic() < deadline, "engine not routable"
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: bool(state.fleet.candidates("m1", time.monotonic())), timeout=10)
     engine_id = next(iter(state.fleet.engines))
     prompt = "a long prompt nobody has sent before " * 100
     body = {"model": "m1", "prompt": prompt, "max_tokens": 3, "stream": True}
     async with aiohttp.ClientSession() as s:
         sent = asyncio.create_task(s.post(r.url + "/v1/completions", json=body))
-        while state.fleet.engines[engine_id].inflight == 0:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: state.fleet.engines[engine_id].inflight > 0, timeout=10)
         assert state.policy.pending_chars(engine_id) == len(prompt)
         # the client gets the headers with the first chunk: by then prefill is over,
         # while the request is still in flight

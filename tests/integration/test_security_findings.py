@@ -205,7 +205,10 @@ async def test_engine_traffic_never_follows_redirects(serve_app, router):
     meta = await serve_app(meta_app)
     target = meta.url + "/latest/meta-data/iam/security-credentials/"
 
+    polled: list[str] = []
+
     async def redirect(request: web.Request) -> web.Response:
+        polled.append(request.path)
         raise web.HTTPFound(target)
 
     async def models(request: web.Request) -> web.Response:
@@ -218,8 +221,9 @@ async def test_engine_traffic_never_follows_redirects(serve_app, router):
     engine = await serve_app(engine_app)
     r = await router(engine=[engine.url], health_interval_s=0.1, scrape_interval_s=0.1)
     fleet = r.app[STATE].fleet
-    await wait_until(lambda: any(not s.healthy for s in fleet.engines.values()), timeout=5)
-    await asyncio.sleep(0.5)  # several more polls of both
+    # Several rounds of health checks and scrapes, each answered with a redirect.
+    await wait_until(lambda: polled.count("/health") >= 5 and polled.count("/metrics") >= 5,
+                     timeout=10)
     assert hits == []
     (state,) = fleet.engines.values()
     assert not state.healthy and state.load.at == 0.0  # a 302 is neither healthy nor load
@@ -229,7 +233,7 @@ async def test_engine_traffic_never_follows_redirects(serve_app, router):
     engine_app2.router.add_get("/v1/models", redirect)
     engine2 = await serve_app(engine_app2)
     r2 = await router(engine=[engine2.url])
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: polled.count("/v1/models") >= 2, timeout=10)  # tried, retried
     assert hits == [] and not r2.app[STATE].fleet.models(time.monotonic())
 
 
@@ -268,37 +272,36 @@ async def test_proxy_connections_recheck_a_name_at_connect(serve_app):
     """The proxy's own client resolves names itself and refuses a metadata answer, so a
     name checked at registration and re-pointed later reaches nothing."""
     async def answer(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        # Connection: close, so that every request makes (and checks) a new connection.
+        return web.Response(text="ok", headers={"Connection": "close"})
 
     ok = web.Application()
     ok.router.add_get("/x", answer)
     srv = await serve_app(ok)
     port = int(srv.url.rsplit(":", 1)[1])
     answers = {"engine.test": "127.0.0.1"}
-    loop = asyncio.get_running_loop()
+    real_getaddrinfo = asyncio.get_running_loop().getaddrinfo
 
     async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         if host == "engine.test":  # the scripted DNS answer; everything else is real
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
         return await real_getaddrinfo(host, port, *args, **kwargs)
 
-    real_getaddrinfo = loop.getaddrinfo
-    pool = UpstreamPool(idle_timeout_s=0.01)
-    with mock.patch.object(loop, "getaddrinfo", getaddrinfo):
-        try:
-            resp = await pool.request("GET", f"http://engine.test:{port}", "/x", {})
-            assert resp.status == 200 and await resp.read() == b"ok"
-            resp.close()
-            await asyncio.sleep(0.05)  # the idle connection expires
-            answers["engine.test"] = "169.254.169.254"
-            with pytest.raises(UpstreamConnectError, match="link-local"):
-                await pool.request("GET", f"http://engine.test:{port}", "/x", {})
-            answers["engine.test"] = "127.0.0.1"  # and back: the check is per connection
-            resp = await pool.request("GET", f"http://engine.test:{port}", "/x", {})
-            assert resp.status == 200
-            resp.close()
-        finally:
-            await pool.close()
+    pool = UpstreamPool(getaddrinfo=getaddrinfo)
+    try:
+        resp = await pool.request("GET", f"http://engine.test:{port}", "/x", {})
+        assert resp.status == 200 and await resp.read() == b"ok"
+        resp.close()
+        assert pool.idle_connections() == 0
+        answers["engine.test"] = "169.254.169.254"
+        with pytest.raises(UpstreamConnectError, match="link-local"):
+            await pool.request("GET", f"http://engine.test:{port}", "/x", {})
+        answers["engine.test"] = "127.0.0.1"  # and back: the check is per connection
+        resp = await pool.request("GET", f"http://engine.test:{port}", "/x", {})
+        assert resp.status == 200
+        resp.close()
+    finally:
+        await pool.close()
 
 
 def test_static_engines_get_the_same_address_checks():

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines.sim.server import SIM_STATE, SimServer, _is_loopback, start_sim_server
 from engines.sim.settings import SimSettings
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,7 +317,7 @@ async def test_faults_error_slow_drop_hang(sim: SimServer) -> None:
         async with s.get(sim.url + "/admin/faults") as resp:
             assert (await resp.json())["fault_error_rate"] == 0.0
     engine = sim.state.engine
-    await _until(lambda: not engine.has_work)
+    await wait_until(lambda: not engine.has_work)
     assert engine.kv.num_free == engine.kv.num_blocks
 
 
@@ -329,14 +330,6 @@ def test_admin_faults_answer_loopback_only() -> None:
     assert _is_loopback(req("127.0.0.1"))  # type: ignore[arg-type]
     assert _is_loopback(req("::1"))  # type: ignore[arg-type]
     assert not _is_loopback(req("10.1.2.3"))  # type: ignore[arg-type]
-
-
-async def _until(cond: object, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_disconnect_frees_sequence_and_blocks() -> None:
@@ -352,7 +345,7 @@ async def test_disconnect_frees_sequence_and_blocks() -> None:
                 await resp.content.readuntil(b"\n\n")
                 assert engine.num_running == 1 and engine.kv.num_free < engine.kv.num_blocks
                 resp.close()  # drop the connection mid-stream
-            await _until(lambda: engine.num_running == 0)
+            await wait_until(lambda: engine.num_running == 0)
             assert engine.kv.num_free == engine.kv.num_blocks
             assert engine.stats.finished["abort"] == 1
             # a non-streaming client that gives up
@@ -361,7 +354,7 @@ async def test_disconnect_frees_sequence_and_blocks() -> None:
                 async with s.post(server.url + "/v1/chat/completions", json=body,
                                   timeout=aiohttp.ClientTimeout(total=0.3)):
                     pass
-            await _until(lambda: engine.num_running == 0)
+            await wait_until(lambda: engine.num_running == 0)
             assert engine.kv.num_free == engine.kv.num_blocks
             assert engine.stats.finished["abort"] == 2
     finally:
@@ -393,19 +386,17 @@ async def test_several_sims_share_one_loop_with_separate_state() -> None:
 
 
 async def test_concurrent_load_is_batched() -> None:
-    """Many requests at once run in one batch: total time near one request's time."""
+    """Many requests at once run in one batch: the engine takes about as many steps as
+    one request would, not fifty times as many."""
     server = await start_sim_server(sim_settings(speed=10.0))
     try:
         async with client(server) as c:
-            start = time.perf_counter()
             await asyncio.gather(*(
                 c.chat.completions.create(model="sim-model", max_tokens=20,
                                           messages=[{"role": "user", "content": f"q{i}"}])
                 for i in range(50)
             ))
-            elapsed = time.perf_counter() - start
-        # one sequence: 20 steps of ~6 ms / 10; 50 in a batch add ~1.5 ms per step / 10
-        assert elapsed < 2.0
+        # one sequence alone: 21 steps (prefill + 20 decodes); 50 one after another: ~1000
         assert server.state.engine.stats.steps < 200
     finally:
         await server.close()

@@ -27,20 +27,18 @@ class EchoEngineState:
     fail_status: int | None = None  # answer every request with this status
     token_delay_s: float = 0.0
     drop_after: int | None = None  # close the connection after this many stream chunks
+    # Error bodies in the flat {"object": "error", ...} shape of vLLM before 0.10, not
+    # the nested {"error": {...}} shape of current vLLM.
+    legacy_errors: bool = False
 
 
 STATE: web.AppKey[EchoEngineState] = web.AppKey("echo_state", EchoEngineState)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps(
-            {"error": {"message": message, "type": "BadRequestError", "param": None,
-                       "code": status}}
-        ),
-        content_type="application/json",
-    )
+def _error(status: int, message: str, legacy: bool = False) -> web.Response:
+    err = {"message": message, "type": "BadRequestError", "param": None, "code": status}
+    body = {"object": "error", **err} if legacy else {"error": err}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -62,9 +60,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     st.received.append(body)
     st.headers.append(CIMultiDict(request.headers))
     if st.fail_status:
-        return _error(st.fail_status, "injected failure")
+        return _error(st.fail_status, "injected failure", st.legacy_errors)
     if body.get("model") not in st.models:
-        return _error(404, f"The model `{body.get('model')}` does not exist.")
+        return _error(404, f"The model `{body.get('model')}` does not exist.",
+                      st.legacy_errors)
     n = int(body.get("max_tokens") or 5)
     chat = request.path.endswith("/chat/completions")
     created = int(time.time())
@@ -148,12 +147,19 @@ def build_echo_engine(name: str, models: list[str]) -> web.Application:
     return app
 
 
-class RunningServer:
-    """An aiohttp app served on a free loopback port."""
+# vLLM's API server (uvicorn, VLLM_HTTP_TIMEOUT_KEEP_ALIVE) closes a connection idle
+# for 5 s: test engines do the same, so every test meets an engine that closes.
+VLLM_KEEPALIVE_S = 5.0
 
-    def __init__(self, app: web.Application) -> None:
+
+class RunningServer:
+    """An aiohttp app served on a free loopback port. `keepalive_s`: how long an idle
+    client connection stays open (None: aiohttp's default, for routers)."""
+
+    def __init__(self, app: web.Application, keepalive_s: float | None = None) -> None:
         self.app = app
-        self.runner = web.AppRunner(app, handler_cancellation=True)
+        extra = {} if keepalive_s is None else {"keepalive_timeout": keepalive_s}
+        self.runner = web.AppRunner(app, handler_cancellation=True, **extra)
         self.port = 0
 
     @property

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from deepinfer_router.engine_record import Capacity, EngineRecord
+from tests.support.waiting import wait_until
 
 
 def make_record(port: int, model: str = "sim-model") -> EngineRecord:
@@ -20,16 +19,9 @@ def make_record(port: int, model: str = "sim-model") -> EngineRecord:
     )
 
 
-async def wait_for(
-    predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01
-) -> float:
-    """Wait until predicate() holds; returns the seconds waited, raises on timeout."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(interval_s)
-    return time.monotonic() - start
+# One polling helper for the whole suite (it takes plain and async predicates alike).
+wait_for = wait_until
+wait_for_async = wait_until
 
 
 class ChangeCounter:
@@ -42,13 +34,3 @@ class ChangeCounter:
         self.calls += 1
 
 
-async def wait_for_async(
-    predicate: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.01
-) -> float:
-    """wait_for with an async predicate (e.g. a Redis query)."""
-    start = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(interval_s)
-    return time.monotonic() - start

@@ -5,7 +5,6 @@ Skipped locally when redis-server is missing; with CI=true a missing server fail
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,7 @@ from tests.support.redis_server import RedisServer, redis_server_path  # noqa: E
 
 def _require_redis_server() -> None:
     if redis_server_path() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("redis-server is required in CI but was not found")
+        # Under CI this skip fails the run (tests/conftest.py).
         pytest.skip("redis-server not installed")
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -63,9 +61,11 @@ async def test_heartbeat_rewrites_and_refreshes_ttl(redis_server: RedisServer) -
     key = store.Keys(NS).engine(record.id)
     try:
         first = orjson.loads(await r.hget(key, "heartbeat_at"))
-        await asyncio.sleep(0.9)  # longer than the TTL: only heartbeats keep it alive
+        beats = reg.beats
+        # Beats until longer than the TTL has passed: only heartbeats keep it alive.
+        await wait_for(lambda: reg.beats >= beats + 5, 5)
         assert orjson.loads(await r.hget(key, "heartbeat_at")) > first
-        assert await r.pttl(key) > 300
+        assert await r.pttl(key) > 0
         # A wiped Redis (FLUSHALL ~ restart) gets the whole record back within a beat,
         # with an `up` hint, since the stored instance is gone.
         await r.flushall()
@@ -73,13 +73,16 @@ async def test_heartbeat_rewrites_and_refreshes_ttl(redis_server: RedisServer) -
         async def back() -> bool:
             return bool(await r.exists(key))
 
-        assert await wait_for_async(back, 2) < 0.3  # one heartbeat (0.2 s) + slack
+        await wait_for_async(back, 5)
         assert await r.smembers(store.Keys(NS).index) == {record.id}
-        await asyncio.sleep(0.05)
-        events = await r.xrange(store.Keys(NS).events)
-        assert [e[1]["op"] for e in events] == ["up"]
+
+        async def announced() -> bool:
+            return [e[1]["op"] for e in await r.xrange(store.Keys(NS).events)] == ["up"]
+
+        await wait_for_async(announced, 5)
         # Plain heartbeats do not announce.
-        await asyncio.sleep(0.5)
+        beats = reg.beats
+        await wait_for(lambda: reg.beats >= beats + 3, 5)
         assert len(await r.xrange(store.Keys(NS).events)) == 1
     finally:
         await reg.stop()
@@ -108,15 +111,13 @@ async def test_record_expires_without_heartbeats(redis_server: RedisServer) -> N
     await reg.start(record)
     assert reg._task is not None
     reg._task.cancel()  # the engine "dies": no more heartbeats, no clean stop
-    t0 = time.monotonic()
     r = client(redis_server)
     key = store.Keys(NS).engine(record.id)
     try:
         async def gone() -> bool:
             return not await r.exists(key)
 
-        await wait_for_async(gone, 2)
-        assert time.monotonic() - t0 <= 0.7
+        await wait_for_async(gone, 5)
         # Readers prune the stale index entry.
         assert await store.read_all(r, store.Keys(NS)) == {}
         assert await r.smembers(store.Keys(NS).index) == set()
@@ -142,14 +143,11 @@ async def test_outage_logged_once_and_recovered(
     await reg.start(record)
     try:
         redis_server.kill()
-        await wait_for(lambda: reg.failing, 2)
-        await asyncio.sleep(0.5)  # several failed heartbeats
+        await wait_for(lambda: reg.failed_beats >= 4, 5)  # several failed heartbeats
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         redis_server.start()
-        t0 = time.monotonic()
-        await wait_for(lambda: not reg.failing, 2)
-        assert time.monotonic() - t0 <= 0.25  # within 2 heartbeats
+        await wait_for(lambda: not reg.failing, 5)
         r = client(redis_server)
         try:
             assert await store.read_all(r, store.Keys(NS)) != {}

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-from aiohttp import web
 
 from engines.redis_registration import RedisRegistrar
 from engines.registry_list import list_registered
@@ -40,33 +37,22 @@ async def test_list_from_unreachable_redis() -> None:
         await list_registered(f"redis://127.0.0.1:{free_port()}")
 
 
-@pytest.fixture
-async def fake_router() -> AsyncIterator[str]:
-    """A stand-in for the router's GET /admin/engines (record fields + router state)."""
+async def test_list_from_router(router) -> None:
+    """A real router with an admin key, one engine registered through its admin API."""
+    import aiohttp
+
+    r = await router(admin_key="adm", health_interval_s=60, scrape_interval_s=60)
     record = make_record(9210)
-
-    async def engines(request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != "Bearer adm":
-            return web.json_response({"error": {"message": "no"}}, status=401)
-        item = {**record.model_dump(mode="json"), "state": "healthy", "inflight": 0}
-        return web.json_response({"engines": [item], "registry": []})
-
-    app = web.Application()
-    app.router.add_get("/admin/engines", engines)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-async def test_list_from_router(fake_router: str) -> None:
-    listed = await list_registered(fake_router, key="adm")
-    assert [r.url for r in listed] == ["http://127.0.0.1:9210"]
+    async with aiohttp.ClientSession() as s, s.post(
+        r.url + "/admin/engines", json=record.model_dump(mode="json"),
+        headers={"Authorization": "Bearer adm"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    listed = await list_registered(r.url, key="adm")
+    assert [(x.id, x.url) for x in listed] == [(record.id, "http://127.0.0.1:9210")]
+    assert listed[0].capacity == record.capacity
     with pytest.raises(RuntimeError, match="401"):
-        await list_registered(fake_router, key="wrong")
+        await list_registered(r.url, key="wrong")
 
 
 def test_list_rejects_other_schemes() -> None:
