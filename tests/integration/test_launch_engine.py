@@ -203,7 +203,9 @@ async def test_launch_registers_survives_crash_and_stops(
 
 @pytest.mark.parametrize(("fail", "extra", "kind"), [
     ("oom", [], "out of memory"),
-    ("not-found", [], "model not found"),
+    ("not-found", [], "model not found"),  # vLLM CPU's real output (tests/fakes/...)
+    ("not-cached", [], "model not found"),
+    ("bad-value", [], "bad argument"),
     ("", ["--", "--no-such-vllm-flag"], "bad argument"),
 ])
 async def test_permanent_failures_are_reported_not_retried(

