@@ -109,3 +109,28 @@ async def test_grace_deadline_cuts_what_is_left_and_exits(procs):
     assert took >= 0.9  # it waited out the grace (1 s) before cutting
     log = router.log_text()
     assert "cutting 5 request(s)" in log and "Traceback" not in log
+
+
+async def test_requests_on_kept_alive_connections_during_shutdown_get_503(procs):
+    """After SIGTERM the listener closes; a client whose connection stayed open (kept
+    alive) and sends another request on it gets 503 shutting_down, not a hang or a reset,
+    while a stream still runs out its grace."""
+    router = await start_fleet(procs, "--shutdown-grace-s", "20", sims=1)
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2}
+    one_connection = aiohttp.TCPConnector(limit=1, force_close=False)
+    async with aiohttp.ClientSession(connector=one_connection) as kept, \
+            aiohttp.ClientSession() as other:
+        async with kept.post(router.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.read()
+        streams, _ = await open_streams(other, router.url, 1, max_tokens=2000)
+        router.signal(signal.SIGTERM)
+        await wait_until(lambda: refuses_connections(router.port), timeout=10)
+        # New connections are refused now: an answer can only come over the kept one.
+        async with kept.post(router.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "shutting_down"
+        for resp in streams:
+            resp.close()
+    assert await router.wait_exit(25) == 0
