@@ -104,7 +104,8 @@ class LaunchSettings(BaseSettings, RegistrationOptions):
         300.0, ge=0, description="Longest delay between restarts."
     )
     restart_reset_s: float = Field(
-        600.0, gt=0, description="Uptime after which the restart count and backoff reset."
+        600.0, gt=0, description="Time an engine must run after becoming ready for the "
+        "restart count and backoff to reset (loading time does not count)."
     )
     stop_timeout_s: float = Field(
         30.0, ge=0, description="On stop, seconds vLLM's process group gets after SIGTERM "

@@ -128,9 +128,10 @@ class HttpRegistrar:
                 failing = True
 
     async def stop(self) -> None:
+        registered = self._task is not None  # start() got as far as a first registration
         if self._task is not None:
             await cancel_and_wait(self._task)
-        if self._session is not None and self._record is not None:
+        if registered and self._session is not None and self._record is not None:
             try:
                 async with self._session.delete(
                     f"{self._base}/admin/engines/{self._record.id}", headers=self._headers,

@@ -238,6 +238,7 @@ class Supervisor:
         self.state = state
         self.stopping = asyncio.Event()
         self.restarts = 0
+        self.ready_at: float | None = None  # when the current run became ready
 
     def _update(self, **changes: object) -> None:
         self.state.update(self.plan.entry.id, **changes)
@@ -260,12 +261,14 @@ class Supervisor:
         become_subreaper()
         backoff = self.s.restart_backoff_s
         while True:
-            started = time.monotonic()
+            self.ready_at = None
             code = await self._attempt(self.logf)
             if code is not None:
                 return code
-            # A crash worth a restart.
-            if time.monotonic() - started >= self.s.restart_reset_s:
+            # A crash worth a restart. Only a healthy run (uptime since readiness) resets
+            # the count: a start that times out or dies while loading never does.
+            if (self.ready_at is not None
+                    and time.monotonic() - self.ready_at >= self.s.restart_reset_s):
                 self.restarts, backoff = 0, self.s.restart_backoff_s
             if self.restarts >= self.s.max_restarts:
                 log.error("engine failed %d time(s) in a row; giving up (--max-restarts %d)",
@@ -374,6 +377,7 @@ class Supervisor:
         )
         if registration is not None:
             registration.start(record)
+        self.ready_at = time.monotonic()
         self._update(state="ready")
         log.info("engine %s ready at %s (model %s, GPUs %s, kv_blocks %s)", record.id,
                  p.advertise_url, p.command.served_name,

@@ -22,6 +22,7 @@ import pytest
 
 from engines.state import StateDir, pid_alive
 from tests.fakes.fake_nvml import write_state
+from tests.support.procs import Procs
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -358,3 +359,153 @@ async def test_unhealthy_engine_is_restarted(launches: Callable[..., Launch]) ->
     await until(lambda: state("ready", 1), 15, "the restart", launch)
     assert "health checks in a row" in launch.output()
     assert not [p for p in first if pid_alive(p)]
+
+
+# --- supervision edge cases --------------------------------------------------------------
+
+
+def engine_starts(launch: Launch) -> int:
+    """How many times the engine was started (one header line per start in its log)."""
+    logs = list((launch.state_dir / "logs").glob("*.log"))
+    return sum(p.read_text().count("=== deepinfer-engine") for p in logs)
+
+
+async def entry_state(launch: Launch) -> str | None:
+    entries = await launch.entries()
+    return str(entries[0]["state"]) if entries else None
+
+
+async def test_readiness_timeout_restarts_then_gives_up(launches: Callable[..., Launch]) -> None:
+    # Never ready (its "model" loads for a minute). As with the defaults (--ready-timeout-s
+    # 1800 > --restart-reset-s 600), each start lasts longer than the reset window: time
+    # spent waiting for readiness is no healthy run and must not reset the count.
+    launch = launches("--ready-timeout-s", "1", "--max-restarts", "1",
+                      "--restart-reset-s", "0.3",
+                      env={"FAKE_VLLM_STARTUP_S": "60", "FAKE_VLLM_WORKERS": "1"})
+    await until(lambda: len(launch.engine_pids()) == 2, 10, "the first start", launch)
+    first = launch.engine_pids()
+    await until(lambda: engine_starts(launch) == 2, 15, "the restart", launch)
+    assert not [p for p in first if pid_alive(p)], "timed-out engine left behind"
+    rc = await exit_code(launch, 15)
+    out = launch.output()
+    assert rc == 1, out
+    assert out.count("engine not ready after 1s") == 2
+    assert "restarting the engine" in out and "giving up" in out
+    assert engine_starts(launch) == 2
+    assert await launch.entries() == []
+    assert_no_process_left(launch)
+
+
+async def test_restart_count_resets_after_a_healthy_run(
+    launches: Callable[..., Launch],
+) -> None:
+    # Crashes 1.5 s after serving each time: each run is healthy for longer than the
+    # reset window, so --max-restarts 1 is never reached (with the default window it is
+    # after the second crash: test_gives_up_after_max_restarts).
+    launch = launches("--max-restarts", "1", "--restart-reset-s", "0.3",
+                      env={"FAKE_VLLM_CRASH_AFTER_S": "1.5"})
+    await until(lambda: engine_starts(launch) >= 3 or launch.proc.poll() is not None, 20,
+                "a second restart", launch)
+    assert launch.proc.poll() is None, launch.output()  # it did not give up
+    out = launch.output()
+    assert "giving up" not in out
+    assert out.count("(restart 1 of at most 1)") >= 2  # the count started over each time
+    launch.proc.send_signal(signal.SIGTERM)
+    assert await exit_code(launch, 10) == 0
+    assert_no_process_left(launch)
+
+
+async def test_sigterm_while_starting_stops_without_registering(
+    launches: Callable[..., Launch], router: Callable[..., Awaitable[Any]]
+) -> None:
+    r = await router()
+    launch = launches("--registry", r.url,
+                      env={"FAKE_VLLM_STARTUP_S": "60", "FAKE_VLLM_WORKERS": "1"})
+    await until(lambda: len(launch.engine_pids()) == 2, 10, "the engine's processes", launch)
+    assert await entry_state(launch) == "starting"
+    launch.proc.send_signal(signal.SIGTERM)
+    assert await exit_code(launch, 10) == 0
+    assert_no_process_left(launch)
+    assert await launch.entries() == []
+    assert await registered(r.url) == {}
+    out = launch.output()
+    assert "SIGTERM received" in out and "engine stopped" in out
+    assert " registered " not in out and "deregistered" not in out
+    assert engine_starts(launch) == 1
+
+
+async def test_sigterm_during_restart_backoff(
+    launches: Callable[..., Launch], router: Callable[..., Awaitable[Any]]
+) -> None:
+    r = await router()
+    launch = launches("--registry", r.url, "--restart-backoff-s", "60",
+                      env={"FAKE_VLLM_CRASH_AFTER_S": "1", "FAKE_VLLM_WORKERS": "1"})
+
+    async def has_engine() -> bool:
+        return bool(await registered(r.url))
+
+    await until(has_engine, 15, "registration", launch)
+    pids = launch.engine_pids()
+    assert len(pids) == 2
+
+    async def backing_off() -> bool:
+        return await entry_state(launch) == "restarting"
+
+    await until(backing_off, 10, "the restart back-off", launch)
+    # The crashed engine is deregistered and its whole group gone while we wait.
+    assert await registered(r.url) == {}
+    assert not [p for p in pids if pid_alive(p)]
+    launch.proc.send_signal(signal.SIGTERM)
+    assert await exit_code(launch, 10) == 0  # not after the 60 s back-off
+    assert_no_process_left(launch)
+    assert await launch.entries() == []
+    assert await registered(r.url) == {}
+    assert engine_starts(launch) == 1  # not restarted on the way out
+
+
+async def test_registration_retried_until_the_router_comes_up(
+    launches: Callable[..., Launch], procs: Procs
+) -> None:
+    port = free_port()  # nothing listens here yet
+    launch = launches("--registry", f"http://127.0.0.1:{port}")
+
+    async def ready_and_failing() -> bool:
+        return await entry_state(launch) == "ready" and "registration failed" in launch.output()
+
+    await until(ready_and_failing, 15, "a failed registration", launch)
+    # The engine keeps serving, unregistered, while the registry is away.
+    async with aiohttp.ClientSession() as s, s.get(f"{launch.url}/health") as resp:
+        assert resp.status == 200
+    r = procs.router(port=port)
+    await r.wait_healthy()
+
+    async def is_registered() -> bool:
+        return any(e["url"] == launch.url for e in (await registered(r.url)).values())
+
+    await until(is_registered, 20, "registration once the router is up", launch)
+    assert launch.proc.poll() is None and engine_starts(launch) == 1
+    launch.proc.send_signal(signal.SIGTERM)
+    assert await exit_code(launch, 10) == 0
+    assert await registered(r.url) == {}
+    assert_no_process_left(launch)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-executable"])
+async def test_engine_command_not_runnable(
+    launches: Callable[..., Launch], tmp_path: Path, kind: str
+) -> None:
+    cmd = tmp_path / "no-such-vllm"
+    if kind == "not-executable":
+        cmd.write_text("#!/bin/sh\nexit 0\n")
+        cmd.chmod(0o644)
+    launch = launches("--engine-cmd", f"{cmd} serve")
+    rc = await exit_code(launch, 10)
+    out = launch.output()
+    assert rc == 1, out
+    what = "not found" if kind == "missing" else "not executable"
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"engine command {what}: {cmd}" in errors[0], out
+    assert "Traceback" not in out and "restarting" not in out
+    assert engine_starts(launch) == 1
+    assert await launch.entries() == []
+    assert_no_process_left(launch)

@@ -2,6 +2,8 @@
 
 `kill()` is SIGKILL (a crash), `stop()` a clean shutdown, `restart()` starts a fresh,
 empty server (new run_id) on the same port, like a restarted Redis in production.
+`pause()`/`resume()` are SIGSTOP/SIGCONT: a hung Redis that comes back with its data (and
+its run_id); clients block until their socket timeouts meanwhile.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RedisServer:
         self.extra_args = list(extra_args or [])
         self._dir = Path(tempfile.mkdtemp(prefix="deepinfer-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
         self._log = self._dir / "redis.log"
         if start:
             self.start()
@@ -122,15 +125,34 @@ class RedisServer:
 
     def _terminate(self, sig: signal.Signals) -> None:
         proc, self._proc = self._proc, None
+        was_paused, self.paused = self.paused, False
         if proc is None:
             return
         if proc.poll() is None:
             proc.send_signal(sig)
+            if was_paused:  # a stopped process acts on SIGTERM only once continued
+                proc.send_signal(signal.SIGCONT)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs (connections are still accepted by the kernel, nothing
+        is answered, no key expires until it runs again). Always pair with resume()."""
+        if not self.running:
+            raise RuntimeError("redis-server is not running")
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT; a no-op unless paused (so it is safe in a `finally`)."""
+        if self.paused and self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGCONT)
+        self.paused = False
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing saved (nothing is saved anyway)."""
