@@ -459,7 +459,7 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
                   args: argparse.Namespace, rep: int = 0) -> dict[str, Any]:
     import aiohttp
 
-    from deepinfer_router.engine_record import engine_id_for
+    from deepinfer_router.shared.engine_record import engine_id_for
 
     seed = seed_for(wkey, args, rep)
     plan = build(wkey, level, seed, QUICK_SCALE if args.quick else SCALE)

@@ -16,7 +16,7 @@ from .api import admin, health, metrics, models
 from .engine_address import GuardedResolver
 from .errors import error_response
 from .fleet import Fleet
-from .health import HealthChecker
+from .health_checks import HealthChecker
 from .loop_lag import LoopLagProbe
 from .metrics import RouterMetrics
 from .proxy import Proxy, max_body_bytes

@@ -16,7 +16,7 @@ from . import __version__
 from .app import build_app
 from .logs import AccessLogger, configure_logging
 from .settings import ENV_PREFIX, RouterSettings
-from .settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
+from .shared.settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
 from .state import STATE
 
 log = logging.getLogger("deepinfer.router")

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .engine_address import UrlProblem, url_problem
-from .engine_record import EngineRecord
 from .routing.base import Candidate
+from .shared.engine_record import EngineRecord
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,9 @@ class RouterMetrics:
         )
         self.routing_decision_seconds = Histogram(
             "deepinfer_routing_decision_seconds",
-            "Time to choose an engine, prompt hashing included.",
+            "Time the routing policy takes to choose an engine (its select: prefix lookup, "
+            "scoring, the guard); prompt extraction and hashing happen earlier, while the "
+            "body is parsed, and are not included.",
             buckets=DECISION_BUCKETS,
             registry=r,
         )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import aiohttp
 
 from .fleet import Fleet
-from .tasks import cancel_and_wait
+from .shared.tasks import cancel_and_wait
 
 log = logging.getLogger("deepinfer.periodic")
 

@@ -39,7 +39,7 @@ from .json_limits import items_upper_bound, json_items_exceed
 from .multipart import MalformedMultipart, multipart_model
 from .request_ids import RequestIds
 from .routing.base import Candidate, Decision, RequestFeatures
-from .routing.features import request_features, session_key
+from .routing.features import session_key
 from .state import REQUEST_ID, REQUEST_MODEL, RouterState
 from .upstream import (
     UpstreamConnectError,
@@ -276,14 +276,8 @@ class Proxy:
         (an unknown model costs no hashing); the parsed body is dropped after."""
         parsed, call.parsed = call.parsed, None
         if self._policy_needs_prompt and parsed is not None:
-            settings = self.state.settings
-            call.features = request_features(
-                parsed,
-                call.model,
-                call.features.session_key,
-                with_prompt=True,
-                chunk_chars=settings.prefix_chunk_chars,
-                max_chars=settings.prefix_max_chars,
+            call.features = self.state.policy.prompt_features(
+                parsed, call.model, call.features.session_key
             )
 
     # --- admission and routing ---------------------------------------------------------

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_address import url_problem
-from .settings_loader import CsvList
+from .shared.settings_loader import CsvList
 
 ENV_PREFIX = "DEEPINFER_"
 

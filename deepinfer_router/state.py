@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -11,10 +11,12 @@ from aiohttp import web
 from .admission import Admission
 from .fleet import Fleet
 from .metrics import RouterMetrics
-from .registry.base import RegistrySource, WritableRegistry
 from .routing.base import RoutingPolicy
 from .settings import RouterSettings
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:  # annotations only: the registry sits above this module
+    from .registry.base import RegistrySource, WritableRegistry
 
 
 @dataclass
@@ -28,7 +30,6 @@ class RouterState:
     writable: WritableRegistry | None = None  # where POST /admin/engines writes
     session: aiohttp.ClientSession | None = None  # scrapes, health checks, model lists
     upstream: UpstreamPool | None = None  # proxied requests (the hot path)
-    closers: list[Any] = field(default_factory=list)  # started services with close()
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:

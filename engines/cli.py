@@ -46,7 +46,7 @@ def gpus_main(argv: list[str]) -> int:
 
 
 def parse_launch(argv: list[str]) -> Any:
-    from deepinfer_router.settings_loader import add_settings_arguments, parse_or_exit
+    from deepinfer_router.shared.settings_loader import add_settings_arguments, parse_or_exit
 
     from .launch_settings import ENV_PREFIX, LaunchSettings
 
@@ -129,7 +129,7 @@ def _age(ts: float) -> str:
 
 
 def list_main(argv: list[str]) -> int:
-    from .state import StateDir, resolve_state_dir
+    from .launch_state import StateDir, resolve_state_dir
 
     parser = argparse.ArgumentParser(
         prog="deepinfer-engine list",
@@ -186,8 +186,8 @@ def list_main(argv: list[str]) -> int:
 
 
 def stop_main(argv: list[str]) -> int:
+    from .launch_state import StateDir, group_alive, pid_alive, resolve_state_dir
     from .launcher import signal_group
-    from .state import StateDir, group_alive, pid_alive, resolve_state_dir
 
     parser = argparse.ArgumentParser(
         prog="deepinfer-engine stop",

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from deepinfer_router.settings_loader import CsvList
+from deepinfer_router.shared.settings_loader import CsvList
 
 from .registration import RegistrationOptions
 

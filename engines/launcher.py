@@ -24,10 +24,10 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from deepinfer_router.engine_record import Capacity
+from deepinfer_router.shared.engine_record import Capacity
 
 from .launch_settings import LaunchSettings
-from .state import group_alive
+from .launch_state import group_alive
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default

@@ -11,11 +11,11 @@ import time
 
 from redis.exceptions import RedisError
 
-from deepinfer_router.engine_record import EngineRecord
-from deepinfer_router.registry import redis_store as store
-from deepinfer_router.tasks import cancel_and_wait
+from deepinfer_router.shared import redis_store as store
+from deepinfer_router.shared.engine_record import EngineRecord
+from deepinfer_router.shared.tasks import cancel_and_wait
 
-from .registration import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
+from .registrar import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
 
 log = logging.getLogger("deepinfer.engine.registration")
 

@@ -9,18 +9,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
 
 import aiohttp
 from pydantic import BaseModel, Field, field_validator
 
-from deepinfer_router.engine_record import EngineRecord
-from deepinfer_router.tasks import cancel_and_wait
+from deepinfer_router.shared.engine_record import EngineRecord
+from deepinfer_router.shared.tasks import cancel_and_wait
+
+from .registrar import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, Registrar
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_S",
+    "DEFAULT_TTL_S",
+    "HttpRegistrar",
+    "Registrar",
+    "RegistrationOptions",
+    "make_registrar",
+]
 
 log = logging.getLogger("deepinfer.engine.registration")
-
-DEFAULT_HEARTBEAT_S = 2.0
-DEFAULT_TTL_S = 6.0
 
 
 _REGISTRY_SCHEMES = ("http://", "https://", "redis://", "rediss://", "unix://")
@@ -62,16 +69,6 @@ class RegistrationOptions(BaseModel):
             self.registry, self.registry_key, heartbeat_s=self.heartbeat_s,
             ttl_s=self.registry_ttl_s, namespace=self.registry_namespace,
         )
-
-
-class Registrar(Protocol):
-    async def start(self, record: EngineRecord) -> None:
-        """Register now (raising if the first attempt fails) and keep heart-beating."""
-        ...
-
-    async def stop(self) -> None:
-        """Stop heart-beating and deregister."""
-        ...
 
 
 class HttpRegistrar:
@@ -154,7 +151,7 @@ def make_registrar(
 ) -> Registrar:
     """`http(s)://router` -> the router's embedded registry; `redis://` -> shared Redis."""
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis_registration import RedisRegistrar  # the Redis issue provides it
+        from .redis_registration import RedisRegistrar  # redis only when asked for
 
         return RedisRegistrar(url, heartbeat_s=heartbeat_s, ttl_s=ttl_s, namespace=namespace)
     if url.startswith(("http://", "https://")):

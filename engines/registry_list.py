@@ -9,8 +9,8 @@ import aiohttp
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from deepinfer_router.engine_record import EngineRecord
-from deepinfer_router.registry import redis_store as store
+from deepinfer_router.shared import redis_store as store
+from deepinfer_router.shared.engine_record import EngineRecord
 
 
 async def list_registered(

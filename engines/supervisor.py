@@ -26,11 +26,12 @@ from typing import TextIO
 
 import aiohttp
 
-from deepinfer_router.engine_record import EngineRecord, engine_id_for
-from deepinfer_router.tasks import cancel_and_wait
+from deepinfer_router.shared.engine_record import EngineRecord, engine_id_for
+from deepinfer_router.shared.tasks import cancel_and_wait
 
 from .gpus import SelectionError, select_gpus
 from .launch_settings import LaunchSettings
+from .launch_state import LaunchEntry, StateDir, process_start_time, resolve_state_dir
 from .launcher import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     EngineCommand,
@@ -47,7 +48,6 @@ from .launcher import (
 )
 from .nvml import GpuSource, NvmlUnavailable, open_gpu_source
 from .registration import Registrar
-from .state import LaunchEntry, StateDir, process_start_time, resolve_state_dir
 
 log = logging.getLogger("deepinfer.engine")
 

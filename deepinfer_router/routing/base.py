@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..settings import RouterSettings
 
 # What the fleet knows of an engine named by another router's hint: (instance, KV
 # capacity in prompt characters), or None for an engine that is not in the fleet.
@@ -74,6 +77,10 @@ class RoutingPolicy(Protocol):
 
     def forget_engine(self, engine_id: str) -> None: ...
 
+    def prompt_features(
+        self, body: Mapping[str, Any], model: str, session_key: str | None
+    ) -> RequestFeatures: ...
+
     def state_sizes(self) -> dict[str, int]: ...
 
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
@@ -84,10 +91,23 @@ class RoutingPolicy(Protocol):
 
 
 class PolicyBase:
-    """No-op hooks, so a simple policy only writes `select`."""
+    """No-op hooks, so a simple policy only writes `select` (and `from_settings` when it
+    takes settings)."""
 
     name = "base"
     needs_prompt = False
+
+    @classmethod
+    def from_settings(cls, settings: RouterSettings, *, hint_outbox: int = 0) -> Any:
+        """The policy as the router's settings configure it (factory.POLICY_CLASSES)."""
+        return cls()
+
+    def prompt_features(
+        self, body: Mapping[str, Any], model: str, session_key: str | None
+    ) -> RequestFeatures:
+        """What this policy needs to know of a request (called only when `needs_prompt`):
+        the policy decides how its features are computed (chunk size, prompt cap)."""
+        return RequestFeatures(model=model, session_key=session_key)
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
         return None

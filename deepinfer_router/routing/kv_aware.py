@@ -34,15 +34,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import reasons
 from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
-from .features import MAX_SESSION_KEY
+from .features import MAX_SESSION_KEY, request_features
 from .guard import BoundedLoad
 from .prefix_index import PrefixIndex
 from .scoring import LoadWeights, engine_seed, load_cost, rendezvous
-from .sessions import SessionAffinity, SessionTable
+from .session_affinity import SessionAffinity, SessionTable
+
+if TYPE_CHECKING:
+    from ..settings import RouterSettings
 
 _REUSE_EWMA = 0.05  # weight of one observed reuse distance in the running mean
 MAX_HINT_CHUNKS = 4096  # chain hashes applied per imported hint (1 MiB of prompt at 256)
@@ -53,7 +56,8 @@ MAX_ENGINE_CHUNKS = 1 << 18
 
 @dataclass(frozen=True, slots=True)
 class KvAwareParams:
-    chunk_chars: int = 256  # must equal the chunk size the features were hashed with
+    chunk_chars: int = 256  # chunk size of the prompt hashes (prompt_features uses it)
+    max_chars: int = 65536  # prompt characters hashed per request (0: no cap)
     balance_factor: float = 1.25  # c of the bounded-load guard
     balance_slack: int = 0  # extra requests allowed over the guard's bound
     load_cost_chars: float = 4096.0  # matched prefix chars worth one request of load
@@ -91,6 +95,33 @@ class _Engine:
 class KvAwarePolicy(PolicyBase):
     name = "kv-aware"
     needs_prompt = True
+
+    @classmethod
+    def from_settings(cls, settings: RouterSettings, *, hint_outbox: int = 0) -> KvAwarePolicy:
+        return cls(KvAwareParams(
+            chunk_chars=settings.prefix_chunk_chars,
+            max_chars=settings.prefix_max_chars,
+            balance_factor=settings.balance_factor,
+            balance_slack=settings.balance_slack,
+            load_cost_chars=settings.load_cost_chars,
+            running_weight=settings.running_load_weight,
+            kv_usage_weight=settings.kv_usage_load_weight,
+            placement_window=settings.placement_window,
+            prefill_load_chars=settings.prefill_load_chars,
+            session_ttl_s=settings.session_ttl_s,
+            max_sessions=settings.max_sessions,
+            default_capacity_chars=int(
+                settings.default_engine_kv_tokens * settings.chars_per_token
+            ),
+            hint_outbox=hint_outbox,
+        ))
+
+    def prompt_features(
+        self, body: Mapping[str, Any], model: str, session_key: str | None
+    ) -> RequestFeatures:
+        p = self.params
+        return request_features(body, model, session_key, with_prompt=True,
+                                chunk_chars=p.chunk_chars, max_chars=p.max_chars)
 
     def __init__(self, params: KvAwareParams | None = None) -> None:
         p = params or KvAwareParams()

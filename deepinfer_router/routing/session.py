@@ -6,17 +6,30 @@ or prompts that share nothing. The binding is broken only by the bounded-load gu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import reasons
 from .base import Candidate, Decision, PolicyBase, RequestFeatures
 from .guard import BoundedLoad
 from .least_conn import least_loaded
-from .sessions import SessionAffinity, SessionTable
+from .session_affinity import SessionAffinity, SessionTable
+
+if TYPE_CHECKING:
+    from ..settings import RouterSettings
 
 
 class SessionPolicy(PolicyBase):
     name = "session"
     needs_prompt = False
+
+    @classmethod
+    def from_settings(cls, settings: RouterSettings, *, hint_outbox: int = 0) -> SessionPolicy:
+        return cls(
+            session_ttl_s=settings.session_ttl_s,
+            max_sessions=settings.max_sessions,
+            balance_factor=settings.balance_factor,
+            balance_slack=settings.balance_slack,
+        )
 
     def __init__(
         self,

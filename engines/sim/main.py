@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from deepinfer_router.settings_loader import add_settings_arguments, parse_or_exit
+from deepinfer_router.shared.settings_loader import add_settings_arguments, parse_or_exit
 
 from .settings import ENV_PREFIX, SimSettings
 

@@ -27,8 +27,8 @@ import orjson
 import xxhash
 from aiohttp import web
 
-from deepinfer_router.engine_record import Capacity, EngineRecord
-from deepinfer_router.tasks import cancel_and_wait
+from deepinfer_router.shared.engine_record import Capacity, EngineRecord
+from deepinfer_router.shared.tasks import cancel_and_wait
 
 from .cost import CostModel
 from .metrics import CONTENT_TYPE_HEADER, SimMetrics

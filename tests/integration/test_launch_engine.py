@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engines.state import StateDir, pid_alive
+from engines.launch_state import StateDir, pid_alive
 from tests.fakes.fake_nvml import write_state
 from tests.support.procs import Procs
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from deepinfer_router.routing.base import Candidate, RequestFeatures, RoutingPolicy
 from deepinfer_router.routing.factory import make_policy
-from deepinfer_router.routing.features import request_features, session_key
+from deepinfer_router.routing.features import session_key
 from deepinfer_router.settings import RouterSettings
 
 TRACE_PATH = Path(__file__).resolve().parents[1] / "data" / "decision_trace.json.gz"
@@ -47,10 +47,10 @@ def settings_for(policy: str) -> RouterSettings:
 def features_of(policy: RoutingPolicy, settings: RouterSettings, body: dict[str, Any],
                 header: str | None) -> RequestFeatures:
     """As the proxy computes them."""
-    return request_features(
-        body, MODEL, session_key(header, body), with_prompt=policy.needs_prompt,
-        chunk_chars=settings.prefix_chunk_chars, max_chars=settings.prefix_max_chars,
-    )
+    key = session_key(header, body)
+    if not policy.needs_prompt:
+        return RequestFeatures(model=MODEL, session_key=key)
+    return policy.prompt_features(body, MODEL, key)
 
 
 # --- the synthetic traffic -----------------------------------------------------------------

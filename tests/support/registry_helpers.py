@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from deepinfer_router.engine_record import Capacity, EngineRecord
+from deepinfer_router.shared.engine_record import Capacity, EngineRecord
 from tests.support.waiting import wait_until
 
 

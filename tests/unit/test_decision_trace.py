@@ -26,3 +26,13 @@ def test_the_trace_exercises_every_kind_of_decision() -> None:
     assert {"prefix", "session", "new-prefix", "balance", "spill"} <= reasons
     assert {e["op"] for e in TRACES["kv-aware"]} == {"select", "first_token", "complete",
                                                        "forget"}
+
+
+def test_policy_names_are_one_list() -> None:
+    """The settings' choices are the registry's names (factory.POLICY_CLASSES)."""
+    import typing
+
+    from deepinfer_router.routing.factory import POLICY_CLASSES
+    from deepinfer_router.settings import PolicyName
+
+    assert set(typing.get_args(PolicyName)) == set(POLICY_CLASSES) == set(POLICIES)

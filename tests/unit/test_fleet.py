@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepinfer_router.engine_record import Capacity, EngineRecord
 from deepinfer_router.fleet import Fleet, ScrapedLoad
+from deepinfer_router.shared.engine_record import Capacity, EngineRecord
 
 
 def make_fleet() -> Fleet:

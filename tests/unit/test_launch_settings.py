@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_router.settings_loader import render_example_toml
+from deepinfer_router.shared.settings_loader import render_example_toml
 from engines.cli import parse_launch
 from engines.launch_settings import ENV_PREFIX, LaunchSettings
 

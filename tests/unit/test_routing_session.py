@@ -46,7 +46,7 @@ def test_empty_key_is_no_session() -> None:
 
 def test_affinity_breaks_on_restart_and_on_forget() -> None:
     """The shared session step: a new instance or a forgotten engine breaks bindings."""
-    from deepinfer_router.routing.sessions import SessionAffinity
+    from deepinfer_router.routing.session_affinity import SessionAffinity
 
     a = SessionAffinity(ttl_s=60.0, max_sessions=10)
     cands = fleet()

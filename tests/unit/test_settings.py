@@ -12,7 +12,7 @@ import pytest
 
 from deepinfer_router.cli import load
 from deepinfer_router.settings import ENV_PREFIX, RouterSettings
-from deepinfer_router.settings_loader import (
+from deepinfer_router.shared.settings_loader import (
     SettingsError,
     flag_name,
     load_settings,

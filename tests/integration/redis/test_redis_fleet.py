@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from deepinfer_router.registry import redis_store as store
+from deepinfer_router.shared import redis_store as store
 from engines.registration import DEFAULT_TTL_S
 from tests.support.procs import Proc, Procs
 from tests.support.redis_server import RedisServer

@@ -8,8 +8,8 @@ import time
 import aiohttp
 import pytest
 
-from deepinfer_router.engine_record import EngineRecord
-from deepinfer_router.registry import redis_store as store
+from deepinfer_router.shared import redis_store as store
+from deepinfer_router.shared.engine_record import EngineRecord
 from deepinfer_router.state import STATE
 from tests.support.echo_engine import STATE as ENGINE
 from tests.support.redis_server import RedisServer

@@ -9,7 +9,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from deepinfer_router.registry import redis_store as store
+from deepinfer_router.shared import redis_store as store
 from engines.redis_registration import RedisRegistrar
 from engines.registration import make_registrar
 from tests.support.redis_server import RedisServer, free_port

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from deepinfer_router.registry.base import RegistryUnavailableError
 from deepinfer_router.registry.redis import RedisRegistry
-from deepinfer_router.registry.redis_store import RegistryUnavailableError
 from engines.redis_registration import RedisRegistrar
 from tests.support.redis_server import RedisServer
 from tests.support.registry_helpers import ChangeCounter, make_record, wait_for
@@ -216,7 +216,7 @@ async def test_periodic_resync_catches_missed_notices(
     await reg.start()
     await wait_for(lambda: reg.status()["up"], 3)
     # Written without any stream entry (e.g. the hint was trimmed or lost).
-    from deepinfer_router.registry import redis_store as store
+    from deepinfer_router.shared import redis_store as store
 
     r = store.connect(redis_server.url)
     try:

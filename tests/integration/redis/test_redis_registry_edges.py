@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from deepinfer_router.engine_record import new_instance_id
-from deepinfer_router.registry import redis_store as store
+from deepinfer_router.shared import redis_store as store
+from deepinfer_router.shared.engine_record import new_instance_id
 from engines.redis_registration import RedisRegistrar
 from tests.integration.redis.test_redis_registry import (  # noqa: F401  (fixtures)
     HB,

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..engine_record import EngineRecord
+from .engine_record import EngineRecord
 
 log = logging.getLogger("deepinfer.registry.redis")
 
@@ -42,10 +42,6 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return 0
 """
-
-
-class RegistryUnavailableError(RuntimeError):
-    """Redis could not be reached for a write (the admin API answers 503)."""
 
 
 @dataclass(frozen=True, slots=True)
