@@ -313,16 +313,23 @@ def nginx_engines(workdir: Path, count: int = 2) -> Iterator[list[int]]:
 
 @contextlib.contextmanager
 def router(
-    engine_ports: list[int], policy: str, workdir: Path, extra: list[str]
+    engine_ports: list[int], policy: str, workdir: Path, extra: list[str],
+    src: Path | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[Any]]]:
+    """The router of `src` (a source tree; default: whatever this interpreter imports),
+    run by this interpreter: never a `deepinfer-router` found on PATH, which may be
+    another installation's (a pyenv shim, say) and would measure other code."""
     port = free_port()
-    exe = shutil.which("deepinfer-router")
-    cmd = [exe] if exe else [sys.executable, "-m", "deepinfer_router.cli"]
+    cmd = [sys.executable, "-m", "deepinfer_router.cli"]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
     cmd += [a for p in engine_ports for a in ("--engine", f"http://127.0.0.1:{p}")]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     cmd += ["--policy", policy, *extra]
     log = open(workdir / f"router-{policy}.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=src or None)
     try:
         wait_http(port, "/ready", 30, proc)
         # /ready needs one engine; wait until both are routable (models read).
@@ -512,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Extra argument for deepinfer-router (repeatable).")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file.")
     p.add_argument("--keep-temp", action="store_true", help="Keep the temp dir (logs, conf).")
+    p.add_argument("--src", type=Path, default=None,
+                   help="Measure the router of this source tree (a git worktree of another "
+                   "commit, for a before/after); default: the one this Python imports.")
     args = p.parse_args(argv)
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -540,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"direct (nginx :{ports[0]})", flush=True)
             results["direct"] = measure_target(ports[0], args, workdir)
             for policy in policies:
-                with router(ports, policy, workdir, args.router_arg) as (port, proc):
+                with router(ports, policy, workdir, args.router_arg, args.src) as (port, proc):
                     first = check_answers(port, via_router=True)
                     print(f"router --policy {policy} (:{port}, first route {first})", flush=True)
                     routed = measure_target(port, args, workdir, proc.pid)

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from deepinfer_router.admission import Admission, AdmissionRejected
+from tests.support.waiting import wait_until
 
 
 async def _waiter(adm: Admission, order: list[str], name: str, ticket: int,
@@ -23,24 +24,28 @@ async def _waiter(adm: Admission, order: list[str], name: str, ticket: int,
             return
 
 
+async def _spin(turns: int = 5) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
 async def test_freed_slots_go_in_arrival_order_even_after_failed_wakeups() -> None:
     adm = Admission(max_inflight=100, max_queue=10, queue_timeout_s=5.0)
     order: list[str] = []
     rooms: list[bool] = []
     tasks = []
-    for name in "abcd":
+    for n, name in enumerate("abcd", 1):
         tasks.append(asyncio.create_task(_waiter(adm, order, name, adm.engine_ticket(), rooms)))
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.01)
-    assert adm.engine_waiting == 4
+        await wait_until(lambda n=n: adm.engine_waiting == n, timeout=2)  # in arrival order
     # an engine came back but had no room after all: all woken, all back in line
     adm.engines_available(["m"])
-    await asyncio.sleep(0.01)
-    assert adm.engine_waiting == 4 and order == []
-    for _ in range(4):
+    await _spin()
+    await wait_until(lambda: adm.engine_waiting == 4, timeout=2)
+    assert order == []
+    for k in range(4):
         rooms.append(True)
         adm.engine_slot_freed(["m"])
-        await asyncio.sleep(0.01)
+        await wait_until(lambda k=k: len(order) == k + 1, timeout=2)
     await asyncio.gather(*tasks)
     assert order == ["a", "b", "c", "d"]
     assert adm.engine_waiting == 0 and adm.queued == 0
@@ -55,9 +60,10 @@ async def test_engines_available_wakes_every_waiter_of_its_models_only() -> None
         woken.append(model)
 
     tasks = [asyncio.create_task(wait(m)) for m in ("m", "m", "m", "other")]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: adm.engine_waiting == 4, timeout=2)
     adm.engines_available(["m"])
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: len(woken) == 3, timeout=2)
+    await _spin()
     assert woken == ["m", "m", "m"]
     assert adm.engine_waiting == 1
     tasks[-1].cancel()
@@ -68,7 +74,7 @@ async def test_engines_available_wakes_every_waiter_of_its_models_only() -> None
 async def test_queue_full_and_timeout() -> None:
     adm = Admission(max_inflight=100, max_queue=1, queue_timeout_s=5.0)
     first = asyncio.create_task(adm.wait_engine_slot("m", 0.05, adm.engine_ticket()))
-    await asyncio.sleep(0)
+    await wait_until(lambda: adm.engine_waiting == 1, timeout=2)
     with pytest.raises(AdmissionRejected) as full:
         await adm.wait_engine_slot("m", 1.0, adm.engine_ticket())
     assert full.value.reason == "queue_full"
@@ -76,11 +82,6 @@ async def test_queue_full_and_timeout() -> None:
         await first
     assert late.value.reason == "queue_timeout"
     assert adm.engine_waiting == 0
-
-
-async def _spin(turns: int = 5) -> None:
-    for _ in range(turns):
-        await asyncio.sleep(0)
 
 
 async def test_engine_wakeup_of_a_waiter_cancelled_at_once_goes_to_the_next() -> None:
