@@ -25,6 +25,7 @@ from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
 from .routing.factory import make_policy
 from .scrape import Scraper
+from .service import Service
 from .settings import RouterSettings
 from .state import STATE, RouterState
 from .upstream import UpstreamPool
@@ -179,7 +180,7 @@ async def _services(app: web.Application) -> Any:
     )
     lag_probe = LoopLagProbe(settings.loop_lag_interval_s, state.metrics.event_loop_lag.observe)
     lag_probe.start()
-    services: list[Any] = [*sources, scraper, checker]
+    services: list[Service] = [*sources, scraper, checker]
     if settings.redis_url and settings.share_hints:
         from .registry.redis_hints import RedisHints
 
