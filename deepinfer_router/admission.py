@@ -58,7 +58,7 @@ class Admission:
         try:
             await _wait(fut, self.queue_timeout_s)
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if _handed_over(fut):
                 # The slot was handed over just as we gave up (timed out, or the client
                 # left): give it back, to the next waiter.
                 self.release()
@@ -116,7 +116,7 @@ class Admission:
         try:
             await _wait(fut, timeout_s)
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if _handed_over(fut):
                 # Woken, then timed out or cancelled (the client left) before running:
                 # the wake-up is the next waiter's, or it would sit until its timeout.
                 self._wake_next(waiters, fut)
@@ -170,6 +170,11 @@ async def _wait(fut: asyncio.Future[None], timeout_s: float) -> None:
         await fut
     finally:
         timer.cancel()
+
+
+def _handed_over(fut: asyncio.Future[None]) -> bool:
+    """`fut` got its slot or wake-up (not cancelled, not timed out)."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _expire(fut: asyncio.Future[None]) -> None:

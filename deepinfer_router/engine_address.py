@@ -191,10 +191,15 @@ async def resolve_allowed(
     the event loop's (a slow DNS must not stall the router) unless given."""
     if is_ip_literal(host):
         return [host]
+    return keep_allowed(host, await _resolve(host, port, getaddrinfo))
+
+
+async def _resolve(host: str, port: int | None, getaddrinfo: GetAddrInfo | None = None
+                   ) -> list[str]:
+    """Every address `host` resolves to, in resolver order, without repeats."""
     lookup = getaddrinfo or asyncio.get_running_loop().getaddrinfo
     infos = await lookup(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    return keep_allowed(host, addresses)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 async def check_engine_url(url: str, allow_private: bool) -> UrlProblem | None:
@@ -210,13 +215,11 @@ async def check_engine_url(url: str, allow_private: bool) -> UrlProblem | None:
     if is_ip_literal(host):
         return None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, None, proto=socket.IPPROTO_TCP
-        )
+        resolved = await _resolve(host, None)
     except (OSError, UnicodeError):
         return None
-    for info in infos:
-        address = _address(str(info[4][0]))
+    for answer in resolved:
+        address = _address(answer)
         if refused_address(address):
             return _refused_problem(f"host {host!r} resolves to {address},")
     return None

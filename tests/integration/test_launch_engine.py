@@ -135,6 +135,15 @@ async def registered(router_url: str) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in body["engines"]}
 
 
+async def until_registered(router_url: str, launch: Launch, within: float = 15) -> None:
+    """Until the router lists an engine (the launch's output on time-out)."""
+
+    async def has_engine() -> bool:
+        return bool(await registered(router_url))
+
+    await until(has_engine, within, "registration", launch)
+
+
 async def exit_code(launch: Launch, within: float) -> int:
     await until(lambda: launch.proc.poll() is not None, within, "the launch to exit", launch)
     return int(launch.proc.returncode)
@@ -239,10 +248,7 @@ async def test_sigterm_deregisters_first_then_kills_the_group(
     launch = launches("--registry", r.url, "--stop-timeout-s", "1.5",
                       env={"FAKE_VLLM_WORKERS": "2", "FAKE_VLLM_IGNORE_SIGTERM": "1"})
 
-    async def has_engine() -> bool:
-        return bool(await registered(r.url))
-
-    await until(has_engine, 15, "registration", launch)
+    await until_registered(r.url, launch)
     pids = launch.engine_pids()
     assert len(pids) == 3
     launch.proc.send_signal(signal.SIGTERM)
@@ -441,10 +447,7 @@ async def test_sigterm_during_restart_backoff(
     launch = launches("--registry", r.url, "--restart-backoff-s", "60",
                       env={"FAKE_VLLM_CRASH_AFTER_S": "1", "FAKE_VLLM_WORKERS": "1"})
 
-    async def has_engine() -> bool:
-        return bool(await registered(r.url))
-
-    await until(has_engine, 15, "registration", launch)
+    await until_registered(r.url, launch)
     pids = launch.engine_pids()
     assert len(pids) == 2
 

@@ -44,7 +44,7 @@ def settings_for(policy: str) -> RouterSettings:
     return RouterSettings(policy=policy, **SETTINGS)  # type: ignore[arg-type]
 
 
-def features_of(policy: RoutingPolicy, settings: RouterSettings, body: dict[str, Any],
+def features_of(policy: RoutingPolicy, body: dict[str, Any],
                 header: str | None) -> RequestFeatures:
     """As the proxy computes them."""
     key = session_key(header, body)
@@ -161,7 +161,7 @@ def record_policy(policy_name: str) -> list[dict[str, Any]]:
             fleet.engines["e2"].update(up=True, instance="back")
         fleet.drift()
         cands = fleet.candidates()
-        feats = features_of(policy, settings, body, header)
+        feats = features_of(policy, body, header)
         decision = policy.select(feats, cands, now)
         policy.on_routed(feats, decision, now)
         events.append({"op": "select", "t": now, "i": i, "body": body, "session": header,
@@ -182,7 +182,7 @@ def replay(policy_name: str, events: list[dict[str, Any]]) -> list[list[Any]]:
     for ev in events:
         op = ev["op"]
         if op == "select":
-            feats = features_of(policy, settings, ev["body"], ev["session"])
+            feats = features_of(policy, ev["body"], ev["session"])
             features_by[ev["i"]] = feats
             cands = [Candidate(**c) for c in ev["candidates"]]
             decision = policy.select(feats, cands, ev["t"])
