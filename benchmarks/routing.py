@@ -87,7 +87,7 @@ DEFAULT_OUT = HERE / "results" / "routing"
 
 # --- calibration (fixed before any tuning; recorded in the JSON) ------------------------
 # The engine: the simulator's default cost model (8B model on one H100, see
-# engines/sim/cost.py) with a KV cache of KV_BLOCKS x 16 tokens, smaller than every
+# engines/deepinfer_engine/sim/cost.py) with a KV cache of KV_BLOCKS x 16 tokens, smaller than every
 # workload's working set.
 N_ENGINES = 4
 KV_BLOCKS = 1024  # 16,384 tokens per engine, 65,536 for the fleet of 4
@@ -107,8 +107,8 @@ def sims_main(argv: Sequence[str]) -> None:
 
     import uvloop
 
-    from engines.sim.server import start_sim_server
-    from engines.sim.settings import SimSettings
+    from deepinfer_engine.sim.server import start_sim_server
+    from deepinfer_engine.sim.settings import SimSettings
 
     speed = float(argv[0])
     blocks = [int(b) for b in argv[1].split(",")]
@@ -844,8 +844,8 @@ def main() -> None:
             "kv_tokens_per_engine": args.kv_blocks * BLOCK_SIZE,
             "speed": args.speed,
             "scale": QUICK_SCALE if args.quick else SCALE,
-            "cost_model": "engines/sim defaults: step 6 ms + 40 us/prefill token + 30 us/decode "
-                          "seq + 40 ns/context token (8B model, one H100)",
+            "cost_model": "deepinfer_engine/sim defaults: step 6 ms + 40 us/prefill token + 30 us/"
+                          "decode seq + 40 ns/context token (8B model, one H100)",
             "time_unit": "model seconds: wall-clock latencies x speed, arrivals / speed",
             "busy_method": "sum of modelled step durations per engine over the arrival "
                            "window / window wall time (engines step while they hold work)",

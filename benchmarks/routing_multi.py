@@ -151,8 +151,8 @@ async def hints_on_stream(redis_url: str) -> dict[str, Any]:
 async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
+    from deepinfer_engine.redis_registration import RedisRegistrar
     from deepinfer_router.shared.engine_record import Capacity, EngineRecord, engine_id_for
-    from engines.redis_registration import RedisRegistrar
     from tests.support.redis_server import RedisServer
 
     seed = args.seed * 1000 + int(WORKLOAD)

@@ -6,29 +6,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from .admission import Admission
 from .api import admin, health, metrics, models
-from .engine_address import GuardedResolver
+from .engine_clients import EngineClients
 from .errors import error_response
 from .fleet import Fleet
 from .health_checks import HealthChecker
 from .loop_lag import LoopLagProbe
 from .metrics import RouterMetrics
 from .proxy import Proxy, max_body_bytes
-from .registry.base import RefusalLog, RegistrySource
+from .registry.base import RefusalLog, RegistrySource, WritableRegistry
 from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
 from .routing.factory import make_policy
 from .scrape import Scraper
-from .service import Service
+from .service import Closing, Service
 from .settings import RouterSettings
 from .state import STATE, RouterState
-from .upstream import UpstreamPool
 
 log = logging.getLogger("deepinfer.app")
 
@@ -46,6 +44,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         eject_cooldown_s=settings.eject_cooldown_s,
         allow_private_urls=settings.allow_private_engine_urls,
         first_byte_timeout_s=settings.first_byte_timeout_s,
+        max_inflight_per_engine=settings.max_inflight_per_engine,
     )
     # In a shared fleet, the policy keeps its recent placements for the other routers.
     sharing = bool(settings.redis_url and settings.share_hints)
@@ -99,134 +98,111 @@ async def _not_found(request: web.Request) -> web.Response:
     return error_response(404, f"No route {path[:200]}.", "not_found")
 
 
-async def _services(app: web.Application) -> Any:
-    """Start the client session, registries, sim engines, scraper and health checks;
-    stop them in reverse order."""
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    """Start what serving needs, in order; close it in reverse order (a close that fails
+    does not keep the others open)."""
     state = app[STATE]
     settings = state.settings
-    guard = not settings.allow_private_engine_urls
-    state.upstream = UpstreamPool(
-        connect_timeout_s=settings.connect_timeout_s,
-        idle_timeout_s=settings.upstream_keepalive_s,
-        guard_addresses=guard,
-    )
-    resolver = GuardedResolver() if guard else None
-    connector = aiohttp.TCPConnector(
-        resolver=resolver,
-        limit=0,  # admission control bounds concurrency, not the pool
-        ttl_dns_cache=60,
-        keepalive_timeout=30,
-        enable_cleanup_closed=True,
-    )
-    state.session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bodies pass through byte for byte
-        timeout=aiohttp.ClientTimeout(
-            total=settings.request_timeout_s,
-            connect=settings.connect_timeout_s,
-            sock_connect=settings.connect_timeout_s,
-        ),
-        skip_auto_headers=("User-Agent",),
-        # A proxy keeps no cookies: an engine's Set-Cookie goes to the client that asked,
-        # never onto other clients' requests. The default jar would also filter and
-        # update cookies on every request, for nothing.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    engine_headers = (
-        {"Authorization": f"Bearer {settings.engine_api_key}"} if settings.engine_api_key else None
-    )
-    sims: list[Any] = []
-    static_urls = list(settings.engine)
-    if settings.sim_engines:
-        sims = await _start_sims(settings)
-        static_urls += [sim.url for sim in sims]
+    services: list[Service] = []
+    try:
+        clients = EngineClients(settings)
+        await clients.start()
+        services.append(clients)
+        state.upstream, state.session = clients.upstream, clients.session
+        sims = await _start_sims(settings, services) if settings.sim_engines else []
+        static_urls = [*settings.engine, *sims]
+        state.sources = _registry_sources(state, static_urls, clients.engine_headers)
+        later: list[Service] = [
+            LoopLagProbe(settings.loop_lag_interval_s, state.metrics.event_loop_lag.observe),
+            *state.sources,
+            Scraper(state.fleet, state.client(), settings.scrape_interval_s,
+                    settings.scrape_timeout_s, clients.engine_headers),
+            HealthChecker(state.fleet, state.client(), settings.health_interval_s,
+                          settings.health_timeout_s, clients.engine_headers),
+            *_hint_sharing(state),
+        ]
+        for service in later:
+            await service.start()
+            services.append(service)
+        log.info(
+            "router ready: policy %s, %d static engine(s), registry %s",
+            settings.policy, len(static_urls), state.sources[-1].name,
+        )
+        yield
+    finally:
+        for service in reversed(services):
+            with contextlib.suppress(Exception):
+                await service.close()
+        await asyncio.sleep(0)  # let closed connections release their transports
 
+
+def _registry_sources(
+    state: RouterState, static_urls: list[str], engine_headers: dict[str, str] | None
+) -> list[RegistrySource]:
+    """Where engines come from: the static list (--engine, --sim-engines), then the
+    writable registry (Redis with --redis-url, else the embedded one). Every change of
+    any source re-syncs the fleet from all of them."""
+    settings = state.settings
     refusals = RefusalLog(log)
+    sources: list[RegistrySource] = []
 
     def resync() -> None:
-        refusals.report(
-            state.fleet.sync((src.name, src.snapshot()) for src in state.sources)
-        )
+        refusals.report(state.fleet.sync((src.name, src.snapshot()) for src in sources))
 
-    sources: list[RegistrySource] = []
     if static_urls:
         sources.append(
-            StaticRegistry(static_urls, resync, state.session, headers=engine_headers)
+            StaticRegistry(static_urls, resync, state.client(), headers=engine_headers)
         )
+    writable: WritableRegistry
     if settings.redis_url:
-        from .registry.redis import RedisRegistry
+        from .registry.redis import RedisRegistry  # redis only when asked for
 
-        redis_registry = RedisRegistry(
-            settings.redis_url,
-            settings.registry_namespace,
-            resync,
+        writable = RedisRegistry(
+            settings.redis_url, settings.registry_namespace, resync,
             default_ttl_s=settings.engine_ttl_s,
         )
-        sources.append(redis_registry)
-        state.writable = redis_registry
     else:
-        local = LocalRegistry(resync, settings.engine_ttl_s)
-        sources.append(local)
-        state.writable = local
-    state.sources = sources
+        writable = LocalRegistry(resync, settings.engine_ttl_s)
+    sources.append(writable)
+    state.writable = writable
     resync()
-    scraper = Scraper(
-        state.fleet, state.session, settings.scrape_interval_s, settings.scrape_timeout_s,
-        engine_headers,
-    )
-    checker = HealthChecker(
-        state.fleet, state.session, settings.health_interval_s, settings.health_timeout_s,
-        engine_headers,
-    )
-    lag_probe = LoopLagProbe(settings.loop_lag_interval_s, state.metrics.event_loop_lag.observe)
-    lag_probe.start()
-    services: list[Service] = [*sources, scraper, checker]
-    if settings.redis_url and settings.share_hints:
-        from .registry.redis_hints import RedisHints
-
-        fleet = state.fleet
-
-        def engine_lookup(engine_id: str) -> tuple[str, int] | None:
-            engine = fleet.engines.get(engine_id)
-            if engine is None:
-                return None
-            return engine.record.instance, fleet.kv_capacity_chars(engine)
-
-        services.append(
-            RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
-                       engine_lookup)
-        )
-    for service in services:
-        await service.start()
-    log.info(
-        "router ready: policy %s, %d static engine(s), registry %s",
-        settings.policy, len(static_urls), sources[-1].name if sources else "none",
-    )
-    yield
-    lag_probe.stop()
-    for service in reversed(services):
-        with contextlib.suppress(Exception):
-            await service.close()
-    for sim in sims:
-        await sim.close()
-    await state.session.close()
-    if resolver is not None:  # the connector closes only a resolver it made itself
-        await resolver.close()
-    await state.upstream.close()
-    await asyncio.sleep(0)  # let the connector close its transports
+    return sources
 
 
-async def _start_sims(settings: RouterSettings) -> list[Any]:
-    from engines.sim.server import start_sim_server
-    from engines.sim.settings import SimSettings
+def _hint_sharing(state: RouterState) -> list[Service]:
+    """Routing hints shared with the other routers through Redis (--share-hints)."""
+    settings = state.settings
+    if not (settings.redis_url and settings.share_hints):
+        return []
+    from .hint_sharing import RedisHints
 
-    sims = []
+    fleet = state.fleet
+
+    def engine_lookup(engine_id: str) -> tuple[str, int] | None:
+        engine = fleet.engines.get(engine_id)
+        if engine is None:
+            return None
+        return engine.record.instance, fleet.kv_capacity_chars(engine)
+
+    return [RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
+                       engine_lookup)]
+
+
+async def _start_sims(settings: RouterSettings, services: list[Service]) -> list[str]:
+    """--sim-engines N: simulated engines in this process (closed with the services);
+    their URLs."""
+    from deepinfer_engine.sim.server import start_sim_server
+    from deepinfer_engine.sim.settings import SimSettings
+
+    urls = []
     for i in range(settings.sim_engines):
         sim_settings = SimSettings(
             model=settings.sim_model,
             kv_blocks=settings.sim_kv_blocks,
             speed=settings.sim_speed,
         )
-        sims.append(await start_sim_server(sim_settings, "127.0.0.1", 0))
-        log.info("simulated engine %d at %s", i, sims[-1].url)
-    return sims
+        sim = await start_sim_server(sim_settings, "127.0.0.1", 0)
+        services.append(Closing(sim.close))
+        urls.append(sim.url)
+        log.info("simulated engine %d at %s", i, sim.url)
+    return urls

@@ -14,8 +14,9 @@ from aiohttp import web
 
 from . import __version__
 from .app import build_app
-from .logs import AccessLogger, configure_logging
+from .logs import AccessLogger
 from .settings import ENV_PREFIX, RouterSettings
+from .shared.log_setup import configure_logging
 from .shared.settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
 from .state import STATE
 

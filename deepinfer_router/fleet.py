@@ -2,6 +2,9 @@
 plus what the router observes (in-flight counts, scraped load, health, ejection, drain).
 
 Pure state: the scraper, the health checker and the proxy feed it; the clock is passed in.
+One file over 300 lines on purpose: membership, eligibility (`candidates_with_room`) and
+the observations that change it (circuit, drain, in-flight) share one per-engine state
+and its invariants; split, each half would reach into the other's fields.
 """
 
 from __future__ import annotations
@@ -82,8 +85,10 @@ class Fleet:
         eject_cooldown_s: float,
         allow_private_urls: bool = False,
         first_byte_timeout_s: float = 300.0,
+        max_inflight_per_engine: int = 1 << 30,
     ) -> None:
         self.engines: dict[str, EngineState] = {}
+        self._max_inflight = max_inflight_per_engine
         self._allow_private_urls = allow_private_urls
         self._first_byte_timeout = first_byte_timeout_s
         self._url_checks: dict[str, UrlProblem | None] = {}  # sync runs on every change
@@ -218,6 +223,29 @@ class Fleet:
                 continue
             out.append(self.candidate(s, now))
         return out
+
+    def candidates_with_room(
+        self, model: str, now: float, exclude: Iterable[str] = ()
+    ) -> tuple[list[Candidate], bool]:
+        """The engines that may take a request for `model` now: `candidates()` under
+        --max-inflight-per-engine. Also whether some other candidate is at that limit
+        (room may come: worth waiting for). The one place candidates are filtered; the
+        policy only scores them."""
+        states = self._by_model.get(model)
+        if not states:
+            return [], False
+        out: list[Candidate] = []
+        at_limit = False
+        excluded = set(exclude)
+        limit = self._max_inflight
+        for s in states:
+            if s.id in excluded or not self.routable(s, now):
+                continue
+            if s.inflight >= limit:
+                at_limit = True
+                continue
+            out.append(self.candidate(s, now))
+        return out, at_limit
 
     def candidate(self, s: EngineState, now: float) -> Candidate:
         load = s.load

@@ -19,7 +19,7 @@ class LoopLagProbe:
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._schedule(self._loop.time())
 
@@ -34,7 +34,7 @@ class LoopLagProbe:
         self._observe(max(0.0, now - self._due))
         self._schedule(now)
 
-    def stop(self) -> None:
+    async def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 
@@ -14,3 +15,16 @@ class Service(Protocol):
     async def close(self) -> None:
         """Stop and release what it holds; safe to call once after start()."""
         ...
+
+
+class Closing:
+    """A part started elsewhere (a simulated engine) that is closed with the services."""
+
+    def __init__(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._close = close
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self._close()

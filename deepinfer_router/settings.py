@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_address import url_problem
+from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
 
 ENV_PREFIX = "DEEPINFER_"
@@ -245,6 +246,4 @@ class RouterSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if url and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return url or None
+        return check_redis_url(url) if url else None

@@ -32,14 +32,14 @@ def flag_table(cls: type[BaseSettings], env_prefix: str) -> str:
 def tables() -> dict[str, str]:
     out = {"router-flags": flag_table(RouterSettings, ENV_PREFIX)}
     try:  # the engine manager's settings, when present
-        from engines.launch_settings import ENV_PREFIX as ENGINE_PREFIX
-        from engines.launch_settings import LaunchSettings
+        from deepinfer_engine.launch_settings import ENV_PREFIX as ENGINE_PREFIX
+        from deepinfer_engine.launch_settings import LaunchSettings
 
         out["engine-launch-flags"] = flag_table(LaunchSettings, ENGINE_PREFIX)
     except ImportError:
         pass
     try:
-        from engines.sim.settings import SimSettings
+        from deepinfer_engine.sim.settings import SimSettings
 
         out["engine-sim-flags"] = flag_table(SimSettings, "DEEPINFER_ENGINE_")
     except ImportError:
@@ -58,9 +58,9 @@ def render_readme(text: str) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    from engines.launch_settings import ENV_PREFIX as ENGINE_PREFIX
-    from engines.launch_settings import LaunchSettings
-    from engines.sim.settings import SimSettings
+    from deepinfer_engine.launch_settings import ENV_PREFIX as ENGINE_PREFIX
+    from deepinfer_engine.launch_settings import LaunchSettings
+    from deepinfer_engine.sim.settings import SimSettings
 
     readme = ROOT / "README.md"
     configs = ROOT / "configs"

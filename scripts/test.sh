@@ -21,7 +21,7 @@ bash scripts/install-test-deps.sh
 
 echo "== lint and types"
 "$PYTHON" -m ruff check .
-"$PYTHON" -m mypy deepinfer_router engines
+"$PYTHON" -m mypy deepinfer_router engines/deepinfer_engine
 
 echo "== tests"
 set +e

@@ -15,6 +15,9 @@ Redis going away never removes engines: the last known view stays, `up` turns Fa
 loop retries with jittered backoff. After a Redis restart (new `run_id`) or an outage,
 engines missing from the first read are kept for one TTL of grace, so that they can
 re-register with their next heartbeat.
+
+One file over 300 lines on purpose: the full read, the stream, the poll and the grace
+period are one state machine over one view; the wire format is shared/redis_store.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from redis.exceptions import RedisError
 from ..shared import redis_store as store
 from ..shared.engine_record import EngineRecord
 from ..shared.redis_store import StoredRecord
+from ..shared.registry_url import redact
 from ..shared.tasks import cancel_and_wait
 from .base import RegistryUnavailableError
 
@@ -56,13 +60,6 @@ class _Entry:
 def _same(a: EngineRecord, b: EngineRecord) -> bool:
     """Equal apart from the heartbeat time (which changes on every beat)."""
     return a.model_dump(exclude={"heartbeat_at"}) == b.model_dump(exclude={"heartbeat_at"})
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 class _Resync(Exception):
@@ -214,7 +211,7 @@ class RedisRegistry:
 
     def _mark_up(self) -> None:
         if not self._up and self._logged_down:
-            log.info("Redis registry %s reachable again", _redact(self._url))
+            log.info("Redis registry %s reachable again", redact(self._url))
         self._up = True
         self._ever_up = True
         self._logged_down = False
@@ -227,7 +224,7 @@ class RedisRegistry:
         if not self._logged_down:  # once per outage
             log.warning(
                 "Redis registry %s unreachable (%s); routing on the last %d known engines",
-                _redact(self._url),
+                redact(self._url),
                 self._last_error,
                 len(self._snapshot),
             )

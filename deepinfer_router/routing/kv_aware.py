@@ -27,6 +27,12 @@ One decision, O(candidates + matched chunks):
 the request's expected uncached prompt chars (prompt_chars - matched_chars) to the
 engine's pending prefill work; `on_first_token` (prefill done) or else `on_complete`
 subtracts exactly that amount again.
+
+The bounded-load guard is not a filter of who may take the request (the fleet decides
+that: `Fleet.candidates_with_room`); it bounds where affinity may pull load, and over it
+the request spills. One file over 300 lines on purpose: the steps above share one view
+of each engine (`_Engine`: pending prefill, cache pressure) per decision; the pieces
+that stand alone (guard, scoring, prefix index, session affinity) have their own files.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepinfer_engine.launch_state import LaunchEntry, StateDir, group_alive
 from deepinfer_router.shared.engine_record import engine_id_for
-from engines.launch_state import LaunchEntry, StateDir, group_alive
 from tests.e2e.vllm_cmd import cpu_env, serve_flags
 from tests.support.procs import console_script, free_port
 

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from engines.launch_state import group_alive
+from deepinfer_engine.launch_state import group_alive
 from tests.e2e import workload
 from tests.e2e.fleet import MODEL, Fleet, Router, http_json
 from tests.e2e.vllm_cmd import bench_serve_cmd, cpu_env

@@ -39,7 +39,7 @@ this file for the measurements). The facts this module encodes:
   ``os.killpg``: the API server, its ``VLLM::EngineCore`` child and a multiprocessing
   resource tracker all go.
 
-The engine manager's launcher (engines/launcher.py) should reuse ``SERVER_MODULE``,
+The engine manager's launcher (engines/deepinfer_engine/launcher.py) should reuse ``SERVER_MODULE``,
 ``CPU_ENV`` and the flags of ``server_cmd()`` for ``--gpus none``.
 """
 

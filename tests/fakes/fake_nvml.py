@@ -1,5 +1,5 @@
 """A fake of the `pynvml` functions the engine manager calls, driven by a JSON file and
-raising the real `pynvml.NVMLError` subclasses, so that `engines.nvml.PynvmlSource`
+raising the real `pynvml.NVMLError` subclasses, so that `deepinfer_engine.nvml.PynvmlSource`
 runs unchanged against it (selected with DEEPINFER_ENGINE_FAKE_NVML=STATE.json).
 
 State file (re-read on every nvmlInit, so tests may change it between calls):

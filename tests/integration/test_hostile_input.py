@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deepinfer_engine.sim.server import start_sim_server
+from deepinfer_engine.sim.settings import SimSettings
 from deepinfer_router.state import STATE
-from engines.sim.server import start_sim_server
-from engines.sim.settings import SimSettings
 from tests.support.echo_engine import RunningServer
 from tests.support.waiting import wait_until
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engines.launch_state import StateDir, pid_alive
+from deepinfer_engine.launch_state import StateDir, pid_alive
 from tests.fakes.fake_nvml import write_state
 from tests.support.procs import Procs
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_VLLM = f"{sys.executable} {ROOT / 'tests' / 'fakes' / 'fake_vllm.py'}"
 ENGINE = shutil.which("deepinfer-engine")
-ENGINE_CLI = [ENGINE] if ENGINE else [sys.executable, "-m", "engines.cli"]
+ENGINE_CLI = [ENGINE] if ENGINE else [sys.executable, "-m", "deepinfer_engine.cli"]
 
 
 def free_port() -> int:

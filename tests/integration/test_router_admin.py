@@ -6,9 +6,9 @@ import time
 
 import aiohttp
 
+from deepinfer_engine.registration import HttpRegistrar
 from deepinfer_router.shared.engine_record import EngineRecord
 from deepinfer_router.state import STATE
-from engines.registration import HttpRegistrar
 from tests.support.waiting import wait_until
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from deepinfer_engine.sim.server import SimServer, start_sim_server
+from deepinfer_engine.sim.settings import SimSettings
 from deepinfer_router.state import STATE
-from engines.sim.server import SimServer, start_sim_server
-from engines.sim.settings import SimSettings
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)

@@ -16,9 +16,9 @@ import aiohttp
 import openai
 import pytest
 
-from engines.sim.main import load
-from engines.sim.server import start_sim_server
-from engines.sim.settings import SimSettings
+from deepinfer_engine.sim.main import load
+from deepinfer_engine.sim.server import start_sim_server
+from deepinfer_engine.sim.settings import SimSettings
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,7 +89,7 @@ async def test_cli_serves_openai_and_deregisters_on_sigterm(admin_router) -> Non
     port = _free_port()
     env = {**os.environ, "DEEPINFER_ENGINE_SPEED": "20"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engines.cli", "sim", "--port", str(port), "--kv-blocks",
+        sys.executable, "-m", "deepinfer_engine.cli", "sim", "--port", str(port), "--kv-blocks",
         "1024", "--registry", url, "--registry-key", KEY,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )

@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines.sim.server import SIM_STATE, SimServer, _is_loopback, start_sim_server
-from engines.sim.settings import SimSettings
+from deepinfer_engine.sim.server import SIM_STATE, SimServer, _is_loopback, start_sim_server
+from deepinfer_engine.sim.settings import SimSettings
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,6 +1,6 @@
 """Regression tests for the hardening of the proxy's HTTP/1.1 client
-(deepinfer_router/upstream.py) and of how the proxy handles engine answers
-(deepinfer_router/proxy.py), over real sockets on 127.0.0.1: engine error bodies read
+(deepinfer_router/upstream/) and of how the proxy handles engine answers
+(deepinfer_router/proxy/), over real sockets on 127.0.0.1: engine error bodies read
 only in part and under the idle timeout, response heads capped, response framing
 (bytes after the end, chunked trailers, a body ended by a reset or by a close, 101),
 stale keep-alive connections, and the retries counter.
@@ -25,7 +25,6 @@ import pytest
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from deepinfer_router import upstream
 from deepinfer_router.settings import RouterSettings
 from deepinfer_router.state import STATE
 from deepinfer_router.upstream import (
@@ -34,7 +33,9 @@ from deepinfer_router.upstream import (
     UpstreamDisconnected,
     UpstreamPool,
     UpstreamProtocolError,
+    connection,
 )
+from deepinfer_router.upstream import pool as upstream_pool
 from tests.support.echo_engine import STATE as ENGINE
 from tests.support.echo_engine import RunningServer
 from tests.support.raw_engine import (
@@ -369,14 +370,14 @@ async def test_head_under_the_limit_split_across_reads_is_accepted(
 ) -> None:
     """A 35 KB head (under MAX_HEAD_BYTES) that arrives in two reads is accepted."""
     reads = 0
-    original = upstream._Connection.data_received
+    original = connection.Connection.data_received
 
-    def counting(self: upstream._Connection, data: bytes) -> None:
+    def counting(self: connection.Connection, data: bytes) -> None:
         nonlocal reads
         reads += 1
         original(self, data)
 
-    monkeypatch.setattr(upstream._Connection, "data_received", counting)
+    monkeypatch.setattr(connection.Connection, "data_received", counting)
 
     async def handle(reader: Reader, writer: Writer) -> None:
         await read_request_head(reader)
@@ -610,7 +611,7 @@ async def test_idle_timeout_is_4s_and_an_older_idle_connection_is_not_reused(
             return time.monotonic() + self.offset
 
     clock = Clock()
-    monkeypatch.setattr(upstream, "time", clock)  # the pool's clock only
+    monkeypatch.setattr(upstream_pool, "time", clock)  # the pool's clock only
     connections: list[int] = []
     closed: list[int] = []
     p = UpstreamPool()

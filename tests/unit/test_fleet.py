@@ -148,3 +148,20 @@ def test_abandoned_request_keeps_the_first_byte_clock_running():
     # A client that left after the first byte starts no clock.
     fleet.request_abandoned(fleet.request_started(r.id), sent_at=None)  # type: ignore[arg-type]
     assert state.unanswered_since == 0.0
+
+
+def test_candidates_with_room_filter_by_the_per_engine_limit():
+    fleet = Fleet(chars_per_token=4, default_kv_tokens=1000, stale_after_s=5,
+                  eject_after_failures=2, eject_cooldown_s=10, max_inflight_per_engine=2)
+    fleet.sync([("local", {r.id: r for r in [record(1), record(2)]})])
+    a, b = sorted(fleet.engines)
+    assert [c.id for c in fleet.candidates_with_room("m", 1.0)[0]] == [a, b]
+    for _ in range(2):
+        fleet.request_started(a)
+    room, at_limit = fleet.candidates_with_room("m", 1.0)
+    assert [c.id for c in room] == [b] and at_limit
+    assert fleet.candidates_with_room("m", 1.0, exclude=[b]) == ([], True)  # worth a wait
+    assert fleet.candidates_with_room("m", 1.0, exclude=[a]) == (
+        fleet.candidates("m", 1.0, exclude=[a]), False)
+    assert fleet.candidates_with_room("other", 1.0) == ([], False)
+    assert len(fleet.candidates("m", 1.0)) == 2  # routable whatever their load

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.cli import main
+from deepinfer_engine.cli import main
 from tests.fakes.fake_nvml import write_state
 
 pytestmark = pytest.mark.timeout(20)
@@ -34,7 +34,7 @@ def test_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_no_driver_subprocess(tmp_path: Path) -> None:
     state = write_state(tmp_path / "s.json", [], init_error="DRIVER_NOT_LOADED")
     env = {**os.environ, "DEEPINFER_ENGINE_FAKE_NVML": str(state)}
-    proc = subprocess.run([sys.executable, "-m", "engines.cli", "gpus"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "deepinfer_engine.cli", "gpus"], env=env,
                           capture_output=True, text=True, timeout=15)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

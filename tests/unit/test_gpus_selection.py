@@ -9,8 +9,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from engines.gpus import SelectionError, format_table, select_gpus, to_json
-from engines.nvml import NvmlUnavailable, PynvmlSource, open_gpu_source
+from deepinfer_engine.gpus import SelectionError, format_table, select_gpus, to_json
+from deepinfer_engine.nvml import NvmlUnavailable, PynvmlSource, open_gpu_source
 from tests.fakes.fake_nvml import FakeNvml, write_state
 
 pytestmark = pytest.mark.timeout(10)

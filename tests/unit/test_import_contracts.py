@@ -14,13 +14,15 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
-GRAPH = grimp.build_graph("deepinfer_router", "engines", exclude_type_checking_imports=True)
+GRAPH = grimp.build_graph(
+    "deepinfer_router", "deepinfer_engine", exclude_type_checking_imports=True
+)
 
 
 def part(module: str) -> str:
     """The part of the code base a module belongs to."""
     names = module.split(".")
-    if names[0] == "engines":
+    if names[0] == "deepinfer_engine":
         return "engines"
     if module in ("deepinfer_router.app", "deepinfer_router.cli"):
         return "wiring"

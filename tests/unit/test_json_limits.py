@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepinfer_router.json_limits import json_items_exceed
+from deepinfer_router.proxy.json_limits import json_items_exceed
 
 
 def exact_items(value: Any) -> int:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from engines.launch_settings import LaunchSettings
-from engines.launcher import (
+from deepinfer_engine.launch_settings import LaunchSettings
+from deepinfer_engine.launcher import (
     API_SERVER_MODULE,
     LaunchError,
     build_command,

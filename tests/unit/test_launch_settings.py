@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from deepinfer_engine.cli import parse_launch
+from deepinfer_engine.launch_settings import ENV_PREFIX, LaunchSettings
 from deepinfer_router.shared.settings_loader import render_example_toml
-from engines.cli import parse_launch
-from engines.launch_settings import ENV_PREFIX, LaunchSettings
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engines.gpus import select_gpus
-from engines.launch_state import LaunchEntry, StateDir, pid_alive, process_start_time
-from engines.nvml import PynvmlSource
-from engines.supervisor import classify_failure
+from deepinfer_engine.gpus import select_gpus
+from deepinfer_engine.launch_state import LaunchEntry, StateDir, pid_alive, process_start_time
+from deepinfer_engine.nvml import PynvmlSource
+from deepinfer_engine.supervisor import classify_failure
 from tests.fakes.fake_nvml import FakeNvml, write_state
 from tests.fakes.fake_vllm import OOM_TEXT, REAL_FAILURES, real_failure_text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deepinfer_router.multipart import MalformedMultipart, multipart_model
+from deepinfer_router.proxy.multipart import MalformedMultipart, multipart_model
 
 CT = "multipart/form-data; boundary=XyZ"
 

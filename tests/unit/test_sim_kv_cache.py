@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.sim.kv_cache import KVCache, block_hashes, hash_block
+from deepinfer_engine.sim.kv_cache import KVCache, block_hashes, hash_block
 
 
 def toks(prefix: str, n: int) -> list[str]:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.sim.cost import CostModel
-from engines.sim.model import Request, RequestTooLong, SimEngine, Status, draw_output_len
-from engines.sim.tokenizer import render_chat, tokenize
+from deepinfer_engine.sim.cost import CostModel
+from deepinfer_engine.sim.model import Request, RequestTooLong, SimEngine, Status, draw_output_len
+from deepinfer_engine.sim.tokenizer import render_chat, tokenize
 
 
 def toks(prefix: str, n: int) -> list[str]:

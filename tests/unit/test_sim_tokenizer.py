@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engines.sim.tokenizer import (
+from deepinfer_engine.sim.tokenizer import (
     FILLER_TOKENS,
     GENERATION_PROMPT,
     filler_token,

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from deepinfer_engine.registration import DEFAULT_TTL_S
 from deepinfer_router.shared import redis_store as store
-from engines.registration import DEFAULT_TTL_S
 from tests.support.procs import Proc, Procs
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until

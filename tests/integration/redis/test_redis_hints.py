@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from deepinfer_router.registry.redis_hints import RedisHints
+from deepinfer_router.hint_sharing import RedisHints
 from deepinfer_router.routing.base import Candidate, RequestFeatures
 from deepinfer_router.routing.features import chain_hashes
 from deepinfer_router.routing.kv_aware import KvAwareParams, KvAwarePolicy

@@ -9,9 +9,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from deepinfer_engine.redis_registration import RedisRegistrar
+from deepinfer_engine.registration import make_registrar
 from deepinfer_router.shared import redis_store as store
-from engines.redis_registration import RedisRegistrar
-from engines.registration import make_registrar
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.registry_helpers import make_record, wait_for, wait_for_async
 
@@ -123,7 +123,7 @@ async def test_record_expires_without_heartbeats(redis_server: RedisServer) -> N
         assert await r.smembers(store.Keys(NS).index) == set()
     finally:
         await r.aclose()
-        await reg._redis.aclose()
+        await reg.backend.close()
 
 
 async def test_start_raises_when_redis_unreachable() -> None:

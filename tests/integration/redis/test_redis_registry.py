@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from deepinfer_engine.redis_registration import RedisRegistrar
 from deepinfer_router.registry.base import RegistryUnavailableError
 from deepinfer_router.registry.redis import RedisRegistry
-from engines.redis_registration import RedisRegistrar
 from tests.support.redis_server import RedisServer
 from tests.support.registry_helpers import ChangeCounter, make_record, wait_for
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from deepinfer_engine.redis_registration import RedisRegistrar
 from deepinfer_router.shared import redis_store as store
 from deepinfer_router.shared.engine_record import new_instance_id
-from engines.redis_registration import RedisRegistrar
 from tests.integration.redis.test_redis_registry import (  # noqa: F401  (fixtures)
     HB,
     NS,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines.redis_registration import RedisRegistrar
-from engines.registry_list import list_registered
+from deepinfer_engine.redis_registration import RedisRegistrar
+from deepinfer_engine.registry_list import list_registered
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.registry_helpers import make_record
 

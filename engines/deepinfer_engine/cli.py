@@ -90,28 +90,10 @@ def launch_main(argv: list[str]) -> int:
 # --- list ----------------------------------------------------------------------------------
 
 
-async def _list_http(url: str, key: str | None) -> list[dict[str, Any]]:
-    import aiohttp
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(f"{url.rstrip('/')}/admin/engines", headers=headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
-            body = await resp.json(content_type=None)
-    engines = body.get("engines", []) if isinstance(body, dict) else body
-    return [e for e in engines if isinstance(e, dict)]
-
-
 async def list_registry(url: str, key: str | None, namespace: str) -> list[dict[str, Any]]:
-    """The engines a registry holds, by URL scheme (as make_registrar picks a registrar):
-    engines/registry_list.py reads Redis and routers; without it, routers only."""
-    try:
-        from .registry_list import list_registered
-    except ImportError:
-        if url.startswith(("http://", "https://")):
-            return await _list_http(url, key)
-        raise RuntimeError("listing a Redis registry needs engines/registry_list.py") from None
+    """The engines a registry holds (registry_list.py: a shared Redis or a router)."""
+    from .registry_list import list_registered
+
     return [r.model_dump(mode="json") for r in await list_registered(url, key, namespace)]
 
 

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
-from ..routing.base import EngineLookup
-from ..shared import redis_store as store
-from ..shared.tasks import cancel_and_wait
+from .routing.base import EngineLookup
+from .shared import redis_store as store
+from .shared.tasks import cancel_and_wait
 
 log = logging.getLogger("deepinfer.registry.hints")
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engines.registration import RegistrationOptions
+from deepinfer_engine.registration import RegistrationOptions
 
 ENV_PREFIX = "DEEPINFER_ENGINE_"
 

@@ -161,7 +161,7 @@ class PynvmlSource:
 
 def _load_fake(state_path: str, env: Mapping[str, str]) -> Any:
     module_path = env.get(FAKE_NVML_MODULE_ENV) or str(
-        Path(__file__).resolve().parent.parent / "tests" / "fakes" / "fake_nvml.py"
+        Path(__file__).resolve().parents[2] / "tests" / "fakes" / "fake_nvml.py"
     )
     spec = importlib.util.spec_from_file_location("deepinfer_fake_nvml", module_path)
     if spec is None or spec.loader is None:

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 
+from deepinfer_router.shared.log_setup import configure_logging
 from deepinfer_router.shared.settings_loader import add_settings_arguments, parse_or_exit
 
 from .settings import ENV_PREFIX, SimSettings
@@ -78,11 +79,7 @@ def _run(settings: SimSettings) -> int:
 
 def main(argv: list[str]) -> int:
     settings = load(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     return _run(settings)
 
 

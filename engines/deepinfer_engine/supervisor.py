@@ -27,7 +27,7 @@ from typing import TextIO
 import aiohttp
 
 from deepinfer_router.shared.engine_record import EngineRecord, engine_id_for
-from deepinfer_router.shared.tasks import cancel_and_wait
+from deepinfer_router.shared.log_setup import configure_logging
 
 from .gpus import SelectionError, select_gpus
 from .launch_settings import LaunchSettings
@@ -47,7 +47,7 @@ from .launcher import (
     wait_ready,
 )
 from .nvml import GpuSource, NvmlUnavailable, open_gpu_source
-from .registration import Registrar
+from .registrar import BackgroundRegistration
 
 log = logging.getLogger("deepinfer.engine")
 
@@ -178,55 +178,6 @@ def make_plan(
                 advertise_url=advertise, log_path=log_path)
 
 
-# --- registration ------------------------------------------------------------------------
-
-
-class Registration:
-    """Registers in the background, retrying until the registry answers, so an engine
-    that is up does not die because a router is briefly away."""
-
-    def __init__(self, factory: Callable[[], Registrar]) -> None:
-        self._factory = factory
-        self._task: asyncio.Task[None] | None = None
-        self._active: Registrar | None = None
-        self.registered = asyncio.Event()
-
-    def start(self, record: EngineRecord) -> None:
-        self._task = asyncio.create_task(self._run(record))
-
-    async def _run(self, record: EngineRecord) -> None:
-        delay, warned = 1.0, False
-        while True:
-            registrar = self._factory()
-            try:
-                await registrar.start(record)
-                self._active = registrar
-                self.registered.set()
-                log.info("registered %s (instance %s)", record.id, record.instance)
-                return
-            except Exception as exc:  # any registry failure: retry, never crash the engine
-                if not warned:
-                    log.warning("registration failed (%s); retrying", exc)
-                    warned = True
-                with contextlib.suppress(Exception):
-                    await registrar.stop()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
-        if self._active is not None:
-            active, self._active = self._active, None
-            try:
-                await asyncio.wait_for(active.stop(), timeout=10)
-                log.info("deregistered")
-            except Exception as exc:
-                log.warning("deregistration failed: %s", exc)
-        self.registered.clear()
-
-
 # --- supervision -------------------------------------------------------------------------
 
 
@@ -243,10 +194,10 @@ class Supervisor:
     def _update(self, **changes: object) -> None:
         self.state.update(self.plan.entry.id, **changes)
 
-    def _registration(self) -> Registration | None:
+    def _registration(self) -> BackgroundRegistration | None:
         if not self.s.registry:
             return None
-        return Registration(self.s.make_registrar)
+        return BackgroundRegistration(self.s.make_registrar)
 
     async def _wait_stop(self, seconds: float) -> bool:
         """Sleep, waking early on stop; True if stopping."""
@@ -340,7 +291,7 @@ class Supervisor:
         return True
 
     async def _run_started(
-        self, proc: asyncio.subprocess.Process, registration: Registration | None
+        self, proc: asyncio.subprocess.Process, registration: BackgroundRegistration | None
     ) -> str:
         """'stopped' (on request), 'exited' (crash), 'unhealthy' or 'timeout'."""
         p = self.plan
@@ -411,13 +362,6 @@ class Supervisor:
                 if failures >= self.s.health_failures:
                     log.error("engine failed %d health checks in a row: restarting it", failures)
                     return "unhealthy"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
-        format="%(asctime)s deepinfer-engine %(levelname)s %(message)s",
-    )
 
 
 def run_launch(s: LaunchSettings, gpu_source: Callable[[], GpuSource] = open_gpu_source) -> int:

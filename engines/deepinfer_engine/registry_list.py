@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from deepinfer_router.shared import redis_store as store
 from deepinfer_router.shared.engine_record import EngineRecord
+from deepinfer_router.shared.registry_url import registry_kind
 
 
 async def list_registered(
@@ -18,12 +19,10 @@ async def list_registered(
 ) -> list[EngineRecord]:
     """Registered engines, sorted by id. Raises RuntimeError when the registry cannot be
     read (unreachable, refused, or an answer that is not a list of engine records)."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if registry_kind(url) == "redis":
         records = await _from_redis(url, namespace)
-    elif url.startswith(("http://", "https://")):
-        records = await _from_router(url, key)
     else:
-        raise ValueError(f"registry URL must be http(s):// (a router) or redis://: {url!r}")
+        records = await _from_router(url, key)
     return sorted(records, key=lambda r: r.id)
 
 

@@ -1,0 +1,27 @@
+"""One client request as it moves through the proxy: what parsing found, and what the
+current attempt has done so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..routing.base import RequestFeatures
+
+
+@dataclass(slots=True)
+class Call:
+    request: web.Request
+    rid: str
+    model: str
+    body: bytes
+    stream: bool
+    features: RequestFeatures
+    started: float
+    parsed: dict[str, Any] | None  # the JSON body, until the features are taken from it
+    route: str = "none"
+    engine: str = ""
+    status: int = 499  # until known: the client went away
+    answered: bool = False  # the engine's response head arrived (this attempt)

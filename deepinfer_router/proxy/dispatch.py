@@ -1,0 +1,151 @@
+"""Admission and retries: from a parsed request to an answer from some engine.
+
+The model must be served (else 404, before any hashing); the policy computes its prompt
+features; a router-wide slot is taken (waiting in admission's one bounded queue); then
+engines are tried in turn. A failure before any byte reached the client is retried on
+another engine (up to --max-retries, jittered exponential backoff) while an untried one
+serves the model; when every untried engine is at --max-inflight-per-engine the request
+waits in the same queue for room. Which failures retry: failures.py and the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from aiohttp import web
+
+from ..admission import AdmissionRejected
+from ..errors import RouterError
+from ..routing.base import Candidate
+from ..state import REQUEST_MODEL, RouterState
+from .attempt import Attempts
+from .call import Call
+from .failures import EngineFailure, EngineTimeout, Retryable, UpstreamFailure
+
+log = logging.getLogger("deepinfer.proxy")
+
+
+class Dispatcher:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self.attempts = Attempts(state)
+        self._policy_needs_prompt = state.policy.needs_prompt
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        state = self.state
+        fleet = state.fleet
+        if not fleet.known_model(call.model):
+            # A client-chosen name: logged escaped and cut, so it cannot forge log lines.
+            call.request[REQUEST_MODEL] = ascii(call.model[:200])
+            served = fleet.models(time.monotonic())
+            raise RouterError(
+                404,
+                f"The model `{call.model[:200]}` does not exist. Available models: "
+                f"{', '.join(served) or 'none'}.",
+                "model_not_found",
+                available_models=served,
+            )
+        self._take_features(call)
+        admission = state.admission
+        if not admission.try_acquire():
+            wait_started = time.monotonic()
+            try:
+                await admission.acquire()
+            except AdmissionRejected as exc:
+                raise RouterError(
+                    429, "The router is at capacity; retry shortly.", exc.reason,
+                    headers={"Retry-After": "1"},
+                ) from None
+            state.metrics.queue_wait.observe(time.monotonic() - wait_started)
+        try:
+            return await self._route_with_retries(call)
+        finally:
+            admission.release()
+
+    def _take_features(self, call: Call) -> None:
+        """Prompt features for the routing policy, once the model is known to be served
+        (an unknown model costs no hashing); the parsed body is dropped after."""
+        parsed, call.parsed = call.parsed, None
+        if self._policy_needs_prompt and parsed is not None:
+            call.features = self.state.policy.prompt_features(
+                parsed, call.model, call.features.session_key
+            )
+
+    async def _route_with_retries(self, call: Call) -> web.StreamResponse:
+        state = self.state
+        settings = state.settings
+        fleet = state.fleet
+        tried: list[str] = []
+        last: EngineFailure | None = None
+        for attempt in range(settings.max_retries + 1):
+            if last is not None:  # a retry: only when some engine is left to try
+                if not fleet.candidates(call.model, time.monotonic(), exclude=tried):
+                    break
+                backoff = settings.retry_backoff_s * (2 ** (attempt - 1))
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+            now = time.monotonic()
+            candidates, at_limit = fleet.candidates_with_room(call.model, now, exclude=tried)
+            if not candidates and at_limit:
+                # every engine not tried yet is at its limit: wait for room on one
+                candidates = await self._wait_for_engine(call, tried)
+                now = time.monotonic()
+            if not candidates:
+                if last is not None:
+                    break
+                raise RouterError(
+                    503, f"No healthy engine serves `{call.model}` right now.", "no_engine",
+                    headers={"Retry-After": "2"},
+                )
+            if last is not None:  # counted once there is an engine to retry on
+                state.metrics.retries.labels(last.kind).inc()
+                log.info(
+                    "request %s: engine %s failed (%s), retrying on another engine",
+                    call.rid, tried[-1], last.message,
+                )
+            t0 = time.perf_counter()
+            decision = state.policy.select(call.features, candidates, now)
+            state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
+            state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()
+            try:
+                return await self.attempts.run(call, decision, now)
+            except EngineTimeout as exc:  # the engine may still be working: no retry
+                raise UpstreamFailure(exc.status, exc.message, exc.kind) from None
+            except Retryable as exc:
+                last = exc
+                tried.append(decision.engine_id)
+        assert last is not None
+        raise UpstreamFailure(last.status, last.message, last.kind)
+
+    async def _wait_for_engine(self, call: Call, tried: list[str]) -> list[Candidate]:
+        """Every engine serving the model (but those in `tried`) is at
+        --max-inflight-per-engine: wait in the admission queue until one may have room (a
+        request to one finished, or one joined, came back or was un-drained). An empty
+        list when no such engine serves the model any more; 429 when the queue is full
+        or the wait lasts longer than --queue-timeout-s."""
+        state = self.state
+        admission = state.admission
+        started = time.monotonic()
+        give_up = started + admission.queue_timeout_s
+        ticket = admission.engine_ticket()
+        requeue = False  # woken but beaten to the slot: back to the same place in line
+        while True:
+            try:
+                await admission.wait_engine_slot(
+                    call.model, give_up - time.monotonic(), ticket, requeue
+                )
+            except AdmissionRejected as exc:
+                raise RouterError(
+                    429, "Every engine serving this model is at its limit; retry shortly.",
+                    f"engine_{exc.reason}", headers={"Retry-After": "1"},
+                ) from None
+            requeue = True
+            now = time.monotonic()
+            candidates, at_limit = state.fleet.candidates_with_room(
+                call.model, now, exclude=tried
+            )
+            if candidates or not at_limit:
+                state.metrics.queue_wait.observe(now - started)
+                return candidates

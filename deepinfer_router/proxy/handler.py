@@ -1,0 +1,84 @@
+"""The proxy's aiohttp handler: a request id, the shutdown and API-key checks, the body
+read within --max-body-mb and parsed (parse.py), then dispatch (dispatch.py); every
+RouterError becomes an OpenAI-shaped answer, counted once."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from ..errors import RouterError
+from ..routing.base import RequestFeatures
+from ..state import REQUEST_ID, REQUEST_MODEL, RouterState
+from .auth import check_api_key
+from .call import Call
+from .dispatch import Dispatcher
+from .failures import UpstreamFailure
+from .parse import body_too_large, check_declared_length, parse_request
+from .request_ids import RequestIds
+
+
+def request_id(request: web.Request, ids: RequestIds) -> str:
+    """The client's X-Request-Id (forwarded and returned as it came), or a new one."""
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        rid = request.headers.get("X-Request-Id") or ""
+        if not rid or len(rid) > 200 or not rid.isprintable():  # logged: keep it sane
+            rid = ids.next()
+        request[REQUEST_ID] = rid
+    return rid
+
+
+class Proxy:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self.dispatcher = Dispatcher(state)
+        self._ids = RequestIds()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        rid = request_id(request, self._ids)
+        started = time.monotonic()
+        call: Call | None = None
+        try:
+            if state.shutting_down:
+                raise RouterError(503, "The router is shutting down.", "shutting_down")
+            check_api_key(state.settings.api_key, request.headers.get("Authorization", ""))
+            call = await self._read(request, rid, started)
+            return await self.dispatcher.dispatch(call)
+        except RouterError as exc:
+            if not isinstance(exc, UpstreamFailure):  # those count as upstream errors
+                state.metrics.rejected.labels(exc.code or str(exc.status)).inc()
+            model = call.model if call else ""
+            if model and not state.fleet.known_model(model):
+                model = ""  # a client-chosen name must not become a label (unbounded series)
+            state.metrics.requests.labels(
+                model, call.engine if call else "", call.route if call else "none",
+                str(exc.status),
+            ).inc()
+            resp = exc.response()
+            resp.headers["X-Request-Id"] = rid
+            return resp
+
+    async def _read(self, request: web.Request, rid: str, started: float) -> Call:
+        settings = self.state.settings
+        check_declared_length(request.content_length, settings.max_body_mb)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # read past the limit (chunked body)
+            raise body_too_large(settings.max_body_mb) from None
+        fleet = self.state.fleet
+        parsed = await parse_request(
+            body,
+            request.headers.get("Content-Type", ""),
+            request.headers.get(settings.session_header),
+            max_json_items=settings.max_json_items,
+            served_models=lambda: fleet.models(time.monotonic()),
+        )
+        request[REQUEST_MODEL] = parsed.model
+        features = RequestFeatures(model=parsed.model, session_key=parsed.session_key)
+        return Call(
+            request, rid, parsed.model, parsed.body, parsed.stream, features, started,
+            parsed.json,
+        )
