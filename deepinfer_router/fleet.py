@@ -71,6 +71,9 @@ class EngineState:
         return "healthy" if self.healthy else "unhealthy"
 
 
+_NO_LIMIT = 1 << 62  # on requests in flight to one engine: none
+
+
 class Fleet:
     """Engines by id. `sync` takes the records of every source; listeners hear about
     engines that left or restarted (so routing state about them can be dropped)."""
@@ -85,7 +88,7 @@ class Fleet:
         eject_cooldown_s: float,
         allow_private_urls: bool = False,
         first_byte_timeout_s: float = 300.0,
-        max_inflight_per_engine: int = 1 << 30,
+        max_inflight_per_engine: int = _NO_LIMIT,
     ) -> None:
         self.engines: dict[str, EngineState] = {}
         self._max_inflight = max_inflight_per_engine
@@ -213,16 +216,8 @@ class Fleet:
     def candidates(
         self, model: str, now: float, exclude: Iterable[str] = ()
     ) -> list[Candidate]:
-        states = self._by_model.get(model)
-        if not states:
-            return []
-        out: list[Candidate] = []
-        excluded = set(exclude)
-        for s in states:
-            if s.id in excluded or not self.routable(s, now):
-                continue
-            out.append(self.candidate(s, now))
-        return out
+        """Every engine that may take a request for `model` now, whatever its load."""
+        return self._scan(model, now, exclude, _NO_LIMIT)[0]
 
     def candidates_with_room(
         self, model: str, now: float, exclude: Iterable[str] = ()
@@ -231,13 +226,17 @@ class Fleet:
         --max-inflight-per-engine. Also whether some other candidate is at that limit
         (room may come: worth waiting for). The one place candidates are filtered; the
         policy only scores them."""
+        return self._scan(model, now, exclude, self._max_inflight)
+
+    def _scan(
+        self, model: str, now: float, exclude: Iterable[str], limit: int
+    ) -> tuple[list[Candidate], bool]:
         states = self._by_model.get(model)
         if not states:
             return [], False
         out: list[Candidate] = []
         at_limit = False
         excluded = set(exclude)
-        limit = self._max_inflight
         for s in states:
             if s.id in excluded or not self.routable(s, now):
                 continue

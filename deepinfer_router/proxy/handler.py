@@ -15,7 +15,7 @@ from .auth import check_api_key
 from .call import Call
 from .dispatch import Dispatcher
 from .failures import UpstreamFailure
-from .parse import body_too_large, check_declared_length, parse_request
+from .parse import body_too_large, check_declared_length, max_body_bytes, parse_request
 from .request_ids import RequestIds
 
 
@@ -35,6 +35,12 @@ class Proxy:
         self.state = state
         self.dispatcher = Dispatcher(state)
         self._ids = RequestIds()
+        # Fixed for the router's life: computed once, not per request.
+        settings = state.settings
+        self._api_keys = settings.api_key
+        self._max_body = max_body_bytes(settings.max_body_mb)
+        fleet = state.fleet
+        self._served_models = lambda: fleet.models(time.monotonic())
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
@@ -44,7 +50,8 @@ class Proxy:
         try:
             if state.shutting_down:
                 raise RouterError(503, "The router is shutting down.", "shutting_down")
-            check_api_key(state.settings.api_key, request.headers.get("Authorization", ""))
+            if self._api_keys:
+                check_api_key(self._api_keys, request.headers.get("Authorization", ""))
             call = await self._read(request, rid, started)
             return await self.dispatcher.dispatch(call)
         except RouterError as exc:
@@ -63,18 +70,17 @@ class Proxy:
 
     async def _read(self, request: web.Request, rid: str, started: float) -> Call:
         settings = self.state.settings
-        check_declared_length(request.content_length, settings.max_body_mb)
+        check_declared_length(request.content_length, self._max_body, settings.max_body_mb)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # read past the limit (chunked body)
             raise body_too_large(settings.max_body_mb) from None
-        fleet = self.state.fleet
         parsed = await parse_request(
             body,
             request.headers.get("Content-Type", ""),
             request.headers.get(settings.session_header),
             max_json_items=settings.max_json_items,
-            served_models=lambda: fleet.models(time.monotonic()),
+            served_models=self._served_models,
         )
         request[REQUEST_MODEL] = parsed.model
         features = RequestFeatures(model=parsed.model, session_key=parsed.session_key)

@@ -50,10 +50,11 @@ def body_too_large(max_body_mb: float) -> RouterError:
     )
 
 
-def check_declared_length(declared: int | None, max_body_mb: float) -> None:
-    """A declared length over the limit is refused before any byte of the body is read
-    (aiohttp alone would read that much first)."""
-    if declared is not None and declared > max_body_bytes(max_body_mb):
+def check_declared_length(declared: int | None, max_bytes: int, max_body_mb: float) -> None:
+    """A declared length over the limit (`max_bytes`, from `max_body_bytes(max_body_mb)`)
+    is refused before any byte of the body is read (aiohttp alone would read that much
+    first)."""
+    if declared is not None and declared > max_bytes:
         raise body_too_large(max_body_mb)
 
 

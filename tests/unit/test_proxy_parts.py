@@ -11,7 +11,7 @@ from deepinfer_router.errors import RouterError
 from deepinfer_router.proxy.auth import check_api_key
 from deepinfer_router.proxy.failures import EngineTimeout, Retryable, timeout_kind
 from deepinfer_router.proxy.headers import EngineHeaders, client_headers
-from deepinfer_router.proxy.parse import check_declared_length, parse_request
+from deepinfer_router.proxy.parse import check_declared_length, max_body_bytes, parse_request
 
 JSON = "application/json"
 
@@ -110,10 +110,11 @@ async def test_malformed_multipart_refused() -> None:
 
 
 def test_declared_length_over_the_limit_refused_before_reading() -> None:
-    check_declared_length(None, 1.0)
-    check_declared_length(1024 * 1024, 1.0)
+    limit = max_body_bytes(1.0)
+    check_declared_length(None, limit, 1.0)
+    check_declared_length(1024 * 1024, limit, 1.0)
     with pytest.raises(RouterError) as info:
-        check_declared_length(1024 * 1024 + 1, 1.0)
+        check_declared_length(1024 * 1024 + 1, limit, 1.0)
     assert info.value.status == 413 and info.value.headers == {"Connection": "close"}
 
 
