@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .admission import Admission
-from .api import admin, health, metrics, models
+from .api import admin, deployments, health, metrics, models
 from .engine_clients import EngineClients
 from .errors import error_response
 from .fleet import Fleet
@@ -71,6 +71,7 @@ def build_app(settings: RouterSettings) -> web.Application:
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/metrics", metrics.metrics)
     app.router.add_get("/v1/models", models.list_models)
+    deployments.add_routes(app)
     app.router.add_get("/admin/engines", admin.list_engines)
     app.router.add_post("/admin/engines", admin.register_engine)
     app.router.add_delete("/admin/engines/{id}", admin.delete_engine)
@@ -120,6 +121,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             HealthChecker(state.fleet, state.client(), settings.health_interval_s,
                           settings.health_timeout_s, clients.engine_headers),
             *_hint_sharing(state),
+            *_deployment_store(state),
         ]
         for service in later:
             await service.start()
@@ -186,6 +188,19 @@ def _hint_sharing(state: RouterState) -> list[Service]:
 
     return [RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
                        engine_lookup)]
+
+
+def _deployment_store(state: RouterState) -> list[Service]:
+    """/v1/deployments' store (the shared Redis), with --redis-url only."""
+    settings = state.settings
+    if not settings.redis_url:
+        return []
+    from .shared.deployment_store import DeploymentStore
+    from .shared.redis_store import connect
+
+    client = connect(settings.redis_url)
+    state.deployments = DeploymentStore(client, settings.registry_namespace)
+    return [Closing(client.aclose)]
 
 
 async def _start_sims(settings: RouterSettings, services: list[Service]) -> list[str]:

@@ -17,6 +17,7 @@ from .upstream import UpstreamPool
 
 if TYPE_CHECKING:  # annotations only: the registry sits above this module
     from .registry.base import RegistrySource, WritableRegistry
+    from .shared.deployment_store import DeploymentStore  # redis only with --redis-url
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RouterState:
     writable: WritableRegistry | None = None  # where POST /admin/engines writes
     session: aiohttp.ClientSession | None = None  # scrapes, health checks, model lists
     upstream: UpstreamPool | None = None  # proxied requests (the hot path)
+    deployments: DeploymentStore | None = None  # with --redis-url: /v1/deployments
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:

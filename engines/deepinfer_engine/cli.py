@@ -12,13 +12,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-USAGE = """usage: deepinfer-engine {gpus,launch,sim,list,stop} ...
+USAGE = """usage: deepinfer-engine COMMAND ...
 
-  gpus     NVML table of this host's GPUs
-  launch   start vLLM on selected GPUs, supervise and register it
-  sim      run a simulated vLLM engine (no GPU)
-  list     engines launched on this host, or registered in a registry
-  stop     stop an engine launched on this host
+On one host (imperative):
+  gpus         NVML table of this host's GPUs
+  launch       start vLLM on selected GPUs, supervise and register it
+  sim          run a simulated vLLM engine (no GPU)
+  list         engines launched on this host, or registered in a registry
+  stop         stop an engine launched on this host
+
+Across hosts (declarative; a router with --redis-url and agents on the GPU hosts):
+  agent        run this host's share of the declared deployments
+  deploy       declare a deployment (MODEL, replicas, TP, ...)
+  deployments  the deployments and each replica's state
+  scale        change a deployment's replica count
+  undeploy     drain, stop and remove a deployment
+  hosts        every live agent with its labels and GPUs
 """
 
 
@@ -79,6 +88,33 @@ def parse_launch(argv: list[str]) -> Any:
     if not settings.model:
         parser.error("MODEL is required (argument, TOML key model, or DEEPINFER_ENGINE_MODEL)")
     return settings
+
+
+def parse_agent(argv: list[str]) -> Any:
+    from deepinfer_router.shared.settings_loader import add_settings_arguments, parse_or_exit
+
+    from .agent_settings import ENV_PREFIX, AgentSettings
+
+    parser = argparse.ArgumentParser(
+        prog="deepinfer-engine agent",
+        description="Run this host's share of the deployments declared in the shared Redis "
+        "(POST /v1/deployments on a router, or deepinfer-engine deploy): claim replicas "
+        "this host can hold, launch and supervise vLLM for them, register them, report "
+        f"their state. Each option also reads {ENV_PREFIX}<OPTION> and the TOML key "
+        "<option>; repeatable options (--labels, --allow-*) add to the file's values.",
+    )
+    parser.add_argument("--config", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
+                        help="TOML settings file")
+    add_settings_arguments(parser, AgentSettings)
+    ns = parser.parse_args(argv)
+    values = {k: v for k, v in vars(ns).items() if k != "config"}
+    return parse_or_exit(AgentSettings, values, ns.config, ENV_PREFIX, "deepinfer-engine agent")
+
+
+def agent_main(argv: list[str]) -> int:
+    from .agent import run_agent
+
+    return run_agent(parse_agent(argv))
 
 
 def launch_main(argv: list[str]) -> int:
@@ -227,11 +263,15 @@ def stop_main(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "agent": agent_main,
     "gpus": gpus_main,
     "launch": launch_main,
     "list": list_main,
     "stop": stop_main,
 }
+
+
+DEPLOY_COMMANDS = ("deploy", "deployments", "scale", "undeploy", "hosts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return sim_main(rest)
     if command in COMMANDS:
         return COMMANDS[command](rest)
+    if command in DEPLOY_COMMANDS:
+        from .deploy_cli import main as deploy_main
+
+        return deploy_main(command, rest)
     print(f"deepinfer-engine: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

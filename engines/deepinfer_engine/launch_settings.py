@@ -7,7 +7,7 @@ import re
 import shlex
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deepinfer_router.shared.settings_loader import CsvList
@@ -27,51 +27,22 @@ def _split_args(value: Any) -> Any:
 ArgList = Annotated[list[str], NoDecode, BeforeValidator(_split_args)]
 
 
-class LaunchSettings(BaseSettings, RegistrationOptions):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+class EngineHostOptions(BaseModel):
+    """What every way of running engines on a host shares (`launch`, `agent`): the
+    command, GPUs, listen address, labels, supervision and files."""
 
-    # --- what to run ----------------------------------------------------------------
-    model: str | None = Field(
-        None, description="Model to serve (Hugging Face id or local path); the MODEL argument."
-    )
-    served_model_name: str | None = Field(
-        None, description="Name the engine serves the model as (default: MODEL)."
-    )
     engine_cmd: str | None = Field(
         None,
         description="Command replacing the `vllm serve` prefix (MODEL and the flags follow it "
         "unchanged), e.g. a container wrapper. Default: `vllm serve`, or `python -m "
         "vllm.entrypoints.openai.api_server --model` where the vllm script is unusable.",
     )
-    extra_args: ArgList = Field(
-        default_factory=list,
-        description="Extra `vllm serve` arguments (on the command line: after `--`).",
-    )
-
-    # --- placement ------------------------------------------------------------------
     gpus: str = Field(
         "auto",
         description="GPUs to use: auto (pick free ones), none (CPU build or stand-in "
         "command, no NVML), or indices/UUIDs such as 0,1 or GPU-..., or one MIG-... device.",
     )
-    tp: int | None = Field(
-        None, ge=1, description="Tensor-parallel size (default: the number of --gpus named, "
-        "else 1)."
-    )
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (vLLM's "
-        "default 0.9 with GPUs; not passed with --gpus none unless set)."
-    )
-
-    # --- network --------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address vLLM listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port vLLM listens on.")
-    advertise_url: str | None = Field(
-        None, description="Base URL routers use to reach this engine (default: "
-        "http://<this host's name>:PORT)."
-    )
-
-    # --- registration: registry options come from RegistrationOptions ---------------
     labels: CsvList = Field(
         default_factory=list, description="Label key=value added to the engine record; "
         "repeatable."
@@ -112,15 +83,10 @@ class LaunchSettings(BaseSettings, RegistrationOptions):
         "before SIGKILL."
     )
 
-    # --- files ----------------------------------------------------------------------
     state_dir: str | None = Field(
         None, description="Host-local state directory (running launches, GPU reservations; "
         "default /run/deepinfer if writable, else $XDG_RUNTIME_DIR/deepinfer or "
         "~/.local/state/deepinfer)."
-    )
-    log_file: str | None = Field(
-        None, description="File receiving the engine's stdout/stderr (default: "
-        "<state dir>/logs/<engine id>.log)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the engine manager."
@@ -139,11 +105,6 @@ class LaunchSettings(BaseSettings, RegistrationOptions):
                              "or UUIDs")
         return ",".join(parts)
 
-    @field_validator("advertise_url")
-    @classmethod
-    def _empty_is_none(cls, value: str | None) -> str | None:
-        return value or None
-
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: list[str]) -> list[str]:
@@ -154,3 +115,47 @@ class LaunchSettings(BaseSettings, RegistrationOptions):
 
     def label_dict(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.labels)
+
+
+class LaunchSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    # --- what to run ----------------------------------------------------------------
+    model: str | None = Field(
+        None, description="Model to serve (Hugging Face id or local path); the MODEL argument."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name the engine serves the model as (default: MODEL)."
+    )
+    extra_args: ArgList = Field(
+        default_factory=list,
+        description="Extra `vllm serve` arguments (on the command line: after `--`).",
+    )
+
+    # --- placement ------------------------------------------------------------------
+    tp: int | None = Field(
+        None, ge=1, description="Tensor-parallel size (default: the number of --gpus named, "
+        "else 1)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (vLLM's "
+        "default 0.9 with GPUs; not passed with --gpus none unless set)."
+    )
+
+    # --- network --------------------------------------------------------------------
+    port: int = Field(8000, ge=1, le=65535, description="Port vLLM listens on.")
+    advertise_url: str | None = Field(
+        None, description="Base URL routers use to reach this engine (default: "
+        "http://<this host's name>:PORT)."
+    )
+
+    # --- files ----------------------------------------------------------------------
+    log_file: str | None = Field(
+        None, description="File receiving the engine's stdout/stderr (default: "
+        "<state dir>/logs/<engine id>.log)."
+    )
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None

@@ -118,6 +118,11 @@ class LaunchEntry(BaseModel):
     pid: int  # the supervisor (the process `stop` signals)
     pid_start: int | None = None
     pgid: int = 0  # vLLM's process group, 0 while none runs
+    pgid_start: int | None = None  # its leader's start time (a reused pid is not it)
+    # Set by the agent: which replica this engine is, and which agent started it.
+    deployment: str | None = None
+    replica: int | None = None
+    agent: str | None = None
     gpus: list[str] = Field(default_factory=list)  # UUIDs (the reservation)
     gpu_indices: list[int] = Field(default_factory=list)
     state: str = "starting"  # starting | ready | restarting | stopping | failed

@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import aiohttp
 
 from deepinfer_router.shared.engine_record import Capacity
 
 from .launch_settings import LaunchSettings
-from .launch_state import group_alive
+from .launch_state import group_alive, pid_alive
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default
@@ -105,6 +105,9 @@ class EngineCommand:
     argv: list[str]
     env: dict[str, str]
     served_name: str
+    # How to stop it when a signal to its process group is not enough (a container:
+    # `docker stop NAME`, since the client process is not the engine). None: signals.
+    stop_argv: list[str] | None = None
 
 
 def build_command(
@@ -184,8 +187,12 @@ def _child_setup() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def spawn(cmd: EngineCommand, log: TextIO) -> asyncio.subprocess.Process:
-    """Start the engine as the leader of a new session/process group, output to `log`."""
+async def spawn(
+    cmd: EngineCommand, log: TextIO, *, die_with_parent: bool = True
+) -> asyncio.subprocess.Process:
+    """Start the engine as the leader of a new session/process group, output to `log`.
+    `die_with_parent=False` (the agent): the engine outlives a crashed agent, whose next
+    run adopts or stops it."""
     try:
         return await asyncio.create_subprocess_exec(
             *cmd.argv,
@@ -194,7 +201,7 @@ async def spawn(cmd: EngineCommand, log: TextIO) -> asyncio.subprocess.Process:
             stderr=asyncio.subprocess.STDOUT,
             env=cmd.env,
             start_new_session=True,
-            preexec_fn=_child_setup,
+            preexec_fn=_child_setup if die_with_parent else None,
         )
     except FileNotFoundError:
         raise LaunchError(f"engine command not found: {cmd.argv[0]}") from None
@@ -219,10 +226,58 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+class EngineProcess(Protocol):
+    """What supervision needs of a running engine: a started child
+    (asyncio.subprocess.Process) or an adopted one (AdoptedProcess)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class AdoptedProcess:
+    """An engine started by an earlier run of the agent (not our child): its exit is seen
+    by polling its leader's pid; the exit code is unknown (-1)."""
+
+    def __init__(self, pid: int, start_time: int | None, poll_s: float = 0.5) -> None:
+        self.pid = pid
+        self._start_time = start_time
+        self._poll_s = poll_s
+        self._returncode: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        if self._returncode is None and not pid_alive(self.pid, self._start_time):
+            self._returncode = -1
+        return self._returncode
+
+    async def wait(self) -> int:
+        while self.returncode is None:  # noqa: ASYNC110 - no event to wait on: we poll /proc
+            await asyncio.sleep(self._poll_s)
+        return -1
+
+
+async def _run_stop_command(argv: list[str], timeout_s: float,
+                            log: Callable[[str], None]) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.wait_for(proc.wait(), timeout=timeout_s + 10)
+    except (TimeoutError, OSError) as exc:
+        log(f"{' '.join(argv)} failed ({exc!r}); signalling the process group")
+
+
 async def stop_group(
-    proc: asyncio.subprocess.Process, pgid: int, timeout_s: float, log: Callable[[str], None]
+    proc: EngineProcess, pgid: int, timeout_s: float, log: Callable[[str], None],
+    *, stop_argv: list[str] | None = None, reap: bool = True,
 ) -> None:
-    """SIGTERM the whole group, wait up to `timeout_s` for every member, then SIGKILL."""
+    """SIGTERM the whole group (or run `stop_argv`, e.g. `docker stop`), wait up to
+    `timeout_s` for every member, then SIGKILL. `reap=False` where other children of this
+    process must not be collected here (the agent runs several engines)."""
+    if stop_argv and proc.returncode is None:
+        await _run_stop_command(stop_argv, timeout_s, log)
     signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -230,20 +285,22 @@ async def stop_group(
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=0.1)
         else:
-            reap_orphans()
+            if reap:
+                reap_orphans()
             if not group_alive(pgid):
                 return
             await asyncio.sleep(0.1)
     log(f"engine process group {pgid} still running {timeout_s:g}s after SIGTERM: SIGKILL")
-    await kill_group(proc, pgid)
+    await kill_group(proc, pgid, reap=reap)
 
 
-async def kill_group(proc: asyncio.subprocess.Process, pgid: int) -> None:
+async def kill_group(proc: EngineProcess, pgid: int, *, reap: bool = True) -> None:
     signal_group(pgid, signal.SIGKILL)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(proc.wait(), timeout=10)
     for _ in range(100):
-        reap_orphans()
+        if reap:
+            reap_orphans()
         if not group_alive(pgid):
             return
         await asyncio.sleep(0.05)
@@ -295,7 +352,7 @@ async def probe_ready(
 
 
 async def wait_ready(
-    proc: asyncio.subprocess.Process,
+    proc: EngineProcess,
     base: str,
     served_name: str,
     *,

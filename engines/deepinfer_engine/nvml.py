@@ -54,6 +54,7 @@ class GpuInfo:
     pci_bus_id: str = ""
     mig_enabled: bool = False
     mig_devices: list[MigDevice] = field(default_factory=list)
+    compute_capability: str | None = None  # "9.0"; None where the driver does not say
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +130,7 @@ class PynvmlSource:
                 procs.setdefault(p.pid, GpuProcess(
                     pid=int(p.pid), name=_text(name) if name else "",
                     used_memory=getattr(p, "usedGpuMemory", None)))
+        cc = self._optional(nv.nvmlDeviceGetCudaComputeCapability, h)
         mig_mode = self._optional(nv.nvmlDeviceGetMigMode, h)
         mig_enabled = bool(mig_mode and mig_mode[0] == 1)  # NVML_DEVICE_MIG_ENABLE
         migs: list[MigDevice] = []
@@ -156,6 +158,7 @@ class PynvmlSource:
             pci_bus_id=_text(getattr(pci, "busId", "")) if pci is not None else "",
             mig_enabled=mig_enabled,
             mig_devices=migs,
+            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
         )
 
 

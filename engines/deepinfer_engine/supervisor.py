@@ -31,11 +31,19 @@ from deepinfer_router.shared.log_setup import configure_logging
 
 from .gpus import SelectionError, select_gpus
 from .launch_settings import LaunchSettings
-from .launch_state import LaunchEntry, StateDir, process_start_time, resolve_state_dir
+from .launch_state import (
+    LaunchEntry,
+    StateDir,
+    pid_alive,
+    process_start_time,
+    resolve_state_dir,
+)
 from .launcher import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
+    AdoptedProcess,
     EngineCommand,
     EngineExited,
+    EngineProcess,
     LaunchError,
     become_subreaper,
     build_command,
@@ -120,7 +128,7 @@ class Plan:
     log_path: Path
 
 
-def _local_base(host: str, port: int) -> str:
+def local_base(host: str, port: int) -> str:
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -133,10 +141,16 @@ def default_advertise_url(host: str, port: int) -> str:
 
 
 def make_plan(
-    s: LaunchSettings, state: StateDir, gpu_source: Callable[[], GpuSource] = open_gpu_source
+    s: LaunchSettings,
+    state: StateDir,
+    gpu_source: Callable[[], GpuSource] = open_gpu_source,
+    *,
+    build: Callable[[LaunchSettings, str | None, int], EngineCommand] = build_command,
+    entry_extra: dict[str, object] | None = None,
 ) -> Plan:
     """Select GPUs and record the launch under the host lock. Raises LaunchError,
-    SelectionError or NvmlUnavailable to refuse."""
+    SelectionError or NvmlUnavailable to refuse. `build` makes the command (the agent's
+    docker replicas differ); `entry_extra` adds fields to the state entry."""
     assert s.model
     advertise = (s.advertise_url or default_advertise_url(s.host, s.port)).rstrip("/")
     engine_id = engine_id_for(advertise)
@@ -164,17 +178,17 @@ def make_plan(
             reserved = {u for e in entries for u in e.gpus}
             sel = select_gpus(gpu_source().snapshot(), s.gpus, tp * pp, mem_util, reserved)
             indices, uuids, cvd = sel.indices, sel.uuids, sel.cuda_visible_devices
-        cmd = build_command(s, cvd, tp)
+        cmd = build(s, cvd, tp)
         holder["cmd"] = cmd
         return LaunchEntry(
             id=engine_id, model=cmd.served_name, url=advertise, port=s.port, pid=os.getpid(),
             pid_start=process_start_time(os.getpid()), gpus=uuids, gpu_indices=indices,
             started_at=time.time(), log_file=str(log_path), registry=s.registry,
-            stop_timeout_s=s.stop_timeout_s, command=cmd.argv,
+            stop_timeout_s=s.stop_timeout_s, command=cmd.argv, **(entry_extra or {}),
         )
 
     entry = state.claim(factory)
-    return Plan(entry=entry, command=holder["cmd"], probe_base=_local_base(s.host, s.port),
+    return Plan(entry=entry, command=holder["cmd"], probe_base=local_base(s.host, s.port),
                 advertise_url=advertise, log_path=log_path)
 
 
@@ -182,7 +196,26 @@ def make_plan(
 
 
 class Supervisor:
-    def __init__(self, s: LaunchSettings, plan: Plan, state: StateDir, logf: TextIO) -> None:
+    """Runs one engine until asked to stop (`request_stop`) or it fails for good.
+
+    `launch` runs one per process; the agent runs several in one process (`in_agent`):
+    then the engines outlive a crashed agent (no parent-death signal) so its next run can
+    adopt them (`adopt`: the entry of an engine still running), nothing is reaped but our
+    own children, `on_state` reports each state change, and a stop first drains the
+    engine (deregistered, in-flight requests finish, up to `drain_timeout_s`)."""
+
+    def __init__(
+        self,
+        s: LaunchSettings,
+        plan: Plan,
+        state: StateDir,
+        logf: TextIO,
+        *,
+        in_agent: bool = False,
+        on_state: Callable[[str], None] | None = None,
+        drain_timeout_s: float = 0.0,
+        adopt: LaunchEntry | None = None,
+    ) -> None:
         self.s = s
         self.logf = logf
         self.plan = plan
@@ -190,9 +223,28 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.restarts = 0
         self.ready_at: float | None = None  # when the current run became ready
+        self.in_agent = in_agent
+        self._on_state = on_state
+        self.drain_timeout_s = drain_timeout_s
+        self._adopt = adopt
+        self.drain_on_stop = True  # the agent clears it to stop at once (self-fencing)
+        self.last_error: str | None = None  # why the last run ended badly, for status
+        self.log_tail: str | None = None
+        self.record: EngineRecord | None = None
+        self._stop_timeout_s: float | None = None
+
+    def request_stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop (draining first unless `drain` is False); `timeout_s` shortens the wait
+        between SIGTERM and SIGKILL (self-fencing has little time)."""
+        self.drain_on_stop = self.drain_on_stop and drain
+        if timeout_s is not None:
+            self._stop_timeout_s = min(self._stop_timeout_s or timeout_s, timeout_s)
+        self.stopping.set()
 
     def _update(self, **changes: object) -> None:
         self.state.update(self.plan.entry.id, **changes)
+        if self._on_state is not None and "state" in changes:
+            self._on_state(str(changes["state"]))
 
     def _registration(self) -> BackgroundRegistration | None:
         if not self.s.registry:
@@ -206,10 +258,8 @@ class Supervisor:
         return self.stopping.is_set()
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        become_subreaper()
+        if not self.in_agent:
+            become_subreaper()
         backoff = self.s.restart_backoff_s
         while True:
             self.ready_at = None
@@ -224,6 +274,8 @@ class Supervisor:
             if self.restarts >= self.s.max_restarts:
                 log.error("engine failed %d time(s) in a row; giving up (--max-restarts %d)",
                           self.restarts + 1, self.s.max_restarts)
+                self.last_error = self.last_error or (
+                    f"failed {self.restarts + 1} time(s) in a row")
                 self._update(state="failed")
                 return 1
             self.restarts += 1
@@ -234,53 +286,98 @@ class Supervisor:
                 return 0
             backoff = min(max(backoff * 2, 0.1), self.s.restart_backoff_max_s)
 
-    def _on_signal(self, sig: int) -> None:
+    def on_signal(self, sig: int) -> None:
         if not self.stopping.is_set():
             log.info("%s received: stopping", signal.Signals(sig).name)
         self.stopping.set()
 
-    async def _attempt(self, logf: TextIO) -> int | None:
-        """One run of the engine. An exit code to finish with, or None to restart."""
+    async def _start(self, logf: TextIO) -> tuple[EngineProcess, int] | None:
+        """Start the engine (or take over the one to adopt): (process, process group)."""
         p = self.plan
+        if self._adopt is not None:
+            entry, self._adopt = self._adopt, None
+            if entry.pgid and pid_alive(entry.pgid, entry.pgid_start):
+                log.info("adopting engine %s (process group %d) started by an earlier run",
+                         entry.id, entry.pgid)
+                self._update(pgid=entry.pgid, pgid_start=entry.pgid_start, state="starting")
+                return AdoptedProcess(entry.pgid, entry.pgid_start), entry.pgid
         if not await self._port_released():
             log.warning("port %d still in use; trying anyway", p.entry.port)
-        offset = logf.tell()
         logf.write(f"\n=== deepinfer-engine {time.strftime('%Y-%m-%d %H:%M:%S')}: starting "
                    f"{' '.join(p.command.argv)}\n")
         try:
-            proc = await spawn(p.command, logf)
+            proc = await spawn(p.command, logf, die_with_parent=not self.in_agent)
         except LaunchError as exc:
             log.error("%s", exc)
+            self.last_error = str(exc)
             self._update(state="failed")
-            return 1
+            return None
         pgid = proc.pid  # leader of its own new session/process group
-        self._update(pgid=pgid, state="starting")
+        self._update(pgid=pgid, pgid_start=process_start_time(pgid), state="starting")
         log.info("engine started (pid %d), waiting for readiness at %s; log: %s",
                  proc.pid, p.probe_base, p.log_path)
+        return proc, pgid
+
+    async def _attempt(self, logf: TextIO) -> int | None:
+        """One run of the engine. An exit code to finish with, or None to restart."""
+        p = self.plan
+        offset = logf.tell()
+        started = await self._start(logf)
+        if started is None:
+            return 1
+        proc, pgid = started
         registration = self._registration()
         try:
             outcome = await self._run_started(proc, registration)
         finally:
             if registration is not None:
                 await registration.stop()  # deregister before the engine goes away
+            if self.stopping.is_set() and self.ready_at is not None and self.drain_on_stop:
+                await self._drain()
             # Always, even after the leader exited: its workers may still hold the GPUs.
             timeout = self.s.stop_timeout_s if self.stopping.is_set() else min(
                 self.s.stop_timeout_s, 5.0)
-            await stop_group(proc, pgid, timeout, log.warning)
+            if self._stop_timeout_s is not None:
+                timeout = min(timeout, self._stop_timeout_s)
+            await stop_group(proc, pgid, timeout, log.warning,
+                             stop_argv=p.command.stop_argv, reap=not self.in_agent)
         if outcome == "stopped":
             log.info("engine stopped")
             return 0
         text = read_from(p.log_path, offset)
+        self.log_tail = tail(text)
         if outcome == "exited":
             failure = classify_failure(text, proc.returncode)
             log.error("engine exited with code %s; last lines of %s:\n%s",
                       proc.returncode, p.log_path, tail(text))
+            self.last_error = f"engine exited with code {proc.returncode}"
             if failure is not None:
                 kind, line = failure
                 log.error("permanent failure (%s), not restarting: %s", kind, line)
+                self.last_error = f"{kind}: {line}"
                 self._update(state="failed")
                 return 1
+        else:
+            self.last_error = f"engine {outcome}"
         return None
+
+    async def _drain(self) -> None:
+        """Deregistered already: give routers a moment to notice, then wait until the
+        engine has no running or waiting request (vLLM's gauges), up to the drain timeout."""
+        if self.drain_timeout_s <= 0:
+            return
+        self._update(state="stopping")
+        deadline = time.monotonic() + self.drain_timeout_s
+        await asyncio.sleep(min(1.0, self.drain_timeout_s))  # routers see the `down` hint
+        url = f"{self.plan.probe_base}/metrics"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while time.monotonic() < deadline:
+                busy = await _requests_in_engine(session, url)
+                if not busy:
+                    return
+                await asyncio.sleep(0.2)
+        log.warning("engine still busy after the %gs drain: stopping it",
+                    self.drain_timeout_s)
 
     async def _port_released(self, timeout_s: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -291,7 +388,7 @@ class Supervisor:
         return True
 
     async def _run_started(
-        self, proc: asyncio.subprocess.Process, registration: BackgroundRegistration | None
+        self, proc: EngineProcess, registration: BackgroundRegistration | None
     ) -> str:
         """'stopped' (on request), 'exited' (crash), 'unhealthy' or 'timeout'."""
         p = self.plan
@@ -315,6 +412,7 @@ class Supervisor:
             return "exited"
         except TimeoutError as exc:
             log.error("%s; see %s", exc, p.log_path)
+            self.last_error = str(exc)
             return "timeout"
         capacity = await read_capacity(p.probe_base, p.command.served_name, info.models,
                                        self.s.extra_args)
@@ -326,6 +424,7 @@ class Supervisor:
             url=p.advertise_url, models=[p.command.served_name], capacity=capacity,
             labels=labels, gpus=p.entry.gpus, version=info.version, started_at=time.time(),
         )
+        self.record = record
         if registration is not None:
             registration.start(record)
         self.ready_at = time.monotonic()
@@ -335,7 +434,7 @@ class Supervisor:
                  ",".join(map(str, p.entry.gpu_indices)) or "none", capacity.kv_blocks)
         return await self._watch(proc)
 
-    async def _watch(self, proc: asyncio.subprocess.Process) -> str:
+    async def _watch(self, proc: EngineProcess) -> str:
         """Until the engine exits, hangs (health checks fail) or we are asked to stop."""
         failures = 0
         url = f"{self.plan.probe_base}/health"
@@ -364,6 +463,31 @@ class Supervisor:
                     return "unhealthy"
 
 
+async def _supervise(supervisor: Supervisor) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.on_signal, sig)
+    return await supervisor.run()
+
+
+async def _requests_in_engine(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether vLLM's /metrics shows a running or waiting request (False when it cannot
+    be read: nothing to wait for then)."""
+    try:
+        async with session.get(url, allow_redirects=False) as resp:
+            if resp.status != 200:
+                return False
+            text = await resp.text()
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+    for line in text.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            with contextlib.suppress(ValueError, IndexError):
+                if float(line.rsplit(" ", 1)[1]) > 0:
+                    return True
+    return False
+
+
 def run_launch(s: LaunchSettings, gpu_source: Callable[[], GpuSource] = open_gpu_source) -> int:
     configure_logging(s.log_level)
     state = StateDir(resolve_state_dir(s.state_dir))
@@ -385,6 +509,6 @@ def run_launch(s: LaunchSettings, gpu_source: Callable[[], GpuSource] = open_gpu
     try:
         plan.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(plan.log_path, "a", buffering=1) as logf:
-            return asyncio.run(Supervisor(s, plan, state, logf).run())
+            return asyncio.run(_supervise(Supervisor(s, plan, state, logf)))
     finally:
         state.remove(plan.entry.id, pid=os.getpid())

@@ -8,6 +8,7 @@ State file (re-read on every nvmlInit, so tests may change it between calls):
      "gpus": [{"uuid": "GPU-...", "name": "NVIDIA H100 80GB HBM3",
                "total_gib": 80, "used_gib": 0.5,          (or memory_total/memory_used bytes)
                "utilization": 0,                          (null: NVMLError_NotSupported)
+               "compute_capability": "9.0",               (major.minor, default 9.0)
                "processes": [{"pid": 4242, "name": "python", "used_gib": 20}],
                "mig": false,                              (null: MIG not supported)
                "mig_devices": [{"uuid": "MIG-...", "total_gib": 10, "used_gib": 0}]}]}
@@ -119,6 +120,11 @@ class FakeNvml:
                 if int(p["pid"]) == pid:
                     return str(p.get("name", "python"))
         raise _error("NOT_FOUND")
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: dict[str, Any]) -> tuple[int, int]:
+        # "compute_capability": "8.0" in the state file; an H100's 9.0 by default.
+        major, minor = str(h.get("compute_capability", "9.0")).split(".")
+        return int(major), int(minor)
 
     def nvmlDeviceGetMigMode(self, h: dict[str, Any]) -> list[int]:
         if h.get("mig") is None:

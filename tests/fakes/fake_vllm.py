@@ -18,6 +18,8 @@ Like vLLM it binds its port only once the "model" is loaded. Controlled by env:
   FAKE_VLLM_IGNORE_SIGTERM=1   ignore SIGTERM (main and workers): only SIGKILL stops it
   FAKE_VLLM_ENV_FILE     file receiving {"argv", "env"} as JSON (what it was started with)
   FAKE_VLLM_KV_BLOCKS    num_gpu_blocks in vllm:cache_config_info (default 1000)
+  FAKE_VLLM_TOKEN_DELAY_S  seconds between streamed tokens (default 0), so a request can
+                         be in flight a while; vllm:num_requests_running counts them
 POST /crash makes it die at once like a crashed engine (exit 1, workers left behind);
 POST /hang makes /health answer 500 from then on (a dead engine core, server still up).
 """
@@ -34,6 +36,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -89,6 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", "-q")
     args = p.parse_args(argv)
     args.model = args.model or args.model_tag or "facebook/opt-125m"
     args.served = (args.served_model_name or [args.model])
@@ -120,6 +124,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
                                             "param": None, "code": status}}, status=status)
 
     sick = {"on": False}
+    inflight = {"n": 0}
+    token_delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY_S", "0"))
 
     async def health(_: web.Request) -> web.Response:
         # vLLM answers 500 once its engine core is dead but the API server still runs.
@@ -153,17 +159,11 @@ def build_app(args: argparse.Namespace) -> web.Application:
         text = " ".join(["hello"] * n)
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
         if body.get("stream"):
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for i in range(n):
-                piece = ({"delta": {"content": "hello "}} if chat else {"text": "hello "})
-                chunk = {"id": rid, "object": "chat.completion.chunk" if chat
-                         else "text_completion", "created": created, "model": body["model"],
-                         "choices": [{"index": 0, **piece,
-                                      "finish_reason": "length" if i == n - 1 else None}]}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
+            inflight["n"] += 1
+            try:
+                return await stream(request, body, chat, rid, n)
+            finally:
+                inflight["n"] -= 1
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": "length"} if chat else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
@@ -171,6 +171,22 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"id": rid, "object": "chat.completion" if chat
                                   else "text_completion", "created": created,
                                   "model": body["model"], "choices": [choice], "usage": usage})
+
+    async def stream(request: web.Request, body: dict[str, Any], chat: bool, rid: str,
+                     n: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            if token_delay:
+                await asyncio.sleep(token_delay)
+            piece = ({"delta": {"content": "hello "}} if chat else {"text": "hello "})
+            chunk = {"id": rid, "object": "chat.completion.chunk" if chat
+                     else "text_completion", "created": created, "model": body["model"],
+                     "choices": [{"index": 0, **piece,
+                                  "finish_reason": "length" if i == n - 1 else None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def metrics(_: web.Request) -> web.Response:
         name = args.served[0]
@@ -184,7 +200,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
             'num_gpu_blocks_override="None",prefix_caching_hash_algo="builtin",'
             'sliding_window="None",swap_space="4",swap_space_bytes="4294967296"} 1.0\n'
             "# TYPE vllm:num_requests_running gauge\n"
-            f'vllm:num_requests_running{{engine="0",model_name="{name}"}} 0.0\n'
+            f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {inflight["n"]:.1f}\n'
             "# TYPE vllm:num_requests_waiting gauge\n"
             f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} 0.0\n'
             "# TYPE vllm:kv_cache_usage_perc gauge\n"
