@@ -39,6 +39,13 @@ def tables() -> dict[str, str]:
     except ImportError:
         pass
     try:
+        from deepinfer_engine.agent_settings import ENV_PREFIX as AGENT_PREFIX
+        from deepinfer_engine.agent_settings import AgentSettings
+
+        out["engine-agent-flags"] = flag_table(AgentSettings, AGENT_PREFIX)
+    except ImportError:
+        pass
+    try:
         from deepinfer_engine.sim.settings import SimSettings
 
         out["engine-sim-flags"] = flag_table(SimSettings, "DEEPINFER_ENGINE_")
@@ -58,6 +65,8 @@ def render_readme(text: str) -> str:
 
 
 def expected_files() -> dict[Path, str]:
+    from deepinfer_engine.agent_settings import ENV_PREFIX as AGENT_PREFIX
+    from deepinfer_engine.agent_settings import AgentSettings
     from deepinfer_engine.launch_settings import ENV_PREFIX as ENGINE_PREFIX
     from deepinfer_engine.launch_settings import LaunchSettings
     from deepinfer_engine.sim.settings import SimSettings
@@ -72,6 +81,11 @@ def expected_files() -> dict[Path, str]:
             LaunchSettings,
             "deepinfer-engine launch: example settings (every option, with its default)",
             ENGINE_PREFIX,
+        ),
+        configs / "agent.toml": render_example_toml(
+            AgentSettings,
+            "deepinfer-engine agent: example settings (every option, with its default)",
+            AGENT_PREFIX,
         ),
         configs / "engine-sim.toml": render_example_toml(
             SimSettings,

@@ -201,6 +201,11 @@ def deployment_view(dep: Deployment, statuses: list[ReplicaStatus | None],
         holder = claims[i] if i < len(claims) else None
         if status is None and holder is None and i >= wanted:
             continue
+        if status is not None and status.state != "Failed" and holder != status.host:
+            # Its host's lease lapsed (or it released it): what it reported is history.
+            status = status.model_copy(update={
+                "state": "Pending", "last_error": f"lost by {status.host} (lease lapsed)"
+                if holder is None else status.last_error})
         view = (status or ReplicaStatus(deployment=dep.id, index=i)).model_dump()
         view["claimed_by"] = holder
         view["desired"] = i < wanted

@@ -70,7 +70,8 @@ class Agent:
         self._gpu_source = gpu_source
         self.table = CapabilityTable.load(s.capabilities_file)
         self.allow = AllowList(tuple(s.allow_image), tuple(s.allow_model_root),
-                               tuple(s.allow_extra_arg))
+                               tuple(a if a.startswith("-") else f"--{a}"
+                                     for a in s.allow_extra_arg))
         assert s.registry
         # Calls must end well within a renewal period, or a slow Redis eats the lease.
         self.redis = connect(s.registry, socket_timeout=min(2.0, s.lease_s / 6))
@@ -78,6 +79,7 @@ class Agent:
         self.runners: dict[Key, ReplicaRunner] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._host_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._last_renewed = time.monotonic()
         self._renew_failing = False
@@ -138,9 +140,11 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         period = max(0.2, self.s.lease_s / 3)
         while not self._stopping.is_set():
+            self._host_changed.clear()
             await self._renew()
+            # Early when a replica starts or ends here, so /v1/hosts shows it at once.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=period)
+                await asyncio.wait_for(self._host_changed.wait(), timeout=period)
 
     async def _renew(self) -> None:
         sent = time.monotonic()  # the lease runs from the request, not the answer
@@ -289,6 +293,7 @@ class Agent:
         log.info("replica %s/%d (%s) placed here: port %d, GPUs %s", dep.id, index,
                  dep.spec.served_name, port, ",".join(map(str, where.indices)) or "none")
         self._tasks[(dep.id, index)] = asyncio.create_task(self._run_replica(runner))
+        self._host_changed.set()
 
     async def _run_replica(self, runner: ReplicaRunner) -> None:
         key = runner.key
@@ -300,6 +305,7 @@ class Agent:
         finally:
             self.runners.pop(key, None)
             self._tasks.pop(key, None)
+            self._host_changed.set()
         if runner.lost:
             return  # not ours any more: another host's status now
         try:
@@ -331,6 +337,9 @@ class Agent:
                      entry.id, entry.deployment, entry.replica)
             await _stop_orphan(entry)
             await asyncio.to_thread(self.state.remove, entry.id)
+            # Ours still (scaled away while we were down): release it for good.
+            await self.store.release(entry.deployment, entry.replica, self.id,
+                                     delete_status=True)
 
     async def _try_adopt(self, entry: LaunchEntry, entries: list[LaunchEntry]) -> bool:
         assert entry.deployment is not None and entry.replica is not None
@@ -375,6 +384,7 @@ class Agent:
             await self._stopping.wait()
         finally:
             log.info("stopping: draining %d replica(s)", len(self.runners))
+            self._host_changed.set()
             for task in loops:
                 await cancel_and_wait(task)
             await self._shutdown()

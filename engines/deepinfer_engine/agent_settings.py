@@ -24,7 +24,7 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     agent_id: str = Field(
-        default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        "", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,62})?$",
         description="This agent's name: its claims, its host record and the `host` label "
         "(default: the host name). Keep it across restarts, so the agent finds its engines.",
     )
@@ -75,8 +75,9 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
         "accepted."
     )
     allow_extra_arg: CsvList = Field(
-        default_factory=list, description="vLLM flag a deployment's extra_args may use "
-        "(e.g. --enable-prefix-caching); repeatable. None: no extra arguments."
+        default_factory=list, description="vLLM flag a deployment's extra_args may use, "
+        "with or without its dashes (enable-prefix-caching, or "
+        "--allow-extra-arg=--enable-prefix-caching); repeatable. None: no extra arguments."
     )
     capabilities_file: str | None = Field(
         None, description="Compute-capability table for dtype and quantization (default: "
@@ -99,6 +100,8 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentSettings:
+        if not self.agent_id:
+            self.agent_id = socket.gethostname().split(".")[0] or "agent"
         if not self.registry:
             raise ValueError("--registry redis://... is required (the shared Redis)")
         first, last = self.ports()

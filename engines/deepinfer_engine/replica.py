@@ -77,6 +77,7 @@ class ReplicaRunner:
         self.lost = False  # the claim was lost: nothing of ours to release
         self._supervisor: Supervisor | None = None
         self._writes: set[asyncio.Task[bool]] = set()
+        self._write_lock = asyncio.Lock()
         failed_hosts = list(previous.failed_hosts) if previous is not None and (
             previous.generation == deployment.generation) else []
         self.status = ReplicaStatus(
@@ -111,9 +112,15 @@ class ReplicaRunner:
         if state != self.status.state:
             changes["since"] = time.time()
         self.status = self.status.model_copy(update={"state": state, **changes})
-        task = asyncio.create_task(self._report(self.status))
+        task = asyncio.create_task(self._write_latest())
         self._writes.add(task)  # keep a reference until done
         task.add_done_callback(self._writes.discard)
+
+    async def _write_latest(self) -> bool:
+        # One write at a time, each of the newest status: writes on separate connections
+        # could land out of order, and a late "Starting" must not hide "Running".
+        async with self._write_lock:
+            return await self._report(self.status)
 
     def _on_supervisor_state(self, state: str) -> None:
         mapped = _STATES.get(state)
@@ -197,7 +204,7 @@ class ReplicaRunner:
                     "state": "Failed", "since": time.time(), "attempts": attempts,
                     "last_error": error, "log_tail": log_tail, "engine_id": None, "url": None,
                     "failed_hosts": [*self.status.failed_hosts, self.s.agent_id]})
-                await self._flush()
+                await self._flush()  # the agent releases the claim with this status
                 return Outcome(failed=True, status=self.status)
             self._set("Starting", attempts=attempts, last_error=error, log_tail=log_tail)
             with contextlib.suppress(asyncio.TimeoutError):

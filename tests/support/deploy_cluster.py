@@ -164,11 +164,16 @@ class Cluster:
         assert status == 200, body
         return dict(body)
 
-    async def wait_running(self, dep_id: str, n: int, within_s: float = 30) -> dict[str, Any]:
+    async def wait_running(self, dep_id: str, n: int, within_s: float = 30,
+                           on: list[str] | None = None) -> dict[str, Any]:
+        """Until `n` replicas run (on exactly the hosts `on`, when given)."""
         async def ready() -> dict[str, Any] | None:
             d = await self.deployment(dep_id)
-            return d if d["replicas_running"] == n and len(
-                [r for r in d["replicas"] if r["desired"]]) == n else None
+            running = sorted(r["host"] for r in d["replicas"]
+                             if r["desired"] and r["state"] == "Running")
+            if len(running) == n and (on is None or running == sorted(on)):
+                return d
+            return None
         return dict(await wait_for(ready, within_s, f"{dep_id}: {n} replica(s) running"))
 
     # --- what is registered ------------------------------------------------------------
