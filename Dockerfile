@@ -14,11 +14,15 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deepinfer_router ./deepinfer_router
 COPY engines ./engines
+COPY configs ./configs
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
-RUN useradd --system --uid 10001 --no-create-home deepinfer
+RUN useradd --system --uid 10001 --no-create-home deepinfer \
+    && mkdir -p /var/lib/deepinfer && chown 10001 /var/lib/deepinfer
+# /var/lib/deepinfer: the agent's state directory (compose.yaml mounts a volume there, so
+# a restarted agent finds the engines it started).
 USER 10001
 EXPOSE 8080
 ENV PYTHONUNBUFFERED=1

@@ -22,7 +22,9 @@ from .launcher import DEFAULT_GPU_MEMORY_UTILIZATION
 from .nvml import GpuSnapshot
 
 Capability = tuple[int, int]
-DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "configs" / "gpu-capabilities.toml"
+# configs/gpu-capabilities.toml, through the symlink beside this file (the wheel holds
+# the file itself).
+DEFAULT_TABLE = Path(__file__).with_name("gpu-capabilities.toml")
 
 
 def parse_capability(value: str) -> Capability:

@@ -38,6 +38,9 @@ def test_wheel_installs_only_namespaced_packages(tmp_path: Path) -> None:
     assert top == {"deepinfer_router", "deepinfer_engine"}, top
     assert "deepinfer_engine/sim/server.py" in names
     assert "deepinfer_router/proxy/handler.py" in names
+    # The agent's capability table travels with the package, as the file in configs/.
+    table = zipfile.ZipFile(wheel).read("deepinfer_engine/gpu-capabilities.toml")
+    assert table == (ROOT / "configs" / "gpu-capabilities.toml").read_bytes()
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "deepinfer-engine = deepinfer_engine.cli:main" in scripts

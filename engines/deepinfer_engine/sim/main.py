@@ -78,6 +78,10 @@ def _run(settings: SimSettings) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:  # started the way vLLM is (vllm_args.py)
+        from .vllm_args import to_sim_argv
+
+        argv = to_sim_argv(argv[1:])
     settings = load(argv)
     configure_logging(settings.log_level)
     return _run(settings)
