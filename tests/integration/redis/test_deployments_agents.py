@@ -242,6 +242,7 @@ async def test_scale_up_down_and_delete_drain_and_deregister(
         c.agent("b", [H100, H100], env=env)
         dep = await c.deploy(model="fake/model", replicas=1)
         await c.wait_running(dep, 1)
+        traffic = Traffic(c, "fake/model")  # through scale up and down: nothing fails
         status, body = await c.api("PATCH", f"/v1/deployments/{dep}", {"replicas": 3})
         assert status == 200 and body["generation"] == 2
         d = await c.wait_running(dep, 3)
@@ -255,6 +256,7 @@ async def test_scale_up_down_and_delete_drain_and_deregister(
             d = await c.deployment(dep)
             return [r["index"] for r in d["replicas"]] == [0] and d["replicas_running"] == 1
         await wait_for(surplus_gone, 20, "the surplus replicas stopped and released")
+        await traffic.stop()
         # DELETE while a stream is in flight: it finishes, then every engine stops.
         stream = asyncio.create_task(c.complete("fake/model", stream=True, max_tokens=40))
         await asyncio.sleep(0.5)
