@@ -141,7 +141,10 @@ class Agent:
         period = max(0.2, self.s.lease_s / 3)
         while not self._stopping.is_set():
             self._host_changed.clear()
-            await self._renew()
+            try:
+                await self._renew()
+            except Exception:  # never let the lease loop die (the fence would fire)
+                log.exception("lease renewal failed unexpectedly")
             # Early when a replica starts or ends here, so /v1/hosts shows it at once.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._host_changed.wait(), timeout=period)
@@ -207,6 +210,8 @@ class Agent:
                     log.warning("reconcile failed: %s", exc)
                 except NvmlUnavailable:
                     pass  # logged; try again next time
+                except Exception:  # a bug must not stop reconciling for good
+                    log.exception("reconcile failed unexpectedly")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.s.reconcile_interval_s)
         finally:
