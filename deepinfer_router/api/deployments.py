@@ -31,7 +31,7 @@ MAX_BODY = 256 * 1024  # a spec is small; anything larger is a mistake or an att
 
 class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    replicas: int = Field(ge=0, le=1024)
+    replicas: int = Field(ge=0, le=1024, strict=True)
 
 
 def _store(state: RouterState) -> DeploymentStore:
@@ -46,9 +46,11 @@ def _store(state: RouterState) -> DeploymentStore:
 async def _body(request: web.Request) -> object:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RouterError(413, f"Body larger than {MAX_BODY} bytes.", "body_too_large")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise RouterError(413, f"Body larger than {MAX_BODY} bytes.", "body_too_large")
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):  # to the end, bounded
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise RouterError(413, f"Body larger than {MAX_BODY} bytes.", "body_too_large")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -122,6 +124,10 @@ async def patch_deployment(state: RouterState, request: web.Request) -> web.Resp
     store = _store(state)
     payload = await _body(request)
     if isinstance(payload, dict) and set(payload) - {"replicas"}:
+        unknown = sorted(set(payload) - set(DeploymentSpec.model_fields))
+        if unknown:
+            raise RouterError(422, f"Invalid change: {unknown[0]}: not a deployment field",
+                              "invalid_deployment", param=unknown[0])
         other = ", ".join(sorted(set(payload) - {"replicas"}))
         raise RouterError(409, f"Only replicas can change ({other} given): delete the "
                           "deployment and deploy again.", "deployment_immutable")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Literal
 
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class DeploymentConflict(Exception):
@@ -28,6 +29,8 @@ Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 # Labels become Redis values, engine-record labels and table cells: keep them tame.
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:/-]{0,63}")
+# A model: a Hugging Face id (org/name) or a path; never a flag, never a control character.
+_NAME = r"^[^\s\x00-\x1f\x7f-][^\x00-\x1f\x7f]*$"
 _DEVICE = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+)$")
 HOST_LABEL = "host"  # every agent labels itself host=<agent id>: `device` needs it
 
@@ -57,30 +60,45 @@ class DeploymentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=512)
+    # Names and paths become positional arguments, container names and Redis values: no
+    # control characters, and no leading "-" (it would be read as a vLLM flag that the
+    # agents' allow-lists never see).
+    model: str = Field(min_length=1, max_length=512, pattern=_NAME)
     served_model_name: str | None = Field(
-        None, min_length=1, max_length=256, pattern=r"^[^\s\x00-\x1f]+$"
+        None, min_length=1, max_length=256, pattern=r"^[^\s\x00-\x1f\x7f-]\S*$"
     )
-    replicas: int = Field(1, ge=0, le=1024)
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    replicas: int = Field(1, ge=0, le=1024, strict=True)
+    tensor_parallel_size: int = Field(1, ge=1, le=64, strict=True)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    max_model_len: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=1, strict=True)
     dtype: Dtype | None = None
-    quantization: str | None = Field(None, pattern=r"^[a-z0-9_-]{1,64}$")
+    quantization: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     extra_args: list[str] = Field(default_factory=list, max_length=128)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     backend: Backend = "native"
     docker_image: str | None = Field(None, min_length=1, max_length=512,
-                                     pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
-    model_path: str | None = Field(None, min_length=1, max_length=4096)
-    device: str | None = Field(None, max_length=1024)
+                                     pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$",
+                                     validate_default=True)
+    # `:` and `,` would change the meaning of docker's `-v SRC:DST:ro`.
+    model_path: str | None = Field(None, min_length=1, max_length=4096,
+                                   pattern=r"^/[^\x00-\x1f\x7f:,]*$", validate_default=True)
+    device: str | None = Field(None, max_length=1024, validate_default=True)
+
+    # Cross-field checks are field validators on the later field (earlier fields are in
+    # info.data), so a 422 names the field at fault.
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _same_name_is_none(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value == info.data.get("model") else value
 
     @field_validator("extra_args")
     @classmethod
     def _args(cls, value: list[str]) -> list[str]:
         for arg in value:
-            if len(arg) > 4096 or "\x00" in arg:
-                raise ValueError("each argument: at most 4096 characters, no NUL")
+            if len(arg) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in arg):
+                raise ValueError("each argument: at most 4096 characters, no control "
+                                 "characters")
         return value
 
     @field_validator("labels")
@@ -88,34 +106,42 @@ class DeploymentSpec(BaseModel):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value)
 
+    @field_validator("docker_image")
+    @classmethod
+    def _image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        docker = info.data.get("backend") == "docker"
+        if docker and not value:
+            raise ValueError("backend docker needs docker_image")
+        if value and not docker:
+            raise ValueError("only for backend docker")
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        docker = info.data.get("backend") == "docker"
+        if docker and not value:
+            raise ValueError("backend docker needs model_path (an absolute path on the host)")
+        if value and not docker:
+            raise ValueError("only for backend docker")
+        return value
+
     @field_validator("device")
     @classmethod
-    def _device(cls, value: str | None) -> str | None:
+    def _device(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         parts = [p.strip() for p in value.split(",") if p.strip()]
         if not parts or not all(_DEVICE.match(p) for p in parts) or len(set(parts)) != len(parts):
             raise ValueError("must be distinct GPU indices or UUIDs, comma-separated (0,1)")
+        if info.data.get("replicas") != 1:
+            raise ValueError("explicit GPUs need replicas: 1")
+        if HOST_LABEL not in (info.data.get("labels") or {}):
+            raise ValueError("explicit GPUs need labels naming one host: "
+                             f"{{\"{HOST_LABEL}\": NAME}}")
+        if len(parts) != info.data.get("tensor_parallel_size"):
+            raise ValueError("must name tensor_parallel_size GPUs")
         return ",".join(parts)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DeploymentSpec:
-        if self.backend == "docker":
-            if not self.docker_image or not self.model_path:
-                raise ValueError("backend docker needs docker_image and model_path")
-            if not self.model_path.startswith("/"):
-                raise ValueError("model_path must be an absolute path on the GPU host")
-        elif self.docker_image or self.model_path:
-            raise ValueError("docker_image and model_path are only for backend docker")
-        if self.device is not None:
-            if self.replicas != 1:
-                raise ValueError("device (explicit GPUs) needs replicas: 1")
-            if HOST_LABEL not in self.labels:
-                raise ValueError("device (explicit GPUs) needs labels naming one host: "
-                                 f"{{\"{HOST_LABEL}\": NAME}}")
-            if len(self.device.split(",")) != self.tensor_parallel_size:
-                raise ValueError("device must name tensor_parallel_size GPUs")
-        return self
 
     @property
     def served_name(self) -> str:
@@ -137,6 +163,9 @@ class Deployment(BaseModel):
     so agents and readers can tell which version a replica's status reflects)."""
 
     id: str
+    # New for every creation: an id is a hash of the served name, so the same id can
+    # name a later deployment with another spec; claims and engines carry the uid.
+    uid: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
     spec: DeploymentSpec
     generation: int = 1
     slots: int = 0  # replica indices ever used (surplus claims live below this)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError, WatchError
@@ -73,6 +74,24 @@ class DeploymentKeys:
         return f"{self.namespace}:deployment-events"
 
 
+# KEYS[1] claim, KEYS[2] deployment; ARGV: agent, lease ms, replica index, deployment uid.
+# Take (or keep) a replica only while its deployment still wants it: the same creation
+# (uid), not deleting, index below replicas. Unclaimed: SET; ours: extend; else refuse.
+_CLAIM_LUA = """
+local raw = redis.call('GET', KEYS[2])
+if not raw then return 0 end
+local dep = cjson.decode(raw)
+if dep['deleting'] or dep['uid'] ~= ARGV[4] then return 0 end
+if tonumber(ARGV[3]) >= tonumber(dep['spec']['replicas']) then return 0 end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif holder then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 # KEYS[1] claim; ARGV[1] agent, ARGV[2] lease ms. Renew only what is still ours.
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -126,8 +145,14 @@ def _decode_deployment(raw: str | bytes | None) -> Deployment | None:
     if raw is None:
         return None
     try:
-        return Deployment.model_validate_json(raw)
-    except ValidationError:
+        data = orjson.loads(raw)
+        # A newer router may store fields this side does not know: read what is known
+        # rather than take the deployment for gone (and stop its replicas).
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+            known = DeploymentSpec.model_fields
+            data["spec"] = {k: v for k, v in data["spec"].items() if k in known}
+        return Deployment.model_validate(data)
+    except (orjson.JSONDecodeError, ValidationError):
         return None
 
 
@@ -200,11 +225,23 @@ class DeploymentStore:
         return _decode_deployment(await self.r.get(self.keys.deployment(dep_id)))
 
     async def all(self) -> list[Deployment]:
+        return (await self.read_all())[0]
+
+    async def read_all(self) -> tuple[list[Deployment], set[str]]:
+        """Every deployment, and the ids of any stored but unreadable (the agent leaves
+        those replicas alone rather than take them for deleted)."""
         ids = sorted(map(str, await self.r.smembers(self.keys.deployments)))  # type: ignore[misc]
         if not ids:
-            return []
+            return [], set()
         raws = await self.r.mget([self.keys.deployment(i) for i in ids])
-        return [d for d in map(_decode_deployment, raws) if d is not None]
+        found, unreadable = [], set()
+        for dep_id, raw in zip(ids, raws, strict=True):
+            dep = _decode_deployment(raw)
+            if dep is not None:
+                found.append(dep)
+            elif raw is not None:
+                unreadable.add(dep_id)
+        return found, unreadable
 
     async def scale(self, dep_id: str, replicas: int, now: float | None = None) -> Deployment:
         def change(dep: Deployment) -> None:
@@ -297,10 +334,15 @@ class DeploymentStore:
         raws = await self.r.mget([self.keys.replica(dep.id, i) for i in range(slots)])
         return [_decode_status(raw) for raw in raws]
 
-    async def claim(self, dep_id: str, index: int, agent: str, lease_s: float) -> bool:
-        """Take an unclaimed replica; atomic (SET NX), so two agents never both win."""
-        return bool(await self.r.set(self.keys.claim(dep_id, index), agent, nx=True,
-                                     px=_ms(lease_s)))
+    async def claim(self, dep: Deployment, index: int, agent: str, lease_s: float) -> bool:
+        """Take an unclaimed replica (or extend our own claim: adoption), atomically and
+        only while `dep` (this creation of it) still wants replica `index`: two agents
+        never both win, and a replica deleted or scaled away meanwhile is not taken."""
+        k = self.keys
+        ok = await self.r.eval(  # type: ignore[misc]
+            _CLAIM_LUA, 2, k.claim(dep.id, index), k.deployment(dep.id), agent,
+            _ms(lease_s), index, dep.uid)
+        return bool(ok)
 
     async def renew(self, held: list[tuple[str, int]], agent: str, lease_s: float
                     ) -> list[tuple[str, int]]:

@@ -48,11 +48,12 @@ from deepinfer_router.shared.tasks import cancel_and_wait
 from .agent_settings import AgentSettings
 from .allow_list import AllowList
 from .gpus import Selection, parse_gpu_list
-from .launch_state import LaunchEntry, StateDir, group_alive, resolve_state_dir
-from .launcher import port_free, signal_group
+from .launch_state import LaunchEntry, StateDir, group_alive, leader_reused, resolve_state_dir
+from .launcher import port_free, run_bounded, signal_group
 from .nvml import GpuSnapshot, GpuSource, NvmlUnavailable, open_gpu_source
 from .placement import CapabilityTable, HostView, load_fraction, place
 from .replica import Outcome, ReplicaRunner
+from .replica_command import container_of, docker_rm_argv
 
 log = logging.getLogger("deepinfer.engine.agent")
 
@@ -74,7 +75,8 @@ class Agent:
                                      for a in s.allow_extra_arg))
         assert s.registry
         # Calls must end well within a renewal period, or a slow Redis eats the lease.
-        self.redis = connect(s.registry, socket_timeout=min(2.0, s.lease_s / 6))
+        self._socket_timeout_s = min(2.0, s.lease_s / 6)
+        self.redis = connect(s.registry, socket_timeout=self._socket_timeout_s)
         self.store = DeploymentStore(self.redis, s.registry_namespace)
         self.runners: dict[Key, ReplicaRunner] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
@@ -86,6 +88,8 @@ class Agent:
         self.fenced = False
         self._snapshot: GpuSnapshot | None = None
         self._started_at = time.time()
+        self._adoption_done = False
+        self.advertise_host = s.advertise_host or ""  # resolved in run() (a DNS lookup)
 
     # --- what this host has ------------------------------------------------------------
 
@@ -154,7 +158,6 @@ class Agent:
         held = [k for k, r in self.runners.items() if not r.lost]
         try:
             lost = await self.store.renew(held, self.id, self.s.lease_s)
-            await self.store.write_host(self.host_record(), self.s.lease_s)
         except self.store.errors as exc:
             if not self._renew_failing:
                 log.warning("lease renewal failed (%s); engines stop in %.0fs unless it "
@@ -168,15 +171,21 @@ class Agent:
         if self.fenced:
             self.fenced = False
             self._wake.set()
-        for key in lost:
+        for key in lost:  # before anything else that may fail
             runner = self.runners.get(key)
             if runner is not None and not runner.lost:
                 log.error("claim on replica %s/%d lost (lease lapsed): stopping it", *key)
                 runner.lost = True
                 runner.stop(drain=False, timeout_s=self._fence_stop_s())
+        with contextlib.suppress(*self.store.errors):
+            # Rewritten every time (fenced by the claim): a write lost in a blip heals.
+            for runner in list(self.runners.values()):
+                if not runner.lost:
+                    await self.store.write_status(runner.status, self.id)
+            await self.store.write_host(self.host_record(), self.s.lease_s)
 
     def _fence_stop_s(self) -> float:
-        return max(0.5, (self.s.lease_s - self.s.fence_after_s()) / 2)
+        return self.s.fence_margin() / 2
 
     async def _fence_loop(self) -> None:
         """Stop every engine when the leases may lapse: renewals failing for lease - margin."""
@@ -196,7 +205,7 @@ class Agent:
     # --- reconcile ---------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
-        after = "$"
+        after = "0-0"  # if the newest id cannot be read, old notices only cost one pass
         with contextlib.suppress(*self.store.errors):
             after = await self.store.last_notice_id()
         notices = asyncio.create_task(self._notice_loop(after))
@@ -204,6 +213,8 @@ class Agent:
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
+                    if not self._adoption_done:
+                        await self.adopt_or_stop()
                     if not self.fenced:
                         await self.reconcile()
                 except self.store.errors as exc:
@@ -222,7 +233,9 @@ class Agent:
         converges anyway)."""
         while True:
             try:
-                newest = await self.store.wait_notice(after, self.s.reconcile_interval_s)
+                # Block for less than the socket timeout, or every read times out.
+                newest = await self.store.wait_notice(
+                    after, min(self.s.reconcile_interval_s, self._socket_timeout_s / 2))
             except self.store.errors:
                 await asyncio.sleep(1.0)
                 continue
@@ -231,10 +244,14 @@ class Agent:
                 self._wake.set()
 
     async def reconcile(self) -> None:
-        deployments = {d.id: d for d in await self.store.all()}
+        found, unreadable = await self.store.read_all()
+        deployments = {d.id: d for d in found}
         for key, runner in list(self.runners.items()):
+            if key[0] in unreadable:
+                continue  # stored by a newer or broken writer: not a reason to stop
             dep = deployments.get(key[0])
-            if dep is None or dep.deleting or key[1] >= dep.spec.replicas:
+            if (dep is None or dep.deleting or key[1] >= dep.spec.replicas
+                    or dep.uid != runner.deployment.uid):
                 runner.stop(drain=True)
             else:
                 runner.observe(dep)
@@ -263,8 +280,8 @@ class Agent:
             delay = load_fraction(view) * CLAIM_DELAY_PER_LOAD_S
             if delay:
                 await asyncio.sleep(delay)
-            if not await self.store.claim(dep.id, index, self.id, self.s.lease_s):
-                continue
+            if not await self.store.claim(dep, index, self.id, self.s.lease_s):
+                continue  # taken meanwhile, or no longer wanted
             await self._start(dep, index, where, status, entries)
 
     def _may_try(self, dep: Deployment, status: ReplicaStatus | None) -> bool:
@@ -277,28 +294,36 @@ class Agent:
 
     async def _start(self, dep: Deployment, index: int, where: Selection,
                      previous: ReplicaStatus | None, entries: list[LaunchEntry],
-                     adopt: LaunchEntry | None = None) -> None:
+                     adopt: LaunchEntry | None = None) -> bool:
+        """Run a replica we hold the claim of; False (claim released) if this host will
+        not run it."""
         refusal = self.allow.refusal(dep.spec)
-        port = adopt.port if adopt is not None else self._free_port(entries)
-        if refusal is not None or port is None:
-            why = refusal or f"no free port in --port-range {self.s.port_range}"
-            log.warning("refusing replica %s/%d: %s", dep.id, index, why)
+        if refusal is not None:
+            log.warning("refusing replica %s/%d: %s", dep.id, index, refusal)
             failed = list(previous.failed_hosts) if previous and (
                 previous.generation == dep.generation) else []
             status = ReplicaStatus(
                 deployment=dep.id, index=index, state="Failed", host=self.id,
-                last_error=f"refused by {self.id}: {why}", since=time.time(),
+                last_error=f"refused by {self.id}: {refusal}", since=time.time(),
                 generation=dep.generation, failed_hosts=[*failed, self.id])
             await self.store.release(dep.id, index, self.id, status)
-            return
+            return False
+        port = adopt.port if adopt is not None else self._free_port(entries)
+        if port is None:  # a passing shortage here, not a failure of the replica
+            log.warning("no free port in --port-range %s for replica %s/%d",
+                        self.s.port_range, dep.id, index)
+            await self.store.release(dep.id, index, self.id)
+            return False
         runner = ReplicaRunner(self.s, dep, index, where, port, self.state,
                                report=lambda st: self.store.write_status(st, self.id),
-                               previous=previous, adopt=adopt)
+                               advertise_host=self.advertise_host, previous=previous,
+                               adopt=adopt)
         self.runners[(dep.id, index)] = runner
         log.info("replica %s/%d (%s) placed here: port %d, GPUs %s", dep.id, index,
                  dep.spec.served_name, port, ",".join(map(str, where.indices)) or "none")
         self._tasks[(dep.id, index)] = asyncio.create_task(self._run_replica(runner))
         self._host_changed.set()
+        return True
 
     async def _run_replica(self, runner: ReplicaRunner) -> None:
         key = runner.key
@@ -312,7 +337,12 @@ class Agent:
             self._tasks.pop(key, None)
             self._host_changed.set()
         if runner.lost:
-            return  # not ours any more: another host's status now
+            # Lost or fenced: release only if, Redis back in time, the claim is still
+            # ours (the script checks), keeping the status (shown as lost) as it is.
+            with contextlib.suppress(*self.store.errors):
+                await self.store.release(*key, self.id)
+            self._wake.set()
+            return
         try:
             if outcome is not None and outcome.failed:
                 await self.store.release(*key, self.id, outcome.status)
@@ -329,38 +359,38 @@ class Agent:
 
     async def adopt_or_stop(self) -> None:
         """Engines an earlier run of this agent started: adopt those whose replica is
-        still wanted and claimable by us; stop the rest (none stays orphaned)."""
+        still wanted (same creation) and whose claim we can keep or take again; stop the
+        rest at once, in parallel (none stays orphaned). Retried each pass until done."""
         entries = await asyncio.to_thread(self.state.entries)
-        for entry in entries:
-            if entry.agent != self.id or entry.deployment is None or entry.replica is None:
-                continue
-            if entry.state != "orphaned":
-                continue  # a live supervisor owns it (another agent process?)
-            if await self._try_adopt(entry, entries):
-                continue
-            log.info("stopping engine %s of replica %s/%d left by an earlier run",
-                     entry.id, entry.deployment, entry.replica)
-            await _stop_orphan(entry)
-            await asyncio.to_thread(self.state.remove, entry.id)
-            # Ours still (scaled away while we were down): release it for good.
-            await self.store.release(entry.deployment, entry.replica, self.id,
-                                     delete_status=True)
+        leftovers = [e for e in entries if e.agent == self.id and e.deployment is not None
+                     and e.replica is not None and e.state == "orphaned"
+                     and (e.deployment, e.replica) not in self.runners]
+        stops = [e for e in leftovers if not await self._try_adopt(e, entries)]
+        await asyncio.gather(*(self._stop_leftover(e) for e in stops))
+        self._adoption_done = True
 
     async def _try_adopt(self, entry: LaunchEntry, entries: list[LaunchEntry]) -> bool:
         assert entry.deployment is not None and entry.replica is not None
         dep = await self.store.get(entry.deployment)
-        if dep is None or dep.deleting or entry.replica >= dep.spec.replicas:
+        if dep is None or dep.uid != entry.deployment_uid:
             return False
-        claims = await self.store.claims(dep)
-        holder = claims[entry.replica] if entry.replica < len(claims) else None
-        if holder != self.id and not (holder is None and await self.store.claim(
-                dep.id, entry.replica, self.id, self.s.lease_s)):
+        # The claim script keeps our claim (or takes a lapsed one) only if the replica
+        # is still wanted, in one step: no window for another host.
+        if not await self.store.claim(dep, entry.replica, self.id, self.s.lease_s):
             return False
         statuses = await self.store.statuses(dep)
         status = statuses[entry.replica] if entry.replica < len(statuses) else None
         selection = Selection(list(entry.gpu_indices), list(entry.gpus))
-        await self._start(dep, entry.replica, selection, status, entries, adopt=entry)
-        return True
+        return await self._start(dep, entry.replica, selection, status, entries, adopt=entry)
+
+    async def _stop_leftover(self, entry: LaunchEntry) -> None:
+        assert entry.deployment is not None and entry.replica is not None
+        log.info("stopping engine %s of replica %s/%d left by an earlier run",
+                 entry.id, entry.deployment, entry.replica)
+        await stop_orphan(entry, log.warning)
+        await asyncio.to_thread(self.state.remove, entry.id)
+        # Ours still (scaled away while we were down): release it for good.
+        await self.store.release(entry.deployment, entry.replica, self.id, delete_status=True)
 
     # --- run ---------------------------------------------------------------------------
 
@@ -371,28 +401,30 @@ class Agent:
         log.info("agent %s: store %s, labels %s, %s", self.id, redact(self.s.registry or ""),
                  self.s.host_labels(), f"up to {self.s.max_engines} engine(s), no GPUs"
                  if self.s.gpus == "none" else f"GPUs {self.s.gpus}")
+        if not self.advertise_host:
+            self.advertise_host = await asyncio.to_thread(socket.getfqdn) or socket.gethostname()
         try:
             await self._host_view()
         except NvmlUnavailable as exc:
             print(f"deepinfer-engine agent: {exc}; use --gpus none --max-engines N on a "
                   "host without GPUs", file=sys.stderr)
             return 2
-        try:
-            await self.adopt_or_stop()
-        except self.store.errors as exc:
-            log.warning("cannot check engines of an earlier run yet (%s)", exc)
         self._last_renewed = time.monotonic()
-        loops = [asyncio.create_task(self._heartbeat_loop()),
-                 asyncio.create_task(self._fence_loop()),
-                 asyncio.create_task(self._reconcile_loop())]
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        others = [asyncio.create_task(self._fence_loop()),
+                  asyncio.create_task(self._reconcile_loop())]
         try:
             await self._stopping.wait()
         finally:
             log.info("stopping: draining %d replica(s)", len(self.runners))
-            self._host_changed.set()
-            for task in loops:
+            for task in others:
                 await cancel_and_wait(task)
+            # Leases keep being renewed while the replicas drain, then go with the host.
             await self._shutdown()
+            await cancel_and_wait(heartbeat)
+            with contextlib.suppress(*self.store.errors):
+                await self.store.delete_host(self.id)
+            await self.redis.aclose()
         return 0
 
     async def _shutdown(self) -> None:
@@ -401,17 +433,20 @@ class Agent:
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(*self.store.errors):
-            await self.store.delete_host(self.id)
-        await self.redis.aclose()
 
 
-async def _stop_orphan(entry: LaunchEntry, timeout_s: float | None = None) -> None:
-    signal_group(entry.pgid, signal.SIGTERM)
-    deadline = time.monotonic() + (timeout_s if timeout_s is not None else entry.stop_timeout_s)
-    while group_alive(entry.pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - /proc
-        await asyncio.sleep(0.1)
-    signal_group(entry.pgid, signal.SIGKILL)
+async def stop_orphan(entry: LaunchEntry, log_warning: Callable[[str], None]) -> None:
+    """Stop an engine nobody supervises: its process group (SIGTERM, SIGKILL after its
+    stop timeout) and, for a container, the container."""
+    if entry.pgid and not leader_reused(entry):
+        signal_group(entry.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + entry.stop_timeout_s
+        while group_alive(entry.pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - /proc
+            await asyncio.sleep(0.1)
+        signal_group(entry.pgid, signal.SIGKILL)
+    name = container_of(entry.command)
+    if name is not None:
+        await run_bounded(docker_rm_argv(name), 10.0, log_warning)
 
 
 def run_agent(s: AgentSettings) -> int:

@@ -42,12 +42,14 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
     )
     lease_s: float = Field(
         30.0, gt=0, description="How long a claim on a replica lasts without renewal; "
-        "another host takes it over after that. Renewed every third of it."
+        "another host takes it over after that. Renewed every third of it. At least 4x "
+        "--registry-ttl-s (see --fence-margin-s)."
     )
     fence_margin_s: float | None = Field(
         None, gt=0, description="Stop this host's engines when renewals have failed for "
-        "the lease minus this margin, so no replica runs twice (default: a third of the "
-        "lease)."
+        "the lease minus this margin, so no replica runs twice: half of it is the budget "
+        "for stopping them, and it must be at least twice --registry-ttl-s (default: half "
+        "the lease)."
     )
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Longest time between two reconcile passes (a change "
@@ -112,10 +114,12 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
                              "can run)")
         if self.fence_after_s() <= 0:
             raise ValueError("fence_margin_s must be shorter than lease_s")
-        if self.lease_s <= self.registry_ttl_s:
-            raise ValueError("lease_s must be longer than registry_ttl_s, so a replica's "
-                             "old engine is out of the registry before another host "
-                             "takes the replica over")
+        # Fenced at lease - margin, stopped within margin / 2, its registration gone
+        # registry_ttl_s after its last heartbeat: all before another host's claim.
+        if self.registry_ttl_s > self.fence_margin() / 2:
+            raise ValueError("registry_ttl_s must be at most half the fence margin (by "
+                             "default a quarter of lease_s), so a replica's old engine is "
+                             "out of the registry before another host takes it over")
         return self
 
     def ports(self) -> tuple[int, int]:
@@ -123,8 +127,10 @@ class AgentSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
         return int(first), int(last)
 
     def fence_after_s(self) -> float:
-        margin = self.fence_margin_s if self.fence_margin_s is not None else self.lease_s / 3
-        return self.lease_s - margin
+        return self.lease_s - self.fence_margin()
+
+    def fence_margin(self) -> float:
+        return self.fence_margin_s if self.fence_margin_s is not None else self.lease_s / 2
 
     def host_labels(self) -> dict[str, str]:
         """The labels deployments select on: the configured ones, plus host=<agent id>

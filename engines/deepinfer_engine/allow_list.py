@@ -4,9 +4,10 @@ allow-lists and refuses a replica outside them (its status says why). Pure.
 
 - images (`--allow-image PATTERN`, shell-style globs): a `backend: docker` replica's
   image must match one; none given, no container runs.
-- model roots (`--allow-model-root DIR`): a model given as a local path, and a docker
-  replica's `model_path`, must lie under one; none given, no local path is accepted.
-  Hugging Face ids (`org/name`) are names, not paths, and are accepted.
+- model roots (`--allow-model-root DIR`): a model that is not a Hugging Face id
+  (`name` or `org/name`) is a path and must be absolute and lie under one, as written and
+  with symlinks resolved; so must a docker replica's `model_path`. None given, no local
+  path is accepted.
 - extra arguments (`--allow-extra-arg FLAG`): every flag in `extra_args` must be listed
   (`--trust-remote-code` runs the model repository's code); none given, none accepted.
 """
@@ -14,22 +15,32 @@ allow-lists and refuses a replica outside them (its status says why). Pure.
 from __future__ import annotations
 
 import fnmatch
+import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 from deepinfer_router.shared.deployment import DeploymentSpec
 
+# A Hugging Face id: `name` or `org/name`, nothing that could be a path elsewhere.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
-def _is_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or model in (".", "..")
+
+def is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.fullmatch(model)) and ".." not in model
 
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
-    # normpath collapses `..` so `/models/../etc` is not under /models.
-    norm = posixpath.normpath(path)
+    """Whether `path` (absolute) lies under a root, both as written (`..` collapsed) and
+    as the kernel resolves it here (symlinks followed), so neither form escapes."""
+    if not path.startswith("/"):
+        return False
+    forms = {posixpath.normpath(path), os.path.realpath(path)}
     for root in roots:
-        r = posixpath.normpath(root)
-        if norm == r or norm.startswith(r.rstrip("/") + "/"):
+        r = posixpath.normpath(root).rstrip("/") or "/"
+        real = os.path.realpath(r)
+        if all(any(f == x or f.startswith(x.rstrip("/") + "/") for x in (r, real))
+               for f in forms):
             return True
     return False
 
@@ -49,7 +60,7 @@ class AllowList:
                         f"(--allow-image: {', '.join(self.images) or 'none'})")
             if not _under(spec.model_path, self.model_roots):
                 return self._root_refusal("model_path", spec.model_path)
-        elif _is_path(spec.model) and not _under(spec.model, self.model_roots):
+        elif not is_hub_id(spec.model) and not _under(spec.model, self.model_roots):
             return self._root_refusal("model", spec.model)
         allowed = set(self.extra_args)
         for arg in spec.extra_args:

@@ -108,6 +108,15 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def leader_reused(entry: LaunchEntry) -> bool:
+    """Whether the group's leader pid now belongs to another process (after a reboot with
+    a persistent state directory): then that group is not ours to keep or stop."""
+    if entry.pgid_start is None:
+        return False
+    now = process_start_time(entry.pgid)
+    return now is not None and now != entry.pgid_start
+
+
 class LaunchEntry(BaseModel):
     """One running `deepinfer-engine launch`, as `list` and `stop` see it."""
 
@@ -121,6 +130,7 @@ class LaunchEntry(BaseModel):
     pgid_start: int | None = None  # its leader's start time (a reused pid is not it)
     # Set by the agent: which replica this engine is, and which agent started it.
     deployment: str | None = None
+    deployment_uid: str | None = None  # which creation of it (ids repeat)
     replica: int | None = None
     agent: str | None = None
     gpus: list[str] = Field(default_factory=list)  # UUIDs (the reservation)
@@ -169,7 +179,7 @@ class StateDir:
                 f.unlink(missing_ok=True)  # a torn or foreign file is no reservation
                 continue
             if not pid_alive(entry.pid, entry.pid_start):
-                if entry.pgid and group_alive(entry.pgid):
+                if entry.pgid and group_alive(entry.pgid) and not leader_reused(entry):
                     entry.state = "orphaned"  # supervisor died, vLLM still runs: keep it
                     out.append(entry)
                     continue

@@ -108,6 +108,9 @@ class EngineCommand:
     # How to stop it when a signal to its process group is not enough (a container:
     # `docker stop NAME`, since the client process is not the engine). None: signals.
     stop_argv: list[str] | None = None
+    # Run before each start and after each stop, whatever happened (a container:
+    # `docker rm -f NAME`, so that none outlives its replica or blocks the next start).
+    cleanup_argv: list[str] | None = None
 
 
 def build_command(
@@ -258,26 +261,47 @@ class AdoptedProcess:
         return -1
 
 
-async def _run_stop_command(argv: list[str], timeout_s: float,
-                            log: Callable[[str], None]) -> None:
+async def run_bounded(argv: list[str], timeout_s: float, log: Callable[[str], None]) -> None:
+    """Run a helper command (`docker stop`, `docker rm -f`) for at most `timeout_s`; it
+    is killed past that, never left behind."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL)
-        await asyncio.wait_for(proc.wait(), timeout=timeout_s + 10)
-    except (TimeoutError, OSError) as exc:
-        log(f"{' '.join(argv)} failed ({exc!r}); signalling the process group")
+    except OSError as exc:
+        log(f"{' '.join(argv)} failed: {exc}")
+        return
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=max(0.1, timeout_s))
+    except TimeoutError:
+        log(f"{' '.join(argv)} still running after {timeout_s:g}s: killed")
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 async def stop_group(
     proc: EngineProcess, pgid: int, timeout_s: float, log: Callable[[str], None],
     *, stop_argv: list[str] | None = None, reap: bool = True,
+    cleanup_argv: list[str] | None = None,
 ) -> None:
-    """SIGTERM the whole group (or run `stop_argv`, e.g. `docker stop`), wait up to
-    `timeout_s` for every member, then SIGKILL. `reap=False` where other children of this
-    process must not be collected here (the agent runs several engines)."""
+    """SIGTERM the whole group (or first run `stop_argv`, e.g. `docker stop`), wait up to
+    `timeout_s` in all for every member, then SIGKILL; `cleanup_argv` last (`docker rm
+    -f`). `reap=False` where other children of this process must not be collected here
+    (the agent runs several engines)."""
+    deadline = time.monotonic() + timeout_s
     if stop_argv and proc.returncode is None:
-        await _run_stop_command(stop_argv, timeout_s, log)
+        await run_bounded(stop_argv, timeout_s, log)
+    try:
+        await _stop_group(proc, pgid, max(0.0, deadline - time.monotonic()), log, reap)
+    finally:
+        if cleanup_argv:
+            await run_bounded(cleanup_argv, 10.0, log)
+
+
+async def _stop_group(
+    proc: EngineProcess, pgid: int, timeout_s: float, log: Callable[[str], None], reap: bool
+) -> None:
     signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -27,12 +27,13 @@ from .launch_state import LaunchEntry, StateDir, process_start_time
 from .launcher import EngineCommand, build_command
 from .replica_command import (
     container_name,
+    docker_rm_argv,
     docker_run_argv,
     docker_stop_argv,
     replica_name,
     spec_engine_args,
 )
-from .supervisor import Plan, Supervisor, default_advertise_url, local_base, make_plan
+from .supervisor import Plan, Supervisor, local_base, make_plan
 
 log = logging.getLogger("deepinfer.engine.agent")
 
@@ -60,10 +61,12 @@ class ReplicaRunner:
         port: int,
         state: StateDir,
         report: Callable[[ReplicaStatus], Coroutine[Any, Any, bool]],
+        advertise_host: str,
         previous: ReplicaStatus | None = None,
         adopt: LaunchEntry | None = None,
     ) -> None:
         self.s = settings
+        self.advertise_host = advertise_host
         self.deployment = deployment
         self.index = index
         self.selection = selection
@@ -152,7 +155,7 @@ class ReplicaRunner:
             gpus=",".join(self.selection.uuids) or "none",
             tp=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
             port=self.port,
-            advertise_url=default_advertise_url(self.s.advertise_host or "0.0.0.0", self.port),
+            advertise_url=f"http://{self.advertise_host}:{self.port}",
             labels=labels, log_file=str(self.state.logs / f"{name}.log"),
         )
 
@@ -165,11 +168,12 @@ class ReplicaRunner:
             argv=docker_run_argv(spec, name=name, gpu_uuids=self.selection.uuids,
                                  port=self.port),
             env=dict(os.environ), served_name=spec.served_name,
-            stop_argv=docker_stop_argv(name, s.stop_timeout_s))
+            stop_argv=docker_stop_argv(name, s.stop_timeout_s),
+            cleanup_argv=docker_rm_argv(name))
 
     def _plan(self, s: LaunchSettings) -> Plan:
-        extra = {"deployment": self.deployment.id, "replica": self.index,
-                 "agent": self.s.agent_id}
+        extra = {"deployment": self.deployment.id, "deployment_uid": self.deployment.uid,
+                 "replica": self.index, "agent": self.s.agent_id}
         if self._adopt is not None:
             entry = self._adopt
             pid = os.getpid()  # ours now: `list` shows it as supervised again
@@ -181,7 +185,14 @@ class ReplicaRunner:
         return make_plan(s, self.state, build=self._build, entry_extra=extra)
 
     async def run(self) -> Outcome:
-        s = self.launch_settings()
+        try:
+            s = self.launch_settings()
+        except Exception as exc:  # a spec this host cannot express as a launch
+            self.status = self.status.model_copy(update={
+                "state": "Failed", "since": time.time(), "attempts": 1,
+                "last_error": f"cannot launch here: {exc}",
+                "failed_hosts": [*self.status.failed_hosts, self.s.agent_id]})
+            return Outcome(failed=True, status=self.status)
         attempts = 0
         backoff = max(self.s.restart_backoff_s, 0.5)
         self._set("Starting", attempts=0)
@@ -193,7 +204,11 @@ class ReplicaRunner:
             except Exception as exc:  # GPU gone, port taken: a failed start like any other
                 code, error, log_tail = 1, f"cannot start here: {exc}", None
             else:
-                code, error, log_tail = await self._supervise(s, plan)
+                try:
+                    code, error, log_tail = await self._supervise(s, plan)
+                except Exception as exc:  # e.g. the command cannot be executed at all
+                    log.exception("replica %s/%d: the engine could not be run", *self.key)
+                    code, error, log_tail = 1, f"cannot run the engine: {exc}", None
             if code == 0 or self._stop.is_set():
                 break
             attempts += 1

@@ -65,3 +65,17 @@ def docker_stop_argv(name: str, timeout_s: float) -> list[str]:
     """Stopping the client process would leave the container running: stop the
     container (SIGTERM, then SIGKILL after the timeout, as for a native engine)."""
     return ["docker", "stop", "--time", str(max(0, int(timeout_s))), name]
+
+
+def docker_rm_argv(name: str) -> list[str]:
+    """Remove the container whatever its state (a leftover of a crash, or one that did
+    not stop within the budget)."""
+    return ["docker", "rm", "--force", name]
+
+
+def container_of(argv: list[str]) -> str | None:
+    """The container name of a `docker run` command line this module built, else None."""
+    if argv[:2] == ["docker", "run"] and "--name" in argv:
+        i = argv.index("--name")
+        return argv[i + 1] if i + 1 < len(argv) else None
+    return None

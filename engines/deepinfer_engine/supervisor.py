@@ -50,6 +50,7 @@ from .launcher import (
     pipeline_parallel_size,
     port_free,
     read_capacity,
+    run_bounded,
     spawn,
     stop_group,
     wait_ready,
@@ -232,11 +233,20 @@ class Supervisor:
         self.log_tail: str | None = None
         self.record: EngineRecord | None = None
         self._stop_timeout_s: float | None = None
+        self._at_once = asyncio.Event()  # a stop without drain was asked for
+
+    async def _drain_cut(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True as soon as a stop without drain is asked for."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._at_once.wait(), timeout=seconds)
+        return self._at_once.is_set()
 
     def request_stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
         """Stop (draining first unless `drain` is False); `timeout_s` shortens the wait
         between SIGTERM and SIGKILL (self-fencing has little time)."""
         self.drain_on_stop = self.drain_on_stop and drain
+        if not drain:
+            self._at_once.set()
         if timeout_s is not None:
             self._stop_timeout_s = min(self._stop_timeout_s or timeout_s, timeout_s)
         self.stopping.set()
@@ -301,6 +311,8 @@ class Supervisor:
                          entry.id, entry.pgid)
                 self._update(pgid=entry.pgid, pgid_start=entry.pgid_start, state="starting")
                 return AdoptedProcess(entry.pgid, entry.pgid_start), entry.pgid
+        if p.command.cleanup_argv:  # e.g. a container of an earlier run still there
+            await run_bounded(p.command.cleanup_argv, 10.0, log.warning)
         if not await self._port_released():
             log.warning("port %d still in use; trying anyway", p.entry.port)
         logf.write(f"\n=== deepinfer-engine {time.strftime('%Y-%m-%d %H:%M:%S')}: starting "
@@ -330,8 +342,12 @@ class Supervisor:
         try:
             outcome = await self._run_started(proc, registration)
         finally:
-            if registration is not None:
-                await registration.stop()  # deregister before the engine goes away
+            # Deregister before the engine goes away (and drain), except when stopping
+            # at once (self-fencing): then the engine goes first, within the budget, and
+            # the deregistration (to a store that may be unreachable) after.
+            at_once = self.stopping.is_set() and not self.drain_on_stop
+            if registration is not None and not at_once:
+                await registration.stop()
             if self.stopping.is_set() and self.ready_at is not None and self.drain_on_stop:
                 await self._drain()
             # Always, even after the leader exited: its workers may still hold the GPUs.
@@ -340,7 +356,10 @@ class Supervisor:
             if self._stop_timeout_s is not None:
                 timeout = min(timeout, self._stop_timeout_s)
             await stop_group(proc, pgid, timeout, log.warning,
-                             stop_argv=p.command.stop_argv, reap=not self.in_agent)
+                             stop_argv=p.command.stop_argv, reap=not self.in_agent,
+                             cleanup_argv=p.command.cleanup_argv)
+            if registration is not None and at_once:
+                await registration.stop()
         if outcome == "stopped":
             log.info("engine stopped")
             return 0
@@ -368,14 +387,15 @@ class Supervisor:
             return
         self._update(state="stopping")
         deadline = time.monotonic() + self.drain_timeout_s
-        await asyncio.sleep(min(1.0, self.drain_timeout_s))  # routers see the `down` hint
+        # Routers see the `down` hint meanwhile; a stop at once cuts the drain short.
+        if await self._drain_cut(min(1.0, self.drain_timeout_s)):
+            return
         url = f"{self.plan.probe_base}/metrics"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while time.monotonic() < deadline:
                 busy = await _requests_in_engine(session, url)
-                if not busy:
+                if not busy or await self._drain_cut(0.2):
                     return
-                await asyncio.sleep(0.2)
         log.warning("engine still busy after the %gs drain: stopping it",
                     self.drain_timeout_s)
 

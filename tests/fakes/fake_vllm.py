@@ -91,6 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-bytes")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", "-q")
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from tests.support.procs import Procs, console_script, free_port
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_VLLM = f"{sys.executable} {ROOT / 'tests' / 'fakes' / 'fake_vllm.py'}"
 LEASE_S = 4.0
-TIMING = ["--lease-s", str(LEASE_S), "--heartbeat-s", "0.5", "--registry-ttl-s", "1.5",
+TIMING = ["--lease-s", str(LEASE_S), "--heartbeat-s", "0.3", "--registry-ttl-s", "1.0",
           "--reconcile-interval-s", "1", "--health-interval-s", "0.5",
           "--restart-backoff-s", "0.2", "--stop-timeout-s", "3", "--drain-timeout-s", "10"]
 

@@ -3,6 +3,8 @@ GPU count, memory, compute capability), the allow-lists and the docker command l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -54,11 +56,17 @@ def test_spec_defaults_and_served_name() -> None:
     ({"model": "m", "extra_args": "--x"}, "extra_args"),
     ({"model": "m", "backend": "podman"}, "backend"),
     ({"model": "m", "colour": "red"}, "colour"),
+    ({"model": "--config=/etc/x.yaml"}, "model"),
+    ({"model": "m\x00"}, "model"),
+    ({"model": "m", "replicas": True}, "replicas"),
+    ({"model": "m", "quantization": "-q"}, "quantization"),
+    ({"model": "m", "backend": "docker", "docker_image": "i", "model_path": "/a:/etc"},
+     "model_path"),
 ])
 def test_spec_rejects_bad_fields_naming_them(body: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as info:
         DeploymentSpec.model_validate(body)
-    assert field in str(info.value.errors()[0]["loc"]) or field in str(info.value)
+    assert info.value.errors()[0]["loc"][0] == field
 
 
 @pytest.mark.parametrize("body", [
@@ -190,3 +198,15 @@ def test_docker_argv_for_a_tp2_replica_is_exact() -> None:
         "--max-model-len", "8192", "--enable-prefix-caching",
     ]
     assert docker_stop_argv(name, 30) == ["docker", "stop", "--time", "30", name]
+
+
+def test_allow_list_paths_cannot_escape(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    (root / "qwen").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "link").symlink_to(tmp_path / "secret")
+    allow = AllowList(model_roots=(str(root),))
+    assert allow.refusal(DeploymentSpec(model=str(root / "qwen"))) is None
+    for model in (str(root / "link"), str(root / "link" / "x"), "srv/models/x",
+                  "models/qwen/../../x", "./qwen", str(root) + "/../secret"):
+        assert "outside" in str(allow.refusal(DeploymentSpec(model=model))), model

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from deepinfer_router.shared.deployment import DeploymentSpec
 from deepinfer_router.shared.deployment_store import DeploymentStore
 from tests.support.deploy_cluster import (
     LEASE_S,
@@ -279,14 +280,24 @@ async def test_scale_up_down_and_delete_drain_and_deregister(
 
 async def test_agents_racing_for_the_last_gpu_never_double_place(
         redis_server: RedisServer, tmp_path: Path) -> None:
-    # Claims are one SET NX: many rounds of two clients racing for the same replica.
+    # Claims are one script: many rounds of two clients racing for the same replica, and
+    # no claim on a replica its deployment no longer wants.
     store_a = DeploymentStore(_client(redis_server), "race")
     store_b = DeploymentStore(_client(redis_server), "race")
     try:
+        dep, _ = await store_a.create(DeploymentSpec(model="race", replicas=300))
         for i in range(300):
-            won = await asyncio.gather(store_a.claim("d-x", i, "a", 5),
-                                       store_b.claim("d-x", i, "b", 5))
+            won = await asyncio.gather(store_a.claim(dep, i, "a", 5),
+                                       store_b.claim(dep, i, "b", 5))
             assert sorted(won) == [False, True], (i, won)
+        assert not await store_a.claim(dep, 300, "a", 5)  # beyond replicas
+        await store_a.scale(dep.id, 400)
+        old = dep.model_copy(update={"uid": "another-creation"})
+        assert not await store_a.claim(old, 350, "a", 5)  # a stale creation
+        assert await store_a.claim(dep, 350, "a", 5)
+        # Deleting (claims still held): no new claim, even on a free index.
+        await store_a.delete(dep.id)
+        assert not await store_b.claim(dep, 399, "b", 5)
     finally:
         await store_a.r.aclose()
         await store_b.r.aclose()
@@ -378,3 +389,31 @@ async def test_agent_sigterm_drains_and_releases(
         assert hosts["hosts"] == []
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_restart_after_the_lease_takes_back_and_adopts_or_refuses(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    async with Cluster(tmp_path, redis_server.url) as c:
+        a = c.agent("a", [H100, H100], "--allow-extra-arg", "enable-prefix-caching")
+        keep = await c.deploy(model="fake/keep")
+        refuse = await c.deploy(model="fake/refuse", extra_args=["--enable-prefix-caching"])
+        await c.wait_running(keep, 1)
+        await c.wait_running(refuse, 1)
+        pids = a.engine_pids()
+        assert len(pids) == 2
+        a.kill()
+        await asyncio.sleep(LEASE_S + 1)  # the claims lapse; no other host to take them
+        # Restarted without the allow-list entry: one engine is adopted, the other (now
+        # refused) stopped, not left running.
+        a.argv = [x for x in a.argv if x not in ("--allow-extra-arg", "enable-prefix-caching")]
+        a.start()
+        await c.wait_running(keep, 1, on=["a"])
+
+        async def refused() -> dict[str, Any] | None:
+            r = (await c.deployment(refuse))["replicas"][0]
+            return r if r["state"] == "Failed" else None
+        r = await wait_for(refused, 20, "the refused replica is Failed")
+        assert "--enable-prefix-caching is not allowed" in r["last_error"]
+        await wait_for(lambda: _dead_count(pids, 1), 15, "the refused engine stopped")
+        assert a.engine_pids() == pids  # the kept one adopted, nothing started anew
+        assert replica_engines(await c.registered()) == {(keep, "0"): 1}
