@@ -1,0 +1,198 @@
+"""An engine's KV event feed end to end: vLLM's own ZmqEventPublisher in a subprocess
+(tests/support/kv_publisher.py) and the router's subscriber over real ZMQ sockets on
+loopback (given a specific address, vLLM 0.32 connects its PUB socket to the subscriber,
+which listens; its replay socket listens): late subscription (replay from 0), a replay
+buffer overrun (rebuild), an engine restart (sequence back to 0: reset). A mid-stream
+gap cannot be made on demand with the real publisher (its sequence counter never
+skips): a PUB/ROUTER pair in the test sends vLLM's exact frames with a hole, and answers
+the replay request as vLLM does."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+
+from deepinfer_router.kv_events.index import PreciseIndex
+from deepinfer_router.kv_events.subscriber import EngineFeed, FeedEndpoints
+from tests.support.procs import free_port
+
+pytestmark = pytest.mark.timeout(60)
+PUBLISHER = Path(__file__).resolve().parents[1] / "support" / "kv_publisher.py"
+BLOCK = 16
+
+
+class Publisher:
+    def __init__(self, steps: int = 10_000, ports: tuple[int, int] | None = None) -> None:
+        self.pub_port, self.replay_port = ports or (free_port(), free_port())
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PUBLISHER), str(self.pub_port), str(self.replay_port),
+             str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    @property
+    def endpoints(self) -> FeedEndpoints:
+        # A specific address: vLLM connects its PUB there, the subscriber listens.
+        return FeedEndpoints(f"tcp://127.0.0.1:{self.pub_port}",
+                             f"tcp://127.0.0.1:{self.replay_port}", "kv",
+                             subscriber_binds=True)
+
+    def store(self, first: int, count: int) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"store {first} {count}\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline().split()[1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def publishers() -> Iterator[list[Publisher]]:
+    started: list[Publisher] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def prompt(blocks: int) -> list[int]:
+    return list(range(BLOCK * blocks))
+
+
+async def until(check: object, within_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_late_subscriber_replays_from_zero_then_follows(publishers: list[Publisher]
+                                                              ) -> None:
+    pub = Publisher()
+    publishers.append(pub)
+    for i in range(5):  # seq 0..4 before anyone listens
+        pub.store(i, 1)
+    ctx, index = zmq.asyncio.Context(), PreciseIndex()
+    feed = EngineFeed("e1", pub.endpoints, index, ctx)
+    feed.start()
+    try:
+        await asyncio.sleep(0.3)  # the SUB socket connects (slow joiner)
+        pub.store(5, 2)  # seq 5: the subscriber sees it first, replays 0..4
+        await until(lambda: feed.last_seq == 5)
+        assert feed.state == "live" and feed.gaps == 0
+        assert index.match(prompt(7), ["e1"])["e1"][0].blocks == 7
+        pub.store(7, 1)
+        await until(lambda: feed.last_seq == 6)
+        assert index.match(prompt(9), ["e1"])["e1"][0].blocks == 8
+    finally:
+        await feed.close()
+        ctx.destroy(linger=0)
+
+
+async def test_replay_buffer_overrun_rebuilds(publishers: list[Publisher]) -> None:
+    pub = Publisher(steps=3)  # vLLM keeps only the last 3 batches
+    publishers.append(pub)
+    for i in range(6):
+        pub.store(i, 1)
+    ctx, index = zmq.asyncio.Context(), PreciseIndex()
+    feed = EngineFeed("e1", pub.endpoints, index, ctx, rebuild_s=30)
+    feed.start()
+    try:
+        await asyncio.sleep(0.3)
+        pub.store(6, 1)  # seq 6; replay from 0 starts at 4: the gap cannot be filled
+        await until(lambda: feed.last_seq == 6)
+        assert feed.state == "rebuilding" and not feed.usable()
+        # Blocks 4..6 were replayed, but their prefix (0..3) is unknown: nothing matches.
+        assert index.match(prompt(7), ["e1"])["e1"][0].blocks == 0
+    finally:
+        await feed.close()
+        ctx.destroy(linger=0)
+
+
+async def test_engine_restart_resets_the_index(publishers: list[Publisher]) -> None:
+    first = Publisher()
+    publishers.append(first)
+    ctx, index = zmq.asyncio.Context(), PreciseIndex()
+    feed = EngineFeed("e1", first.endpoints, index, ctx)
+    feed.start()
+    try:
+        await asyncio.sleep(0.3)
+        for i in range(3):
+            first.store(i, 1)
+        await until(lambda: feed.last_seq == 2)
+        assert index.match(prompt(3), ["e1"])["e1"][0].blocks == 3
+        first.close()  # the engine restarts on the same ports: its counter starts at 0
+        second = Publisher(ports=(first.pub_port, first.replay_port))
+        publishers.append(second)
+        await asyncio.sleep(0.5)  # the SUB socket reconnects by itself
+        second.store(0, 1)
+        await until(lambda: feed.resets == 1 and feed.last_seq == 0)
+        assert feed.state == "live"
+        # Only what the new process stored: the restarted engine's cache was empty.
+        assert index.match(prompt(3), ["e1"])["e1"][0].blocks == 1
+    finally:
+        await feed.close()
+        ctx.destroy(linger=0)
+
+
+def _payload(first: int, count: int) -> bytes:
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+    blocks = list(range(first, first + count))
+    h = [(i + 1).to_bytes(32, "big") for i in blocks]
+    event = BlockStored(block_hashes=h,
+                        parent_block_hash=(first).to_bytes(32, "big") if first else None,
+                        token_ids=[t for i in blocks for t in range(16 * i, 16 * i + 16)],
+                        block_size=16, lora_id=None, medium="GPU", lora_name=None)
+    return msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=[event]))
+
+
+async def test_mid_stream_gap_is_filled_by_replay() -> None:
+    ctx = zmq.asyncio.Context()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    pub_port, replay_port = free_port(), free_port()
+    pub.bind(f"tcp://127.0.0.1:{pub_port}")
+    router.bind(f"tcp://127.0.0.1:{replay_port}")
+    sent = {seq: _payload(seq, 1) for seq in range(4)}
+
+    async def replay_server() -> None:  # as vLLM's _service_replay
+        while True:
+            client, _, start = await router.recv_multipart()
+            for seq in sorted(sent):
+                if seq >= int.from_bytes(start, "big"):
+                    await router.send_multipart([client, b"", b"kv", seq.to_bytes(8, "big"),
+                                                 sent[seq]])
+            await router.send_multipart([client, b"", b"", (-1).to_bytes(8, "big",
+                                                                          signed=True), b""])
+
+    server = asyncio.create_task(replay_server())
+    index = PreciseIndex()
+    feed = EngineFeed("e1", FeedEndpoints(f"tcp://127.0.0.1:{pub_port}",
+                                          f"tcp://127.0.0.1:{replay_port}", "kv"), index, ctx)
+    feed.start()
+    try:
+        await asyncio.sleep(0.3)
+        for seq in (0, 1, 3):  # 2 never arrives live
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), sent[seq]])
+        await until(lambda: feed.last_seq == 3)
+        assert feed.gaps == 1 and feed.state == "live"
+        assert index.match(prompt(4), ["e1"])["e1"][0].blocks == 4
+        # Garbage on the feed is counted and skipped, never fatal.
+        await pub.send_multipart([b"kv", b"\x00" * 8, b"\xc1"])
+        await pub.send_multipart([b"kv", (4).to_bytes(8, "big"), _payload(4, 1)])
+        await until(lambda: feed.last_seq == 4)
+        assert feed.bad_messages == 1
+    finally:
+        server.cancel()
+        await feed.close()
+        ctx.destroy(linger=0)
