@@ -122,6 +122,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                           settings.health_timeout_s, clients.engine_headers),
             *_hint_sharing(state),
             *_deployment_store(state),
+            *_kv_event_feeds(state),
         ]
         for service in later:
             await service.start()
@@ -188,6 +189,19 @@ def _hint_sharing(state: RouterState) -> list[Service]:
 
     return [RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
                        engine_lookup)]
+
+
+def _kv_event_feeds(state: RouterState) -> list[Service]:
+    """The engines' KV event feeds (--kv-events auto)."""
+    if state.settings.kv_events == "off":
+        return []
+    from .kv_events.feeds import KvEventFeeds
+
+    fleet = state.fleet
+    feeds = KvEventFeeds(lambda: [e.record for e in fleet.engines.values()],
+                         allow_private=state.settings.allow_private_engine_urls)
+    state.kv_feeds = feeds
+    return [feeds]
 
 
 def _deployment_store(state: RouterState) -> list[Service]:

@@ -43,6 +43,12 @@ class RouterSettings(BaseSettings):
         description="With --redis-url: share routing placements (prefix chains, session "
         "bindings) with the other routers through Redis, so that all routers route alike.",
     )
+    kv_events: Literal["auto", "off"] = Field(
+        "auto",
+        description="Subscribe to the KV cache event feed of every engine that advertises "
+        "one (deepinfer-engine launch does), keeping an index of what each engine really "
+        "caches; /ready shows each feed's state.",
+    )
     engine_ttl_s: float = Field(
         15.0, gt=0, description="Seconds an engine registered through the admin API stays "
         "without a heartbeat before it is dropped."

@@ -16,6 +16,7 @@ from .settings import RouterSettings
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:  # annotations only: the registry sits above this module
+    from .kv_events.feeds import KvEventFeeds  # zmq only when feeds are followed
     from .registry.base import RegistrySource, WritableRegistry
     from .shared.deployment_store import DeploymentStore  # redis only with --redis-url
 
@@ -32,6 +33,7 @@ class RouterState:
     session: aiohttp.ClientSession | None = None  # scrapes, health checks, model lists
     upstream: UpstreamPool | None = None  # proxied requests (the hot path)
     deployments: DeploymentStore | None = None  # with --redis-url: /v1/deployments
+    kv_feeds: KvEventFeeds | None = None  # with --kv-events auto
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:

@@ -47,6 +47,18 @@ def new_instance_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+class KvEventsEndpoints(BaseModel):
+    """Where an engine's KV cache events can be had (see deepinfer_router/kv_events/):
+    the feed (a ZMQ PUB socket to subscribe to), vLLM's replay socket and the topic."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    endpoint: str = Field(pattern=r"^tcp://[^\s/]+:\d{1,5}$", max_length=300)
+    replay_endpoint: str | None = Field(None, pattern=r"^tcp://[^\s/]+:\d{1,5}$",
+                                        max_length=300)
+    topic: str = Field("", max_length=256)
+
+
 class EngineRecord(BaseModel):
     """One engine as registries store it and routers see it."""
 
@@ -60,6 +72,7 @@ class EngineRecord(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: list[str] = Field(default_factory=list)
     version: str = ""
+    kv_events: KvEventsEndpoints | None = None
     started_at: float = 0.0
     heartbeat_at: float = 0.0
 

@@ -149,6 +149,12 @@ class LaunchSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
         "http://<this host's name>:PORT)."
     )
 
+    kv_events: Literal["on", "off"] = Field(
+        "on", description="Publish vLLM's KV cache events for precise routing: vLLM "
+        "publishes on a private socket, the engine manager relays it on the advertised "
+        "address (never all interfaces) and registers the endpoints."
+    )
+
     # --- files ----------------------------------------------------------------------
     log_file: str | None = Field(
         None, description="File receiving the engine's stdout/stderr (default: "

@@ -142,6 +142,7 @@ class LaunchEntry(BaseModel):
     registry: str | None = None
     stop_timeout_s: float = 30.0
     command: list[str] = Field(default_factory=list)
+    kv_ports: list[int] = Field(default_factory=list)  # the KV event feed's (kv_relay.py)
 
 
 class StateDir:

@@ -157,6 +157,8 @@ class ReplicaRunner:
             port=self.port,
             advertise_url=f"http://{self.advertise_host}:{self.port}",
             labels=labels, log_file=str(self.state.logs / f"{name}.log"),
+            # A container cannot publish on the host's private socket: no feed there.
+            kv_events="off" if spec.backend == "docker" else "on",
         )
 
     def _build(self, s: LaunchSettings, cvd: str | None, tp: int) -> EngineCommand:

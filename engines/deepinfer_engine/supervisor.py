@@ -22,14 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import aiohttp
+import zmq
 
 from deepinfer_router.shared.engine_record import EngineRecord, engine_id_for
 from deepinfer_router.shared.log_setup import configure_logging
 
 from .gpus import SelectionError, select_gpus
+from .kv_relay import KvEventsPlan, KvEventsRelay, bind_address, plan_kv_events
 from .launch_settings import LaunchSettings
 from .launch_state import (
     LaunchEntry,
@@ -47,6 +50,7 @@ from .launcher import (
     LaunchError,
     become_subreaper,
     build_command,
+    extra_flag,
     pipeline_parallel_size,
     port_free,
     read_capacity,
@@ -127,6 +131,37 @@ class Plan:
     probe_base: str  # where we check readiness (loopback when listening on all addresses)
     advertise_url: str
     log_path: Path
+    kv_events: KvEventsPlan | None = None  # the KV event feed's sockets (kv_relay.py)
+
+
+def _kv_events_plan(
+    s: LaunchSettings, state: StateDir, engine_id: str, advertise: str,
+    entries: list[LaunchEntry],
+) -> KvEventsPlan | None:
+    """Two free ports on the advertised address for the feed relay and vLLM's replay
+    socket, unless --kv-events off or the extra args configure events themselves."""
+    if s.kv_events == "off" or extra_flag(s.extra_args, "--kv-events-config") is not None:
+        return None
+    address = bind_address(urlsplit(advertise).hostname or "127.0.0.1")
+    taken = {p for e in entries for p in (e.port, *e.kv_ports)} | {s.port}
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:  # hold each port while picking the next
+        for _ in range(20):
+            if len(ports) == 2:
+                break
+            sock = held.enter_context(socket.socket(
+                socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind((address, 0))
+            except OSError as exc:
+                raise LaunchError(f"cannot bind the KV event feed on {address}: {exc} "
+                                  "(--kv-events off to run without it)") from None
+            port = int(sock.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+    if len(ports) < 2:
+        raise LaunchError(f"no free ports on {address} for the KV event feed")
+    return plan_kv_events(state.path, engine_id, address, (ports[0], ports[1]))
 
 
 def local_base(host: str, port: int) -> str:
@@ -158,7 +193,7 @@ def make_plan(
     pp = pipeline_parallel_size(s.extra_args)
     mem_util = s.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
     log_path = Path(s.log_file) if s.log_file else state.logs / f"{engine_id}.log"
-    holder: dict[str, EngineCommand] = {}
+    holder: dict[str, Any] = {}
 
     def factory(entries: list[LaunchEntry]) -> LaunchEntry:
         for e in entries:
@@ -179,18 +214,24 @@ def make_plan(
             reserved = {u for e in entries for u in e.gpus}
             sel = select_gpus(gpu_source().snapshot(), s.gpus, tp * pp, mem_util, reserved)
             indices, uuids, cvd = sel.indices, sel.uuids, sel.cuda_visible_devices
+        kv = _kv_events_plan(s, state, engine_id, advertise, entries)
         cmd = build(s, cvd, tp)
-        holder["cmd"] = cmd
+        if kv is not None:
+            cmd.argv += ["--kv-events-config", kv.vllm_config()]
+        holder["cmd"], holder["kv"] = cmd, kv
         return LaunchEntry(
             id=engine_id, model=cmd.served_name, url=advertise, port=s.port, pid=os.getpid(),
             pid_start=process_start_time(os.getpid()), gpus=uuids, gpu_indices=indices,
             started_at=time.time(), log_file=str(log_path), registry=s.registry,
-            stop_timeout_s=s.stop_timeout_s, command=cmd.argv, **(entry_extra or {}),
+            stop_timeout_s=s.stop_timeout_s, command=cmd.argv,
+            kv_ports=[int(p.rsplit(":", 1)[1]) for p in (
+                kv.public.endpoint, kv.public.replay_endpoint or "") if p] if kv else [],
+            **(entry_extra or {}),
         )
 
     entry = state.claim(factory)
     return Plan(entry=entry, command=holder["cmd"], probe_base=local_base(s.host, s.port),
-                advertise_url=advertise, log_path=log_path)
+                advertise_url=advertise, log_path=log_path, kv_events=holder["kv"])
 
 
 # --- supervision -------------------------------------------------------------------------
@@ -338,10 +379,13 @@ class Supervisor:
         if started is None:
             return 1
         proc, pgid = started
+        relay = self._start_relay()
         registration = self._registration()
         try:
             outcome = await self._run_started(proc, registration)
         finally:
+            if relay is not None:
+                await asyncio.to_thread(relay.stop)
             # Deregister before the engine goes away (and drain), except when stopping
             # at once (self-fencing): then the engine goes first, within the budget, and
             # the deregistration (to a store that may be unreachable) after.
@@ -379,6 +423,21 @@ class Supervisor:
         else:
             self.last_error = f"engine {outcome}"
         return None
+
+    def _start_relay(self) -> KvEventsRelay | None:
+        """The KV event feed on the advertised address (kv_relay.py); without it the
+        engine still serves and routers use their approximate index for it."""
+        if self.plan.kv_events is None:
+            return None
+        relay = KvEventsRelay(self.plan.kv_events)
+        try:
+            relay.start()
+        except zmq.ZMQError as exc:
+            log.warning("KV event feed not published (%s): routers will estimate this "
+                        "engine's cache", exc)
+            self.plan.kv_events = None
+            return None
+        return relay
 
     async def _drain(self) -> None:
         """Deregistered already: give routers a moment to notice, then wait until the
@@ -443,6 +502,7 @@ class Supervisor:
         record = EngineRecord(
             url=p.advertise_url, models=[p.command.served_name], capacity=capacity,
             labels=labels, gpus=p.entry.gpus, version=info.version, started_at=time.time(),
+            kv_events=p.kv_events.public if p.kv_events is not None else None,
         )
         self.record = record
         if registration is not None:

@@ -30,11 +30,13 @@ BLOCK = 16
 
 
 class Publisher:
-    def __init__(self, steps: int = 10_000, ports: tuple[int, int] | None = None) -> None:
+    def __init__(self, steps: int = 10_000, ports: tuple[int, int] | None = None,
+                 endpoint: str | None = None, topic: str = "kv") -> None:
         self.pub_port, self.replay_port = ports or (free_port(), free_port())
         self.proc = subprocess.Popen(
-            [sys.executable, str(PUBLISHER), str(self.pub_port), str(self.replay_port),
-             str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, str(PUBLISHER), endpoint or f"tcp://127.0.0.1:{self.pub_port}",
+             f"tcp://127.0.0.1:{self.replay_port}", str(steps), topic],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ready"
 
@@ -196,3 +198,72 @@ async def test_mid_stream_gap_is_filled_by_replay() -> None:
         server.cancel()
         await feed.close()
         ctx.destroy(linger=0)
+
+
+async def test_relay_republishes_a_private_feed_on_the_advertised_address(
+        publishers: list[Publisher], tmp_path: Path) -> None:
+    # As `launch` runs it: vLLM binds ipc (private), the relay binds tcp on the address.
+    from deepinfer_engine.kv_relay import KvEventsRelay, plan_kv_events
+
+    plan = plan_kv_events(tmp_path, "e-relay", "127.0.0.1", (free_port(), free_port()))
+    assert plan.ipc_endpoint.startswith("ipc://") and plan.public.topic == "kv@e-relay"
+    pub = Publisher(ports=(0, int(plan.public.replay_endpoint.rsplit(":", 1)[1])),
+                    endpoint=plan.ipc_endpoint, topic=plan.public.topic)
+    publishers.append(pub)
+    relay = KvEventsRelay(plan)
+    relay.start()
+    ctx, index = zmq.asyncio.Context(), PreciseIndex()
+    feed = EngineFeed("e-relay", FeedEndpoints(plan.public.endpoint,
+                                               plan.public.replay_endpoint,
+                                               plan.public.topic), index, ctx)
+    feed.start()
+    try:
+        pub.store(0, 2)  # seq 0, before the router listens: replayed from vLLM directly
+        await asyncio.sleep(0.5)
+        pub.store(2, 1)
+        await until(lambda: feed.last_seq == 1)
+        assert feed.state == "live"
+        assert index.match(prompt(3), ["e-relay"])["e-relay"][0].blocks == 3
+    finally:
+        await feed.close()
+        ctx.destroy(linger=0)
+        await asyncio.to_thread(relay.stop)
+
+
+async def test_router_feeds_follow_the_fleet(publishers: list[Publisher],
+                                             tmp_path: Path) -> None:
+    from deepinfer_engine.kv_relay import KvEventsRelay, plan_kv_events
+    from deepinfer_router.kv_events.feeds import KvEventFeeds
+    from deepinfer_router.shared.engine_record import EngineRecord, KvEventsEndpoints
+
+    plan = plan_kv_events(tmp_path, "e-a", "127.0.0.1", (free_port(), free_port()))
+    assert plan.public.replay_endpoint is not None
+    pub = Publisher(ports=(0, int(plan.public.replay_endpoint.rsplit(":", 1)[1])),
+                    endpoint=plan.ipc_endpoint, topic=plan.public.topic)
+    publishers.append(pub)
+    relay = KvEventsRelay(plan)
+    relay.start()
+    record = EngineRecord(url="http://127.0.0.1:9", kv_events=plan.public)
+    metadata = EngineRecord(url="http://127.0.0.1:10", kv_events=KvEventsEndpoints(
+        endpoint="tcp://169.254.169.254:5557"))  # a cloud metadata address: refused
+    plain = EngineRecord(url="http://127.0.0.1:11")  # no feed: approximate only
+    records = [record, metadata, plain]
+    feeds = KvEventFeeds(lambda: records, sync_interval_s=0.1)
+    await feeds.start()
+    try:
+        await until(lambda: record.id in feeds.feeds)
+        assert set(feeds.feeds) == {record.id}
+        await asyncio.sleep(0.3)
+        pub.store(0, 2)
+        await until(lambda: feeds.precise(record.id))
+        assert feeds.states() == {record.id: "live"}
+        assert feeds.index.match(prompt(2), [record.id])[record.id][0].blocks == 2
+        # A restarted engine (new instance): its feed starts over, the index forgets.
+        records[0] = restarted = record.model_copy(update={"instance": "i-2"})
+        await until(lambda: feeds.feeds.get(restarted.id, ("", None))[0] == "i-2")
+        assert feeds.index.match(prompt(2), [record.id]) == {}
+        records.pop(0)  # gone from the fleet: no feed
+        await until(lambda: not feeds.feeds)
+    finally:
+        await feeds.close()
+        await asyncio.to_thread(relay.stop)

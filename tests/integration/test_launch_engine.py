@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from deepinfer_engine.launch_state import StateDir, pid_alive
+from deepinfer_engine.launcher import port_free
 from tests.fakes.fake_nvml import write_state
 from tests.support.procs import Procs
 
@@ -179,6 +180,17 @@ async def test_launch_registers_survives_crash_and_stops(
                                "max_num_seqs": 64}
     assert rec["gpus"] == [] and rec["labels"]["device"] == "cpu"
     assert rec["labels"]["gpus"] == "none" and rec["version"] == "0.0.0-fake"
+    # The KV event feed: on the advertised address (never every interface), vLLM told
+    # to publish on a private ipc socket that the engine manager relays.
+    kv = rec["kv_events"]
+    assert kv["endpoint"].startswith("tcp://127.0.0.1:") and kv["topic"] == f"kv@{engine_id}"
+    assert kv["replay_endpoint"].startswith("tcp://127.0.0.1:")
+    entry_argv = (await launch.entries())[0]["command"]
+    config = json.loads(entry_argv[entry_argv.index("--kv-events-config") + 1])
+    assert config["endpoint"].startswith("ipc://") and config["replay_endpoint"] == \
+        kv["replay_endpoint"] and config["enable_kv_cache_events"] is True
+    relay_port = int(kv["endpoint"].rsplit(":", 1)[1])
+    assert not port_free("127.0.0.1", relay_port)  # the relay listens there
     assert (await launch.entries(via_cli=True))[0]["state"] == "ready"
     listed = await launch.cli("list", "--registry", r.url)
     assert listed.returncode == 0 and engine_id in listed.stdout
@@ -512,3 +524,19 @@ async def test_engine_command_not_runnable(
     assert engine_starts(launch) == 1
     assert await launch.entries() == []
     assert_no_process_left(launch)
+
+
+async def test_kv_events_off_publishes_no_feed(
+    launches: Callable[..., Launch], router: Callable[..., Awaitable[Any]]
+) -> None:
+    r = await router()
+    launch = launches("--registry", r.url, "--kv-events", "off")
+    entries = await until(launch.entries, 5, "the state entry", launch)
+    engine_id = entries[0]["id"]
+
+    async def rec() -> dict[str, Any] | None:
+        return (await registered(r.url)).get(engine_id)
+
+    record = await until(rec, 15, "registration", launch)
+    assert record["kv_events"] is None
+    assert "--kv-events-config" not in (await launch.entries())[0]["command"]

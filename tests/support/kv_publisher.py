@@ -2,7 +2,7 @@
 process of its own, for tests: it binds PUB and ROUTER (replay) on loopback and publishes
 BlockStored batches on command, exactly as an engine would.
 
-    python kv_publisher.py PUB_PORT REPLAY_PORT BUFFER_STEPS
+    python kv_publisher.py PUB_ENDPOINT REPLAY_ENDPOINT BUFFER_STEPS
     stdin: "store FIRST_BLOCK COUNT" -> one batch storing blocks FIRST..FIRST+COUNT-1 of
            one chain (block i holds tokens 16*i .. 16*i+15; its parent is block i-1)
            "exit"
@@ -24,10 +24,10 @@ def block_hash(i: int) -> bytes:
 
 
 def main() -> None:
-    pub_port, replay_port, steps = (int(a) for a in sys.argv[1:4])
-    publisher = ZmqEventPublisher(
-        data_parallel_rank=0, endpoint=f"tcp://127.0.0.1:{pub_port}",
-        replay_endpoint=f"tcp://127.0.0.1:{replay_port}", buffer_steps=steps, topic="kv")
+    endpoint, replay, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    topic = sys.argv[4] if len(sys.argv) > 4 else "kv"
+    publisher = ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint,
+                                  replay_endpoint=replay, buffer_steps=steps, topic=topic)
     print("ready", flush=True)
     seq = 0
     for line in sys.stdin:

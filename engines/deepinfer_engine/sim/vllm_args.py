@@ -23,7 +23,8 @@ MAPPED = {
 # Accepted for compatibility; meaningless without a GPU.
 IGNORED_WITH_VALUE = ("--tensor-parallel-size", "--pipeline-parallel-size",
                       "--gpu-memory-utilization", "--dtype", "--quantization", "--seed",
-                      "--kv-cache-dtype", "--swap-space", "--download-dir")
+                      "--kv-cache-dtype", "--swap-space", "--download-dir",
+                      "--kv-events-config")
 IGNORED_SWITCHES = ("--enable-prefix-caching", "--no-enable-prefix-caching",
                     "--enforce-eager", "--trust-remote-code", "--disable-log-requests")
 

@@ -1,0 +1,108 @@
+"""The router's subscriptions: one EngineFeed per engine whose record advertises a KV
+event feed (`kv_events` in the engine record; `deepinfer-engine launch` publishes one).
+Follows the fleet: a feed starts when such an engine appears, restarts when the engine
+restarts (a new instance), and stops when it goes. Endpoints pass the same address
+checks as engine URLs. Several routers subscribe independently, so their indexes agree
+without sharing state. Where no feed is live for an engine, routing keeps using the
+approximate estimate for it (`precise(engine_id)` says which)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+import zmq.asyncio
+
+from ..engine_address import url_problem
+from ..shared.engine_record import EngineRecord
+from .index import PreciseIndex
+from .subscriber import EngineFeed, FeedEndpoints
+
+log = logging.getLogger("deepinfer.kv_events")
+
+
+def endpoint_problem(endpoint: str, allow_private: bool) -> str | None:
+    """The engine-URL checks, applied to a `tcp://host:port` endpoint."""
+    problem = url_problem("http://" + endpoint.removeprefix("tcp://"), allow_private)
+    return problem.message if problem is not None else None
+
+
+class KvEventFeeds:
+    """A service (start/close) kept in step with the fleet by `sync`."""
+
+    def __init__(
+        self,
+        records: Callable[[], Iterable[EngineRecord]],
+        *,
+        allow_private: bool = False,
+        rebuild_s: float = 60.0,
+        sync_interval_s: float = 1.0,
+    ) -> None:
+        self._records = records
+        self._allow_private = allow_private
+        self._rebuild_s = rebuild_s
+        self._interval = sync_interval_s
+        self.index = PreciseIndex()
+        self.feeds: dict[str, tuple[str, EngineFeed]] = {}  # engine id -> (instance, feed)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refused: set[str] = set()
+
+    def precise(self, engine_id: str) -> bool:
+        entry = self.feeds.get(engine_id)
+        return entry is not None and entry[1].usable()
+
+    def states(self) -> dict[str, str]:
+        """Per engine with a feed: live, rebuilding or down."""
+        return {engine_id: feed.state for engine_id, (_, feed) in sorted(self.feeds.items())}
+
+    async def sync(self) -> None:
+        wanted = {r.id: r for r in self._records() if r.kv_events is not None}
+        for engine_id, (instance, feed) in list(self.feeds.items()):
+            record = wanted.get(engine_id)
+            if record is None or record.instance != instance:
+                del self.feeds[engine_id]
+                await feed.close()
+        for engine_id, record in wanted.items():
+            if engine_id in self.feeds:
+                continue
+            kv = record.kv_events
+            assert kv is not None
+            problems = [p for p in (endpoint_problem(e, self._allow_private)
+                                    for e in (kv.endpoint, kv.replay_endpoint) if e) if p]
+            if problems:
+                if engine_id not in self._refused:  # once per engine, not every sync
+                    log.warning("engine %s: KV event feed refused: %s", engine_id, problems[0])
+                    self._refused.add(engine_id)
+                continue
+            assert self._ctx is not None
+            feed = EngineFeed(engine_id, FeedEndpoints(kv.endpoint, kv.replay_endpoint,
+                                                       kv.topic), self.index, self._ctx,
+                              rebuild_s=self._rebuild_s)
+            feed.start()
+            self.feeds[engine_id] = (record.instance, feed)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # never let following the fleet stop
+                log.exception("syncing KV event feeds failed")
+            await asyncio.sleep(self._interval)
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._task = asyncio.create_task(self._loop(), name="kv-event-feeds")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, feed in list(self.feeds.values()):
+            await feed.close()
+        self.feeds.clear()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
