@@ -219,7 +219,8 @@ def launch_engine(
             "--registry", registry, "--state-dir", str(state.path),
             "--log-file", str(log_path), "--heartbeat-s", "1", "--stop-timeout-s", "15",
             "--ready-timeout-s", "480", "--restart-backoff-s", "1", *extra,
-            "--", *serve_flags()]
+            # Cached-token counts in `usage` (the KV event test compares them).
+            "--", *serve_flags(), "--enable-prompt-tokens-details"]
     with open(out_path, "wb") as out:
         # Popen from the main thread: PDEATHSIG fires when the forking *thread* exits.
         launch = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

@@ -94,6 +94,65 @@ def test_streaming(client: openai.OpenAI) -> None:
     assert len(pieces) >= 2 and "".join(pieces)
 
 
+def test_kv_event_feed_agrees_with_vllms_own_cache(vllm_fleet: Fleet) -> None:
+    """Real vLLM publishes KV events through `launch`'s relay; an index built from them
+    holds exactly the blocks vLLM reports as cached for a repeated prompt, and the
+    router (subscribed independently) has a live feed for every engine."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from deepinfer_router.kv_events.index import PreciseIndex
+    from deepinfer_router.kv_events.subscriber import EngineFeed, FeedEndpoints
+
+    records = [e for e in vllm_fleet.router.engines() if e.get("kv_events")]
+    assert len(records) == len(vllm_fleet.live_engines()), records
+    rec = records[0]
+    base, kv = rec["url"], rec["kv_events"]
+    assert kv["endpoint"].startswith("tcp://127.0.0.1:")
+    prompt = " ".join(f"event{i} checks the index" for i in range(60))
+    status, tok, _ = http_json("POST", base + "/tokenize", {"model": MODEL, "prompt": prompt})
+    assert status == 200, tok
+    tokens = tok["tokens"]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+
+    async def observe() -> tuple[int, int, int]:
+        ctx, index = zmq.asyncio.Context(), PreciseIndex()
+        feed = EngineFeed(rec["id"], FeedEndpoints(kv["endpoint"], kv["replay_endpoint"],
+                                                   kv["topic"]), index, ctx)
+        feed.start()
+        try:
+            await asyncio.sleep(0.5)  # subscribed before the request (else: replayed)
+            status, first, _ = await asyncio.to_thread(http_json, "POST",
+                                                       base + "/v1/completions", body)
+            assert status == 200, first
+            deadline = time.monotonic() + 20
+            while True:
+                got = index.match(tokens, [rec["id"]]).get(rec["id"])
+                if got is not None and got[0].blocks * got[1] >= len(tokens) - got[1] + 1:
+                    break
+                assert time.monotonic() < deadline, (feed.state, feed.batches, got)
+                await asyncio.sleep(0.1)
+            status, again, _ = await asyncio.to_thread(http_json, "POST",
+                                                       base + "/v1/completions", body)
+            assert status == 200, again
+            cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            return got[0].blocks, got[1], int(cached)
+        finally:
+            await feed.close()
+            ctx.destroy(linger=0)
+
+    blocks, block_size, cached = asyncio.run(observe())
+    print(f"[kv events] {len(tokens)} prompt tokens, {blocks} blocks of {block_size} indexed, "
+          f"vLLM reports {cached} cached")
+    assert cached > 0
+    assert blocks == len(tokens) // block_size  # every full prompt block is stored
+    # vLLM reuses whole cached blocks but always computes the last prompt token.
+    assert cached == min(blocks, (len(tokens) - 1) // block_size) * block_size
+    _, ready, _ = http_json("GET", vllm_fleet.router.url + "/ready")
+    assert ready["kv_event_feeds"].get(rec["id"]) == "live", ready
+
+
 def test_kv_aware_hit_rate_beats_round_robin(vllm_fleet: Fleet) -> None:
     """The same multi-turn workload through a round-robin and a kv-aware router in front
     of the same two engines; different content for each (seeds), so neither run finds
