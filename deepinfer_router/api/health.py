@@ -25,8 +25,9 @@ async def ready(request: web.Request) -> web.Response:
         "models": state.fleet.models(now),
         "registry": [source.status() for source in state.sources],
         "shutting_down": state.shutting_down,
-        # Per engine with a KV event feed: live, rebuilding (a gap it could not fill) or
-        # down. Routing does not consult this index yet (the approximate one decides).
+        # Per engine with a KV event feed: live (routing uses what the engine really
+        # holds, for prompts given as token ids), rebuilding (a gap it could not fill:
+        # the estimate decides) or down.
         "kv_event_feeds": state.kv_feeds.states() if state.kv_feeds is not None else {},
     }
     return web.Response(

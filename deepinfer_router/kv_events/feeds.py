@@ -4,18 +4,20 @@ Follows the fleet: a feed starts when such an engine appears, restarts when the 
 restarts (a new instance), and stops when it goes. Endpoints pass the same address
 checks as engine URLs. Several routers subscribe independently, so their indexes agree
 without sharing state. Where no feed is live for an engine, routing keeps using the
-approximate estimate for it (`precise(engine_id)` says which)."""
+approximate estimate for it (`precise(engine_id)` says which); `annotate` gives the
+policy, per candidate, what the engine really holds of a request given as token ids."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import zmq.asyncio
 
 from ..engine_address import url_problem
+from ..routing.base import Candidate, RequestFeatures
 from ..shared.engine_record import EngineRecord
 from .index import PreciseIndex
 from .subscriber import EngineFeed, FeedEndpoints
@@ -53,6 +55,27 @@ class KvEventFeeds:
     def precise(self, engine_id: str) -> bool:
         entry = self.feeds.get(engine_id)
         return entry is not None and entry[1].usable()
+
+    def annotate(self, request: RequestFeatures, candidates: Sequence[Candidate],
+                 other_tier_weight: float = 0.5) -> None:
+        """Tell each candidate with a live feed how much of the request's prompt it
+        really holds, in prompt characters (the request's own characters per token), a
+        block held only in a slower tier (CPU, disk) counting `other_tier_weight`."""
+        tokens = request.prompt_token_ids
+        if not tokens:
+            return
+        live = [c.id for c in candidates if self.precise(c.id)]
+        if not live:
+            return
+        chars_per_token = request.prompt_chars / len(tokens)
+        found = self.index.match(tokens, live)
+        for cand in candidates:
+            if cand.id in found:
+                match, block_size = found[cand.id]
+                cand.precise_cached_chars = int(
+                    match.weighted_tokens(block_size, other_tier_weight) * chars_per_token)
+            elif cand.id in live:
+                cand.precise_cached_chars = 0  # live, and it holds none of it
 
     def states(self) -> dict[str, str]:
         """Per engine with a feed: live, rebuilding or down."""

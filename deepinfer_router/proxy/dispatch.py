@@ -106,6 +106,8 @@ class Dispatcher:
                     call.rid, tried[-1], last.message,
                 )
             t0 = time.perf_counter()
+            if state.kv_feeds is not None and call.features.prompt_token_ids:
+                state.kv_feeds.annotate(call.features, candidates)
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
             state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()

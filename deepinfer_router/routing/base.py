@@ -32,6 +32,9 @@ class RequestFeatures:
     # [0, (i+1)*chunk). Empty when no policy asked for the prompt text.
     chunk_hashes: list[int] = field(default_factory=list)
     prompt_chars: int = 0
+    # The prompt as token ids, where the request gives them (a completions `prompt` of
+    # ints): what the precise index (vLLM's KV events) can be asked about.
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -45,6 +48,10 @@ class Candidate:
     running: float = 0.0  # scraped vllm:num_requests_running (0 when stale)
     kv_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc in [0, 1]
     kv_capacity_chars: int = 0  # KV capacity of the engine in prompt characters
+    # What the engine really holds of this prompt, in prompt characters, from its KV
+    # events (kv_events/); None where unknown (no live feed, no token ids): then the
+    # policy's own estimate stands.
+    precise_cached_chars: int | None = None
 
     @property
     def load(self) -> float:

@@ -175,4 +175,19 @@ def request_features(
         session_key=session_key,
         chunk_hashes=chain_hashes(text, chunk_chars, model, max_chars),
         prompt_chars=total,  # the whole prompt's length, for the prefill load
+        prompt_token_ids=_token_ids(body),
     )
+
+
+MAX_TOKEN_IDS = 1 << 17  # longer prompts are looked up by their first ones
+
+
+def _token_ids(body: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """A completions prompt given as token ids (one list of ints), else None."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or not prompt or "messages" in body:
+        return None
+    head = prompt[:MAX_TOKEN_IDS]
+    if not all(type(t) is int and 0 <= t < 1 << 31 for t in head):
+        return None
+    return tuple(head)

@@ -60,6 +60,23 @@ MAX_HINT_CHUNKS = 4096  # chain hashes applied per imported hint (1 MiB of promp
 MAX_ENGINE_CHUNKS = 1 << 18
 
 
+def _with_precise(
+    matched: Mapping[str, int], candidates: Sequence[Candidate], chunk: int
+) -> dict[str, int]:
+    """The estimate (chunks each engine holds), corrected by what engines with a live
+    KV event feed really hold: their own figure replaces the estimate, a zero included
+    (an engine that evicted the prefix holds none of it, whatever was sent there)."""
+    out = dict(matched)
+    for cand in candidates:
+        if cand.precise_cached_chars is not None:
+            chunks = cand.precise_cached_chars // chunk
+            if chunks > 0:
+                out[cand.id] = chunks
+            else:
+                out.pop(cand.id, None)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class KvAwareParams:
     chunk_chars: int = 256  # chunk size of the prompt hashes (prompt_features uses it)
@@ -209,6 +226,8 @@ class KvAwarePolicy(PolicyBase):
         guard = BoundedLoad(candidates, p.balance_factor, p.balance_slack)
         hashes = request.chunk_hashes
         matched = self._index.match(hashes) if hashes else {}
+        if any(c.precise_cached_chars is not None for c in candidates):
+            matched = _with_precise(matched, candidates, chunk)
 
         bound = self._affinity.bound(request.session_key, candidates, now)
         if bound is not None:

@@ -153,6 +153,36 @@ def test_kv_event_feed_agrees_with_vllms_own_cache(vllm_fleet: Fleet) -> None:
     assert ready["kv_event_feeds"].get(rec["id"]) == "live", ready
 
 
+def test_router_routes_a_token_prompt_to_the_engine_that_really_holds_it(
+        vllm_fleet: Fleet) -> None:
+    """A prompt sent to one engine directly (another router, a warm-up) is in its cache
+    but not in the router's estimate; the router, following the engines' KV events,
+    sends the same token-id prompt there anyway."""
+    records = [e for e in vllm_fleet.router.engines() if e.get("kv_events")]
+    router = vllm_fleet.router.url
+    for n, rec in enumerate(records):
+        prompt = " ".join(f"direct{n} warms engine {n} only" for _ in range(50))
+        status, tok, _ = http_json("POST", rec["url"] + "/tokenize",
+                                   {"model": MODEL, "prompt": prompt})
+        assert status == 200, tok
+        tokens = tok["tokens"]
+        body = {"model": MODEL, "prompt": tokens, "max_tokens": 1, "temperature": 0}
+        status, out, _ = http_json("POST", rec["url"] + "/v1/completions", body)
+        assert status == 200, out
+        deadline = time.monotonic() + 20
+        while True:  # the router's feed for that engine must have seen the blocks
+            _, ready, _ = http_json("GET", router + "/ready")
+            if ready["kv_event_feeds"].get(rec["id"]) == "live":
+                break
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.1)
+        time.sleep(0.5)
+        status, out, headers = http_json("POST", router + "/v1/completions", body)
+        assert status == 200, out
+        assert headers.get("x-deepinfer-engine") == rec["id"], (headers, rec["id"])
+        assert headers.get("x-deepinfer-route") == "prefix", headers
+
+
 def test_kv_aware_hit_rate_beats_round_robin(vllm_fleet: Fleet) -> None:
     """The same multi-turn workload through a round-robin and a kv-aware router in front
     of the same two engines; different content for each (seeds), so neither run finds

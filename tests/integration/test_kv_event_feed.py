@@ -258,6 +258,21 @@ async def test_router_feeds_follow_the_fleet(publishers: list[Publisher],
         await until(lambda: feeds.precise(record.id))
         assert feeds.states() == {record.id: "live"}
         assert feeds.index.match(prompt(2), [record.id])[record.id][0].blocks == 2
+        # What routing is told: per candidate, the prompt chars the engine really holds
+        # (the request's own chars per token); a live feed holding none says 0.
+        from deepinfer_router.routing.base import Candidate, RequestFeatures
+
+        asked = RequestFeatures(model="m", prompt_chars=3 * BLOCK * 5,
+                                prompt_token_ids=tuple(prompt(3)))
+        cands = [Candidate(id=record.id, instance=record.instance),
+                 Candidate(id=plain.id, instance=plain.instance)]
+        feeds.annotate(asked, cands)
+        assert cands[0].precise_cached_chars == 2 * BLOCK * 5
+        assert cands[1].precise_cached_chars is None  # no feed: the estimate stands
+        other = RequestFeatures(model="m", prompt_chars=80, prompt_token_ids=(99,) * 16)
+        cands = [Candidate(id=record.id, instance=record.instance)]
+        feeds.annotate(other, cands)
+        assert cands[0].precise_cached_chars == 0
         # A restarted engine (new instance): its feed starts over, the index forgets.
         records[0] = restarted = record.model_copy(update={"instance": "i-2"})
         await until(lambda: feeds.feeds.get(restarted.id, ("", None))[0] == "i-2")

@@ -302,3 +302,34 @@ def test_holder_not_a_candidate_is_a_new_placement() -> None:
     without_e0 = [c for c in fleet() if c.id != "e0"]  # draining, or tried already
     d = p.select(feats(SYSTEM + "q"), without_e0, 1.0)
     assert d.reason == reasons.NEW_PREFIX and d.engine_id != "e0"
+
+
+def test_precise_figures_replace_the_estimate() -> None:
+    """Engines with a live KV event feed say what they really hold: an engine the router
+    sent the prefix to but that evicted it holds none; one that got the prefix from
+    another router holds it all (candidates carry the figure, kv_events/feeds.py)."""
+    p = policy()
+    cands = fleet()
+    place_on(p, feats(SYSTEM + "question one"), "e2", cands)
+    ask = feats(SYSTEM + "another question")
+    assert p.select(ask, cands, 1.0).engine_id == "e2"  # the estimate alone
+    cands = fleet()
+    cands[2].precise_cached_chars = 0  # evicted there
+    cands[3].precise_cached_chars = len(SYSTEM)  # cached there through another router
+    d = p.select(ask, cands, 1.0)
+    assert d.engine_id == "e3" and d.reason == reasons.PREFIX
+    assert d.matched_chars >= len(SYSTEM) - CHUNK
+    # Engines without a figure keep the estimate.
+    cands = fleet()
+    cands[3].precise_cached_chars = 0
+    assert p.select(ask, cands, 1.0).engine_id == "e2"
+
+
+def test_token_id_prompts_carry_their_ids() -> None:
+    f = request_features({"prompt": [1, 2, 3]}, MODEL, None, with_prompt=True,
+                         chunk_chars=CHUNK, max_chars=0)
+    assert f.prompt_token_ids == (1, 2, 3)
+    for prompt in ("text", [1, "2"], [True, 2], [], [[1, 2]], [-1]):
+        f = request_features({"prompt": prompt}, MODEL, None, with_prompt=True,
+                             chunk_chars=CHUNK, max_chars=0)
+        assert f.prompt_token_ids is None, prompt
