@@ -48,8 +48,8 @@ from deepinfer_router.shared.tasks import cancel_and_wait
 from .agent_settings import AgentSettings
 from .allow_list import AllowList
 from .gpus import Selection, parse_gpu_list
-from .launch_state import LaunchEntry, StateDir, group_alive, leader_reused, resolve_state_dir
-from .launcher import port_free, run_bounded, signal_group
+from .launch_state import LaunchEntry, StateDir, leader_reused, resolve_state_dir
+from .launcher import port_free, run_bounded, stop_unsupervised_group
 from .nvml import GpuSnapshot, GpuSource, NvmlUnavailable, open_gpu_source
 from .placement import CapabilityTable, HostView, load_fraction, place
 from .replica import Outcome, ReplicaRunner
@@ -439,11 +439,7 @@ async def stop_orphan(entry: LaunchEntry, log_warning: Callable[[str], None]) ->
     """Stop an engine nobody supervises: its process group (SIGTERM, SIGKILL after its
     stop timeout) and, for a container, the container."""
     if entry.pgid and not leader_reused(entry):
-        signal_group(entry.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + entry.stop_timeout_s
-        while group_alive(entry.pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - /proc
-            await asyncio.sleep(0.1)
-        signal_group(entry.pgid, signal.SIGKILL)
+        await stop_unsupervised_group(entry.pgid, entry.stop_timeout_s)
     name = container_of(entry.command)
     if name is not None:
         await run_bounded(docker_rm_argv(name), 10.0, log_warning)

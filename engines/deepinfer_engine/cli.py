@@ -204,8 +204,8 @@ def list_main(argv: list[str]) -> int:
 
 
 def stop_main(argv: list[str]) -> int:
-    from .launch_state import StateDir, group_alive, pid_alive, resolve_state_dir
-    from .launcher import signal_group
+    from .launch_state import StateDir, pid_alive, resolve_state_dir
+    from .launcher import stop_unsupervised_group
 
     parser = argparse.ArgumentParser(
         prog="deepinfer-engine stop",
@@ -234,11 +234,7 @@ def stop_main(argv: list[str]) -> int:
     entry = matches[0]
     timeout = ns.timeout if ns.timeout is not None else entry.stop_timeout_s + 15
     if entry.state == "orphaned":  # the supervisor died; stop vLLM's group ourselves
-        signal_group(entry.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + min(timeout, entry.stop_timeout_s)
-        while group_alive(entry.pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        signal_group(entry.pgid, signal.SIGKILL)
+        asyncio.run(stop_unsupervised_group(entry.pgid, min(timeout, entry.stop_timeout_s)))
         state.remove(entry.id)
         print(f"stopped orphaned engine {entry.id} (process group {entry.pgid})")
         return 0

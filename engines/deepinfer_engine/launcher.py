@@ -229,6 +229,16 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+async def stop_unsupervised_group(pgid: int, grace_s: float) -> None:
+    """Stop a process group nobody supervises: SIGTERM, up to grace_s for it to go, then
+    SIGKILL (a no-op once it is gone)."""
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - polls /proc
+        await asyncio.sleep(0.1)
+    signal_group(pgid, signal.SIGKILL)
+
+
 class EngineProcess(Protocol):
     """What supervision needs of a running engine: a started child
     (asyncio.subprocess.Process) or an adopted one (AdoptedProcess)."""

@@ -22,9 +22,10 @@ from deepinfer_router.shared.deployment import Deployment, ReplicaState, Replica
 
 from .agent_settings import AgentSettings
 from .gpus import Selection
-from .launch_settings import LaunchSettings
+from .launch_settings import EngineHostOptions, LaunchSettings
 from .launch_state import LaunchEntry, StateDir, process_start_time
 from .launcher import EngineCommand, build_command
+from .registration import RegistrationOptions
 from .replica_command import (
     container_name,
     docker_rm_argv,
@@ -142,12 +143,11 @@ class ReplicaRunner:
         name = replica_name(self.deployment.id, self.index)
         labels = [*self.s.labels, f"deployment={self.deployment.id}",
                   f"replica={self.index}", f"agent={self.s.agent_id}"]
-        host_opts = {k: getattr(self.s, k) for k in (
-            "engine_cmd", "host", "ready_timeout_s", "ready_check_completion",
-            "health_interval_s", "health_failures", "max_restarts", "restart_backoff_s",
-            "restart_backoff_max_s", "restart_reset_s", "stop_timeout_s", "state_dir",
-            "log_level", "registry", "registry_key", "registry_namespace", "heartbeat_s",
-            "registry_ttl_s")}
+        # Every option launch and the agent share, so a new one cannot be forgotten here;
+        # the GPUs and labels are this replica's own.
+        shared = (set(EngineHostOptions.model_fields) | set(RegistrationOptions.model_fields)) \
+            - {"gpus", "labels"}
+        host_opts = {k: getattr(self.s, k) for k in sorted(shared)}
         return LaunchSettings(
             **host_opts,
             model=spec.model, served_model_name=spec.served_name,

@@ -37,57 +37,59 @@ def hosts_of(d: dict[str, Any]) -> list[str]:
     return sorted(r["host"] for r in d["replicas"] if r["desired"])
 
 
-class DoubleWatch:
-    """Samples the registry the whole time: no (deployment, replica) may ever have two
-    registered engines."""
+class BackgroundCheck:
+    """A check that runs every 50 ms until stopped; `stop` asserts it ran enough and
+    found nothing wrong."""
+
+    min_runs = 10
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.samples = 0
-        self.doubles: list[dict[tuple[str, str], int]] = []
-        self._task = asyncio.create_task(self._run())
+        self.runs = 0
+        self.faults: list[object] = []
+        self._task = asyncio.create_task(self._loop())
 
-    async def _run(self) -> None:
+    async def check(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
         while True:
-            counts = replica_engines(await self.cluster.registered())
-            self.samples += 1
-            if any(n > 1 for n in counts.values()):
-                self.doubles.append(counts)
+            await self.check()
+            self.runs += 1
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        assert self.samples > 20
-        assert not self.doubles, self.doubles[:3]
+        assert self.runs > self.min_runs
+        assert not self.faults, self.faults[:3]
 
 
-class Traffic:
+class DoubleWatch(BackgroundCheck):
+    """Samples the registry the whole time: no (deployment, replica) may ever have two
+    registered engines."""
+
+    min_runs = 20
+
+    async def check(self) -> None:
+        counts = replica_engines(await self.cluster.registered())
+        if any(n > 1 for n in counts.values()):
+            self.faults.append(counts)
+
+
+class Traffic(BackgroundCheck):
     """Requests through the router the whole time; none may fail."""
 
     def __init__(self, cluster: Cluster, model: str) -> None:
-        self.cluster = cluster
         self.model = model
-        self.ok = 0
-        self.failures: list[str] = []
-        self._task = asyncio.create_task(self._run())
+        super().__init__(cluster)
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.cluster.complete(self.model)
-                self.ok += 1
-            except AssertionError as exc:
-                self.failures.append(str(exc)[:200])
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        assert self.ok > 10
-        assert not self.failures, self.failures[:3]
+    async def check(self) -> None:
+        try:
+            await self.cluster.complete(self.model)
+        except AssertionError as exc:
+            self.faults.append(str(exc)[:200])
 
 
 async def test_replicas_converge_across_agents_and_serve(
