@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .api import admin, deployments, health, metrics, models
+from .decision_log import DecisionLog
 from .engine_clients import EngineClients
 from .errors import error_response
 from .fleet import Fleet
@@ -62,7 +63,10 @@ def build_app(settings: RouterSettings) -> web.Application:
         policy=policy,
         metrics=router_metrics,
         admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s),
+        decisions=DecisionLog(settings.decision_log_size, settings.chars_per_token)
+        if settings.decision_log_size else None,
     )
+    router_metrics.watch_kv_index(lambda: _kv_indexes(state))
     fleet.on_routable(state.admission.engines_available)
     app[STATE] = state
     proxy = Proxy(state)
@@ -76,6 +80,8 @@ def build_app(settings: RouterSettings) -> web.Application:
     app.router.add_post("/admin/engines", admin.register_engine)
     app.router.add_delete("/admin/engines/{id}", admin.delete_engine)
     app.router.add_post("/admin/engines/{id}/drain", admin.drain_engine)
+    app.router.add_get("/admin/decisions", admin.list_decisions)
+    app.router.add_get("/admin/decisions/{request_id}", admin.get_decision)
     # Exact routes first (cheapest lookup), then every other model-carrying route.
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, proxy.handle)
@@ -189,6 +195,13 @@ def _hint_sharing(state: RouterState) -> list[Service]:
 
     return [RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
                        engine_lookup)]
+
+
+def _kv_indexes(state: RouterState) -> list[tuple[str, str]]:
+    """Per engine, the index routing uses for its cache."""
+    feeds = state.kv_feeds
+    return [(engine_id, "precise" if feeds is not None and feeds.precise(engine_id)
+             else "approximate") for engine_id in sorted(state.fleet.engines)]
 
 
 def _kv_event_feeds(state: RouterState) -> list[Service]:

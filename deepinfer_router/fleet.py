@@ -261,6 +261,7 @@ class Fleet:
             else float(s.inflight),
             kv_usage=load.kv_usage if fresh else 0.0,
             kv_capacity_chars=self.kv_capacity_chars(s),
+            block_size=load.block_size or s.record.capacity.block_size or 0,
         )
 
     def kv_capacity_chars(self, s: EngineState) -> int:

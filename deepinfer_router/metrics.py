@@ -26,6 +26,12 @@ DECISION_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.01,
 )
 
+# Predicted - actual cached tokens: symmetric, a block (16) to a long prompt either way.
+PREDICTION_ERROR_BUCKETS = (
+    -16384.0, -4096.0, -1024.0, -256.0, -64.0, -16.0, -1.0, 0.0, 16.0, 64.0, 256.0, 1024.0,
+    4096.0, 16384.0,
+)
+
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -50,6 +56,22 @@ class LabelCache(Generic[M]):
         if child is None:
             child = self._children[values] = self._metric.labels(*values)
         return child  # type: ignore[no-any-return]
+
+
+class _KvIndexCollector(Collector):
+    def __init__(self, indexes: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._indexes = indexes
+
+    def collect(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily(
+            "deepinfer_engine_kv_index",
+            "1 for the index routing uses for each engine's cache: precise (the engine's "
+            "KV events) or approximate (estimated from what this router sent it).",
+            labels=["engine", "index"],
+        )
+        for engine, index in self._indexes():
+            g.add_metric([engine, index], 1)
+        yield g
 
 
 class _FleetCollector(Collector):
@@ -173,12 +195,28 @@ class RouterMetrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.cache_prediction_error = Histogram(
+            "deepinfer_cache_prediction_error_tokens",
+            "Predicted minus actual cached prompt tokens on the chosen engine, for answers "
+            "that report usage.prompt_tokens_details.cached_tokens (vLLM with "
+            "--enable-prompt-tokens-details; streams only when the client asked for usage).",
+            buckets=PREDICTION_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.misroutes = Counter(
+            "deepinfer_misroutes_total",
+            "Requests whose engine turned out to hold fewer cached prompt tokens than another "
+            "candidate was known to hold, by more than one block; by routing reason.",
+            ["reason"],
+            registry=r,
+        )
         # Memoised children of the metrics the proxy touches on every request.
         self.requests_by = LabelCache(self.requests)
         self.request_duration_by = LabelCache(self.request_duration)
         self.ttft_by = LabelCache(self.ttft)
         self.itl_by = LabelCache(self.itl)
         self.routing_decisions_by = LabelCache(self.routing_decisions)
+        self.misroutes_by = LabelCache(self.misroutes)
 
     def watch_fleet(
         self,
@@ -189,3 +227,8 @@ class RouterMetrics:
 
     def watch_routing(self, sizes: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_RoutingStateCollector(sizes))
+
+    def watch_kv_index(self, indexes: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """deepinfer_engine_kv_index{engine,index}: 1 for the index routing uses for each
+        engine (precise: its KV event feed is live; approximate: the router's estimate)."""
+        self.registry.register(_KvIndexCollector(indexes))

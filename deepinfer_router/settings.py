@@ -49,6 +49,13 @@ class RouterSettings(BaseSettings):
         "one (deepinfer-engine launch does), keeping an index of what each engine really "
         "caches; /ready shows each feed's state.",
     )
+    decision_log_size: int = Field(
+        1024, ge=0, le=1_000_000,
+        description="Recent routing decisions kept, explained, for GET "
+        "/admin/decisions/{request_id} and graded against the engine's reported cached "
+        "tokens (deepinfer_cache_prediction_error_tokens, deepinfer_misroutes_total); 0: "
+        "off.",
+    )
     engine_ttl_s: float = Field(
         15.0, gt=0, description="Seconds an engine registered through the admin API stays "
         "without a heartbeat before it is dropped."

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .decision_log import DecisionLog
 from .fleet import Fleet
 from .metrics import RouterMetrics
 from .routing.base import RoutingPolicy
@@ -34,6 +35,7 @@ class RouterState:
     upstream: UpstreamPool | None = None  # proxied requests (the hot path)
     deployments: DeploymentStore | None = None  # with --redis-url: /v1/deployments
     kv_feeds: KvEventFeeds | None = None  # with --kv-events auto
+    decisions: DecisionLog | None = None  # with --decision-log-size > 0
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:

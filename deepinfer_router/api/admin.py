@@ -122,3 +122,30 @@ async def drain_engine(state: RouterState, request: web.Request) -> web.Response
         raise RouterError(404, f"No engine {engine_id!r}.", "engine_not_found")
     engine = state.fleet.engines[engine_id]
     return _json({"id": engine_id, "draining": engine.draining, "inflight": engine.inflight})
+
+
+@_admin
+async def get_decision(state: RouterState, request: web.Request) -> web.Response:
+    """One recent routing decision, explained, and graded once the engine answered."""
+    rid = request.match_info["request_id"]
+    log = state.decisions
+    record = log.get(rid) if log is not None else None
+    if record is None:
+        why = (f"kept for the last {log.size} requests" if log is not None
+               else "the decision log is off (--decision-log-size 0)")
+        raise RouterError(404, f"No recent routing decision for request `{rid[:200]}` "
+                          f"({why}).", "decision_not_found")
+    return _json(record.to_json())
+
+
+@_admin
+async def list_decisions(state: RouterState, request: web.Request) -> web.Response:
+    """The newest decisions, newest first: ?limit= (default 50, at most 1000)."""
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise RouterError(400, "`limit` must be an integer from 1 to 1000.", "invalid_limit",
+                          param="limit")
+    log = state.decisions
+    records = log.recent(int(raw)) if log is not None else []
+    return _json({"decisions": [r.to_json() for r in records],
+                  "kept": log.size if log is not None else 0})

@@ -74,8 +74,11 @@ class KvEventFeeds:
                 match, block_size = found[cand.id]
                 cand.precise_cached_chars = int(
                     match.weighted_tokens(block_size, other_tier_weight) * chars_per_token)
+                cand.precise_cached_tokens = match.blocks * block_size
+                cand.block_size = block_size
             elif cand.id in live:
                 cand.precise_cached_chars = 0  # live, and it holds none of it
+                cand.precise_cached_tokens = 0
 
     def states(self) -> dict[str, str]:
         """Per engine with a feed: live, rebuilding or down."""

@@ -13,6 +13,7 @@ import time
 
 from aiohttp import web
 
+from ..decision_log import DecisionRecord, grade
 from ..fleet import EngineState
 from ..routing.base import Decision
 from ..state import RouterState
@@ -49,6 +50,7 @@ class Attempts:
         call.engine, call.route = engine.id, decision.reason
         call.status = 499
         call.answered = False
+        call.cached_tokens = None
         return engine
 
     def first_token(self, call: Call, engine_id: str, now: float) -> None:
@@ -82,3 +84,14 @@ class Attempts:
         if failure is None:  # a failure is counted once the dispatcher gives up
             state.metrics.requests_by(call.model, engine.id, call.route, str(call.status)).inc()
             state.metrics.request_duration_by(call.model).observe(end - call.started)
+            if call.cached_tokens is not None and call.decision is not None \
+                    and call.status == 200:
+                self._grade(call.decision, call.cached_tokens)
+
+    def _grade(self, record: DecisionRecord, cached_tokens: int) -> None:
+        """The engine reported what it had cached: grade the decision that sent it there."""
+        g = grade(record, cached_tokens)
+        metrics = self.state.metrics
+        metrics.cache_prediction_error.observe(g.error_tokens)
+        if g.misroute:
+            metrics.misroutes_by(record.decision.reason).inc()

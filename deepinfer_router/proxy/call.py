@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..decision_log import DecisionRecord
 from ..routing.base import RequestFeatures
 
 
@@ -25,3 +26,6 @@ class Call:
     engine: str = ""
     status: int = 499  # until known: the client went away
     answered: bool = False  # the engine's response head arrived (this attempt)
+    stream_usage: bool = False  # a stream whose client asked for usage (stream_options)
+    decision: DecisionRecord | None = None  # this attempt's, while decisions are logged
+    cached_tokens: int | None = None  # what this attempt's engine reported cached

@@ -111,6 +111,11 @@ class Dispatcher:
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
             state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()
+            if state.decisions is not None:  # before on_routed changes the policy's state
+                call.decision = state.decisions.record(
+                    call.rid, state.policy.name, call.features, decision,
+                    state.policy.explain(call.features, candidates, decision, now),
+                    attempt, time.time())
             try:
                 return await self.attempts.run(call, decision, now)
             except EngineTimeout as exc:  # the engine may still be working: no retry

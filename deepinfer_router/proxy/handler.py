@@ -86,5 +86,5 @@ class Proxy:
         features = RequestFeatures(model=parsed.model, session_key=parsed.session_key)
         return Call(
             request, rid, parsed.model, parsed.body, parsed.stream, features, started,
-            parsed.json,
+            parsed.json, stream_usage=parsed.stream_usage,
         )

@@ -34,6 +34,7 @@ class ParsedRequest:
     stream: bool
     session_key: str | None
     json: dict[str, Any] | None  # None for multipart
+    stream_usage: bool = False  # a stream that asked for usage in its last chunk
 
 
 def max_body_bytes(max_body_mb: float) -> int:
@@ -119,6 +120,8 @@ async def parse_request(
     if not isinstance(model, str):
         raise RouterError(400, "`model` must be a string.", "invalid_model")
     stream = parsed is not None and parsed.get("stream") is True
+    options = parsed.get("stream_options") if stream and parsed is not None else None
     return ParsedRequest(
-        model, body, stream, session_key(session_header_value, parsed), parsed
+        model, body, stream, session_key(session_header_value, parsed), parsed,
+        stream_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )

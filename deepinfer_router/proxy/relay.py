@@ -34,6 +34,7 @@ from ..upstream import (
 from .call import Call
 from .failures import TIMEOUT_MESSAGES, ClientGone, EngineTimeout, Retryable, timeout_kind
 from .headers import EngineHeaders, client_headers
+from .usage import cached_tokens_in
 
 log = logging.getLogger("deepinfer.proxy")
 
@@ -123,6 +124,8 @@ class Relay:
         except UpstreamError as exc:
             raise Retryable("reset", 502, f"engine response broke off: {exc}") from None
         call.status = upstream.status
+        if call.decision is not None and upstream.status == 200:
+            call.cached_tokens = cached_tokens_in(payload)
         response = web.Response(
             status=upstream.status,
             body=payload,
@@ -211,7 +214,11 @@ class Relay:
         last = time.monotonic()
         self._on_first_token(call, engine.id, last)
         itl = self.state.metrics.itl_by(call.model)
+        # Usage comes in the last chunk, only when the client asked for it (never added).
+        usage = call.stream_usage and call.decision is not None and upstream.status == 200
         chunk = first
+        if usage:
+            call.cached_tokens = cached_tokens_in(first)
         try:
             # When the engine's stream has already ended with this chunk, the chunk and the
             # end of the chunked body leave in one send() (and, for the first chunk, the
@@ -235,6 +242,8 @@ class Relay:
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
+                if usage and (found := cached_tokens_in(chunk)) is not None:
+                    call.cached_tokens = found
                 if content.at_eof():
                     await self._write(call, response, chunk, deadline, eof=True)
                     break

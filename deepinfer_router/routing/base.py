@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .explain import Explanation
+
 if TYPE_CHECKING:
     from ..settings import RouterSettings
 
@@ -52,6 +54,8 @@ class Candidate:
     # events (kv_events/); None where unknown (no live feed, no token ids): then the
     # policy's own estimate stands.
     precise_cached_chars: int | None = None
+    precise_cached_tokens: int | None = None  # the same, as raw tokens (every tier)
+    block_size: int = 0  # the engine's KV block size in tokens, where known (0: unknown)
 
     @property
     def load(self) -> float:
@@ -64,6 +68,9 @@ class Decision:
     engine_id: str
     reason: str  # goes to x-deepinfer-route and deepinfer_routing_decisions_total{reason}
     matched_chars: int = 0
+    # Cached prefix chunks per engine as the policy counted them (kv-aware), for the
+    # decision's explanation; None where the policy keeps no such figure.
+    held: Mapping[str, int] | None = None
 
 
 class RoutingPolicy(Protocol):
@@ -83,6 +90,14 @@ class RoutingPolicy(Protocol):
     ) -> None: ...
 
     def forget_engine(self, engine_id: str) -> None: ...
+
+    def explain(
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        decision: Decision,
+        now: float,
+    ) -> Explanation: ...
 
     def prompt_features(
         self, body: Mapping[str, Any], model: str, session_key: str | None
@@ -127,6 +142,19 @@ class PolicyBase:
 
     def forget_engine(self, engine_id: str) -> None:
         return None
+
+    def explain(
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        decision: Decision,
+        now: float,
+    ) -> Explanation:
+        """The candidates as this policy saw them (call before `on_routed`): a policy
+        without prefix or pressure terms reports load only."""
+        loads = [c.load for c in candidates]
+        return Explanation(candidates, [0] * len(candidates), loads, [0.0] * len(candidates),
+                           load_bound=None, session_engine=None)
 
     def state_sizes(self) -> dict[str, int]:
         """Entries in each bounded table the policy keeps (for

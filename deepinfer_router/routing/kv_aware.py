@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import reasons
 from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
+from .explain import Explanation
 from .features import MAX_SESSION_KEY, request_features
 from .guard import BoundedLoad
 from .prefix_index import PrefixIndex
@@ -228,7 +229,20 @@ class KvAwarePolicy(PolicyBase):
         matched = self._index.match(hashes) if hashes else {}
         if any(c.precise_cached_chars is not None for c in candidates):
             matched = _with_precise(matched, candidates, chunk)
+        d = self._decide(request, candidates, now, matched, guard)
+        # The figures it decided on travel with it, for its explanation (no copy).
+        return Decision(d.engine_id, d.reason, d.matched_chars, matched) if matched else d
 
+    def _decide(
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        now: float,
+        matched: Mapping[str, int],
+        guard: BoundedLoad,
+    ) -> Decision:
+        chunk = self.params.chunk_chars
+        hashes = request.chunk_hashes
         bound = self._affinity.bound(request.session_key, candidates, now)
         if bound is not None:
             got = matched.get(bound.id, 0)
@@ -249,6 +263,31 @@ class KvAwarePolicy(PolicyBase):
         if hashes:
             return self._place_new(request, candidates, guard, hashes[0])
         return Decision(self._least_cost(candidates, guard).id, reasons.LEAST_CONN)
+
+    def explain(
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        decision: Decision,
+        now: float,
+    ) -> Explanation:
+        """Each candidate's terms as `select` weighed them (call it before `on_routed`,
+        which changes the index): cached prefix, load cost, cache pressure, score and the
+        guard's verdict. Costs one more pass over the candidates, no index lookup."""
+        p = self.params
+        held = decision.held or {}
+        chunk = p.chunk_chars
+        got = [held.get(c.id, 0) * chunk for c in candidates]
+        cost, pressure, chars = self._cost, self._pressure, request.prompt_chars
+        bound = self._affinity.bound(request.session_key, candidates, now)
+        return Explanation(
+            candidates, got,
+            [cost(c, g) for c, g in zip(candidates, got, strict=True)],
+            [pressure(c.id, chars - g) for c, g in zip(candidates, got, strict=True)],
+            BoundedLoad(candidates, p.balance_factor, p.balance_slack).limit,
+            bound.id if bound is not None else None,
+            p.load_cost_chars,
+        )
 
     def _pressure(self, engine_id: str, new_chars: int) -> float:
         """Cache pressure of sending `new_chars` uncached prompt chars to an engine, in

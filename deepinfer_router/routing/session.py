@@ -6,10 +6,12 @@ or prompts that share nothing. The binding is broken only by the bounded-load gu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import reasons
 from .base import Candidate, Decision, PolicyBase, RequestFeatures
+from .explain import Explanation
 from .guard import BoundedLoad
 from .least_conn import least_loaded
 from .session_affinity import SessionAffinity, SessionTable
@@ -70,6 +72,22 @@ class SessionPolicy(PolicyBase):
         # The least loaded engine always passes the guard (its load is at most average).
         self._tie += 1
         return least_loaded(candidates, self._tie)
+
+    def explain(
+        self,
+        request: RequestFeatures,
+        candidates: Sequence[Candidate],
+        decision: Decision,
+        now: float,
+    ) -> Explanation:
+        """Load, the guard's verdict and the session binding (no prefix terms: this
+        policy does not look at the prompt)."""
+        plain = super().explain(request, candidates, decision, now)
+        bound = self._affinity.bound(request.session_key, candidates, now)
+        return replace(
+            plain, load_bound=BoundedLoad(candidates, self.balance_factor,
+                                          self.balance_slack).limit,
+            session_engine=bound.id if bound is not None else None)
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
         self._affinity.bind(request.session_key, decision.engine_id, now)
