@@ -69,7 +69,10 @@ def chat_completion_body() -> bytes:
                     "logprobs": None,
                 }
             ],
-            "usage": {"prompt_tokens": 64, "completion_tokens": 40, "total_tokens": 104},
+            # as vLLM answers with --enable-prompt-tokens-details (launch sets it): the
+            # router grades its decision by the cached tokens
+            "usage": {"prompt_tokens": 64, "completion_tokens": 40, "total_tokens": 104,
+                      "prompt_tokens_details": {"cached_tokens": 0}},
         },
         separators=(",", ":"),
     ).encode()

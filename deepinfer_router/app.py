@@ -67,6 +67,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         if settings.decision_log_size else None,
     )
     router_metrics.watch_kv_index(lambda: _kv_indexes(state))
+    policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)
     app[STATE] = state
     proxy = Proxy(state)
@@ -129,6 +130,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             *_hint_sharing(state),
             *_deployment_store(state),
             *_kv_event_feeds(state),
+            *_prompt_tokenizers(state, clients.engine_headers),
         ]
         for service in later:
             await service.start()
@@ -215,6 +217,23 @@ def _kv_event_feeds(state: RouterState) -> list[Service]:
                          allow_private=state.settings.allow_private_engine_urls)
     state.kv_feeds = feeds
     return [feeds]
+
+
+def _prompt_tokenizers(
+    state: RouterState, engine_headers: dict[str, str] | None
+) -> list[Service]:
+    """Tokenizers for the models whose engines publish KV events (--tokenize auto)."""
+    feeds = state.kv_feeds
+    if feeds is None or state.settings.tokenize == "off":
+        return []
+    from .prompt_tokens.service import PromptTokenizers
+
+    fleet = state.fleet
+    tokenizers = PromptTokenizers(
+        lambda: [e.record for e in fleet.engines.values()], feeds.precise, state.client,
+        configured=state.settings.tokenizer_dirs(), engine_headers=engine_headers)
+    state.tokenizers = tokenizers
+    return [tokenizers]
 
 
 def _deployment_store(state: RouterState) -> list[Service]:

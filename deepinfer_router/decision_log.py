@@ -1,62 +1,103 @@
 """Recent routing decisions, explained and graded (`GET /admin/decisions/{request_id}`,
 `deepinfer_cache_prediction_error_tokens`, `deepinfer_misroutes_total`).
 
-Each decision is kept with the policy's terms per candidate (routing/explain.py) and a
-prediction, in tokens, of what each candidate holds of the prompt: the engine's own KV
-events where its feed is live, else the router's estimate corrected for what vLLM can
-have cached at all (whole blocks only, never the prompt's last token). Once the engine
-answers with `usage.prompt_tokens_details.cached_tokens`, the decision is graded: the
-prediction's error for the chosen engine, and whether another candidate held more than
-one block more of the prompt than the chosen engine turned out to (a misroute).
+Each decision is kept with the candidates as the policy saw them and the figures it left
+on the Decision (routing/explain.py). Its prediction, in tokens, of what each candidate
+holds of the prompt is: the engine's own KV events where its feed is live, else the
+router's estimate, both cut to what vLLM can report cached at all (whole blocks, never the
+block holding the prompt's last token). Once the engine answers with
+`usage.prompt_tokens_details.cached_tokens`, the decision is graded: the prediction's
+error for the chosen engine, and whether another candidate held more than one block more
+of the prompt than the chosen engine turned out to (a misroute).
 
-Pure: no I/O, wall time passed in. Bounded: the newest `size` decisions, one per request
-id (a retry replaces its request's earlier attempt)."""
+Recording costs a few attribute stores per request (no copies, no per-candidate work);
+predictions are worked out when graded or read. Pure: no I/O, wall time passed in.
+Bounded: the newest `size` decisions, one per request id (a retry replaces its
+request's earlier attempt)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
-from .routing.base import Decision, RequestFeatures
-from .routing.explain import Explanation
+from .routing.base import Candidate, Decision
+from .routing.explain import explain
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default, for engines that report none
 
 
-@dataclass(frozen=True, slots=True)
-class Grade:
+class Grade(NamedTuple):
     error_tokens: int  # predicted - actual cached tokens on the chosen engine
     misroute: bool
     best_other_tokens: int  # the most another candidate was predicted to hold
 
 
-@dataclass(slots=True)
+def reportable(tokens: int, prompt_tokens: int, block_size: int) -> int:
+    """Of `tokens` held, what vLLM can report cached for a prompt of `prompt_tokens`:
+    whole blocks only, and never the block holding the prompt's last token (it is
+    always computed again)."""
+    return max(0, min(tokens, prompt_tokens - 1) // block_size * block_size)
+
+
 class DecisionRecord:
-    request_id: str
-    model: str
-    policy: str
-    at: float  # wall time of the decision
-    attempt: int  # 0 for the first try, n for the n-th retry
-    decision: Decision
-    explanation: Explanation
-    prompt_chars: int
-    prompt_tokens: int
-    prompt_tokens_exact: bool  # from the request's token ids, not estimated
-    predicted: dict[str, int]  # cached tokens per candidate
-    actual_cached_tokens: int | None = None
-    grade: Grade | None = None
+    __slots__ = ("actual_cached_tokens", "at", "attempt", "candidates", "chars_per_token",
+                 "decision", "grade", "model", "policy", "prompt_chars", "prompt_ids",
+                 "request_id")
+
+    def __init__(self, request_id: str, model: str, policy: str, at: float, attempt: int,
+                 decision: Decision, candidates: Sequence[Candidate], prompt_chars: int,
+                 prompt_ids: int, chars_per_token: float) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.policy = policy
+        self.at = at  # wall time of the decision
+        self.attempt = attempt  # 0 for the first try, n for the n-th retry
+        self.decision = decision
+        self.candidates = candidates
+        self.prompt_chars = prompt_chars
+        self.prompt_ids = prompt_ids  # prompt length in token ids, when the router had them
+        self.chars_per_token = chars_per_token
+        self.actual_cached_tokens: int | None = None
+        self.grade: Grade | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self.prompt_ids:
+            return self.prompt_ids
+        return max(1, round(self.prompt_chars / self.chars_per_token))
+
+    def predicted(self) -> dict[str, int]:
+        """Cached tokens per candidate, as vLLM would report them."""
+        d = self.decision
+        held = d.held
+        if not held and all(c.precise_cached_tokens is None for c in self.candidates):
+            return {}  # nobody was thought to hold any of it (the usual new prompt)
+        held = held or {}
+        unit = d.chunk_chars
+        prompt_tokens = self.prompt_tokens
+        out: dict[str, int] = {}
+        for c in self.candidates:
+            block = c.block_size or DEFAULT_BLOCK_SIZE
+            if c.precise_cached_tokens is not None:
+                tokens = c.precise_cached_tokens
+            else:
+                tokens = int(held.get(c.id, 0) * unit / self.chars_per_token)
+            if tokens:
+                out[c.id] = reportable(tokens, prompt_tokens, block)
+        return out
 
     def block_size(self) -> int:
-        for c in self.explanation.candidates:
+        for c in self.candidates:
             if c.id == self.decision.engine_id and c.block_size:
                 return c.block_size
         return DEFAULT_BLOCK_SIZE
 
     def to_json(self) -> dict[str, Any]:
-        chosen = self.decision.engine_id
-        terms = self.explanation.terms()
-        precise = {t.engine: t.precise for t in terms}
+        d = self.decision
+        chosen = d.engine_id
+        terms = explain(self.candidates, d)
+        predicted = self.predicted()
         graded: dict[str, Any] | None = None
         if self.grade is not None:
             graded = {
@@ -65,6 +106,11 @@ class DecisionRecord:
                 "misroute": self.grade.misroute,
                 "best_other_predicted_tokens": self.grade.best_other_tokens,
             }
+        precise = {t.engine: t.precise for t in terms}
+
+        def rounded(x: float | None, digits: int) -> float | None:
+            return None if x is None else round(x, digits)
+
         return {
             "request_id": self.request_id,
             "model": self.model,
@@ -72,23 +118,23 @@ class DecisionRecord:
             "time": self.at,
             "attempt": self.attempt,
             "engine": chosen,
-            "reason": self.decision.reason,
+            "reason": d.reason,
             "index": "precise" if precise.get(chosen) else "approximate",
-            "session_engine": self.explanation.session_engine,
-            "load_bound": self.explanation.load_bound,
+            "session_engine": d.session_engine,
+            "load_bound": d.load_bound,
             "prompt": {"chars": self.prompt_chars, "tokens": self.prompt_tokens,
-                       "tokens_exact": self.prompt_tokens_exact},
-            "predicted_cached_tokens": self.predicted.get(chosen, 0),
+                       "tokens_exact": bool(self.prompt_ids)},
+            "predicted_cached_tokens": predicted.get(chosen, 0),
             "candidates": [
                 {
                     "engine": t.engine,
                     "index": "precise" if t.precise else "approximate",
-                    "predicted_cached_tokens": self.predicted.get(t.engine, 0),
+                    "predicted_cached_tokens": predicted.get(t.engine, 0),
                     "cached_chars": t.cached_chars,
                     "load": t.load,
-                    "load_cost": round(t.load_cost, 4),
-                    "pressure_chars": round(t.pressure_chars, 1),
-                    "score": None if t.score is None else round(t.score, 1),
+                    "load_cost": rounded(t.load_cost, 4),
+                    "pressure_chars": rounded(t.pressure_chars, 1),
+                    "score": rounded(t.score, 1),
                     "within_bound": t.within_bound,
                     "block_size": t.block_size or None,
                 }
@@ -96,15 +142,6 @@ class DecisionRecord:
             ],
             "actual": graded,
         }
-
-
-def predicted_tokens(
-    cached_chars: int, prompt_tokens: int, chars_per_token: float, block_size: int
-) -> int:
-    """The router's estimate of cached characters as the tokens vLLM could report cached:
-    never the prompt's last token, whole blocks only (the estimate counts partial ones)."""
-    tokens = min(int(cached_chars / chars_per_token), prompt_tokens - 1)
-    return max(0, tokens - tokens % block_size)
 
 
 class DecisionLog:
@@ -121,29 +158,20 @@ class DecisionLog:
     def record(
         self,
         request_id: str,
+        model: str,
         policy: str,
-        request: RequestFeatures,
         decision: Decision,
-        explanation: Explanation,
+        candidates: Sequence[Candidate],
+        prompt_chars: int,
+        prompt_ids: int,
         attempt: int,
         at: float,
     ) -> DecisionRecord:
-        ids = request.prompt_token_ids
-        cpt = self._chars_per_token
-        prompt_tokens = len(ids) if ids else max(1, round(request.prompt_chars / cpt))
-        predicted: dict[str, int] = {}
-        for c, chars in zip(explanation.candidates, explanation.cached_chars, strict=True):
-            if c.precise_cached_tokens is not None:
-                predicted[c.id] = c.precise_cached_tokens
-            elif chars:
-                predicted[c.id] = predicted_tokens(
-                    chars, prompt_tokens, cpt, c.block_size or DEFAULT_BLOCK_SIZE)
-        rec = DecisionRecord(
-            request_id, request.model, policy, at, attempt, decision, explanation,
-            request.prompt_chars, prompt_tokens, bool(ids), predicted,
-        )
+        rec = DecisionRecord(request_id, model, policy, at, attempt, decision, candidates,
+                             prompt_chars, prompt_ids, self._chars_per_token)
         records = self._records
-        records.pop(request_id, None)
+        if request_id in records:
+            del records[request_id]
         records[request_id] = rec
         if len(records) > self.size:
             records.popitem(last=False)
@@ -165,13 +193,10 @@ class DecisionLog:
 def grade(record: DecisionRecord, cached_tokens: int) -> Grade:
     """Grade `record` by the cached tokens its engine reported (kept on the record)."""
     chosen = record.decision.engine_id
-    others = [n for engine, n in record.predicted.items() if engine != chosen]
-    best_other = max(others, default=0)
-    g = Grade(
-        error_tokens=record.predicted.get(chosen, 0) - cached_tokens,
-        misroute=best_other - cached_tokens > record.block_size(),
-        best_other_tokens=best_other,
-    )
+    predicted = record.predicted()
+    best_other = max((n for engine, n in predicted.items() if engine != chosen), default=0)
+    g = Grade(predicted.get(chosen, 0) - cached_tokens,
+              best_other - cached_tokens > record.block_size(), best_other)
     record.actual_cached_tokens = cached_tokens
     record.grade = g
     return g

@@ -49,6 +49,20 @@ class RouterSettings(BaseSettings):
         "one (deepinfer-engine launch does), keeping an index of what each engine really "
         "caches; /ready shows each feed's state.",
     )
+    tokenize: Literal["auto", "off"] = Field(
+        "auto",
+        description="Tokenize chat and text prompts in the router for models whose engines "
+        "publish KV events, so routing uses what they really cache (the precise index) for "
+        "every prompt, not only for prompts given as token ids. The tokenizer comes from "
+        "--tokenizer or the engine record, and is used only once an engine's /tokenize "
+        "agrees with it; /ready shows each model's state.",
+    )
+    tokenizer: CsvList = Field(
+        default_factory=list,
+        description="MODEL=DIR: the tokenizer directory (tokenizer.json, tokenizer_config.json "
+        "or chat_template.jinja) of a served model; repeatable. Without it the directory an "
+        "engine record names is used when it exists on this host.",
+    )
     decision_log_size: int = Field(
         1024, ge=0, le=1_000_000,
         description="Recent routing decisions kept, explained, for GET "
@@ -228,6 +242,18 @@ class RouterSettings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"engine URL must start with http:// or https://: {url!r}")
         return urls
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_dirs(cls, items: list[str]) -> list[str]:
+        for item in items:
+            model, _, path = item.partition("=")
+            if not model or not path:
+                raise ValueError(f"--tokenizer must be MODEL=DIR: {item!r}")
+        return items
+
+    def tokenizer_dirs(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.tokenizer)
 
     @field_validator("api_key", "admin_key", "engine_api_key", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from .upstream import UpstreamPool
 
 if TYPE_CHECKING:  # annotations only: the registry sits above this module
     from .kv_events.feeds import KvEventFeeds  # zmq only when feeds are followed
+    from .prompt_tokens.service import PromptTokenizers  # tokenizers, jinja2 likewise
     from .registry.base import RegistrySource, WritableRegistry
     from .shared.deployment_store import DeploymentStore  # redis only with --redis-url
 
@@ -36,6 +37,7 @@ class RouterState:
     deployments: DeploymentStore | None = None  # with --redis-url: /v1/deployments
     kv_feeds: KvEventFeeds | None = None  # with --kv-events auto
     decisions: DecisionLog | None = None  # with --decision-log-size > 0
+    tokenizers: PromptTokenizers | None = None  # with --kv-events auto --tokenize auto
     shutting_down: bool = False
 
     def client(self) -> aiohttp.ClientSession:

@@ -29,6 +29,7 @@ async def ready(request: web.Request) -> web.Response:
         # holds, for prompts given as token ids), rebuilding (a gap it could not fill:
         # the estimate decides) or down.
         "kv_event_feeds": state.kv_feeds.states() if state.kv_feeds is not None else {},
+        "prompt_tokenizers": state.tokenizers.states() if state.tokenizers is not None else {},
     }
     return web.Response(
         status=200 if is_ready else 503,

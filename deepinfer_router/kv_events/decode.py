@@ -116,13 +116,16 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_MAX_TOKEN_ID = 1 << 31
+
+
 def _stored(f: dict[str, Any]) -> BlockStored:
     hashes = _hashes(f.get("block_hashes"))
     tokens = f.get("token_ids")
     if not isinstance(tokens, list) or len(tokens) > MAX_TOKENS_PER_EVENT:
         raise DecodeError("token_ids must be a list of bounded length")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise DecodeError("token_ids must be integers")
+    if not all(type(t) is int and 0 <= t < _MAX_TOKEN_ID for t in tokens):
+        raise DecodeError("token_ids must be vocabulary indices (integers below 2**31)")
     block_size = _int(f.get("block_size"), "block_size")
     if block_size <= 0 or len(tokens) != block_size * len(hashes):
         raise DecodeError("token_ids must hold block_size tokens per block")

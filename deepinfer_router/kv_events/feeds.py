@@ -31,6 +31,29 @@ def endpoint_problem(endpoint: str, allow_private: bool) -> str | None:
     return problem.message if problem is not None else None
 
 
+def annotate(index: PreciseIndex, request: RequestFeatures, candidates: Sequence[Candidate],
+             live: Sequence[str], other_tier_weight: float = 0.5) -> None:
+    """Tell each candidate in `live` (its feed is live) how much of the request's prompt it
+    really holds: in prompt characters (the request's own characters per token) with a
+    block held only in a slower tier (CPU, disk) counting `other_tier_weight`, and as raw
+    tokens. Pure: the index and the candidates in, the candidates annotated."""
+    tokens = request.prompt_token_ids
+    if not tokens or not live:
+        return
+    chars_per_token = request.prompt_chars / len(tokens)
+    found = index.match(tokens, live)
+    for cand in candidates:
+        if cand.id in found:
+            match, block_size = found[cand.id]
+            cand.precise_cached_chars = int(
+                match.weighted_tokens(block_size, other_tier_weight) * chars_per_token)
+            cand.precise_cached_tokens = match.blocks * block_size
+            cand.block_size = block_size
+        elif cand.id in live:
+            cand.precise_cached_chars = 0  # live, and it holds none of it
+            cand.precise_cached_tokens = 0
+
+
 class KvEventFeeds:
     """A service (start/close) kept in step with the fleet by `sync`."""
 
@@ -58,27 +81,10 @@ class KvEventFeeds:
 
     def annotate(self, request: RequestFeatures, candidates: Sequence[Candidate],
                  other_tier_weight: float = 0.5) -> None:
-        """Tell each candidate with a live feed how much of the request's prompt it
-        really holds, in prompt characters (the request's own characters per token), a
-        block held only in a slower tier (CPU, disk) counting `other_tier_weight`."""
-        tokens = request.prompt_token_ids
-        if not tokens:
-            return
-        live = [c.id for c in candidates if self.precise(c.id)]
-        if not live:
-            return
-        chars_per_token = request.prompt_chars / len(tokens)
-        found = self.index.match(tokens, live)
-        for cand in candidates:
-            if cand.id in found:
-                match, block_size = found[cand.id]
-                cand.precise_cached_chars = int(
-                    match.weighted_tokens(block_size, other_tier_weight) * chars_per_token)
-                cand.precise_cached_tokens = match.blocks * block_size
-                cand.block_size = block_size
-            elif cand.id in live:
-                cand.precise_cached_chars = 0  # live, and it holds none of it
-                cand.precise_cached_tokens = 0
+        """`annotate` below, for the candidates whose feed is live."""
+        if request.prompt_token_ids:
+            annotate(self.index, request, candidates,
+                     [c.id for c in candidates if self.precise(c.id)], other_tier_weight)
 
     def states(self) -> dict[str, str]:
         """Per engine with a feed: live, rebuilding or down."""

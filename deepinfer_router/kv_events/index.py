@@ -1,9 +1,10 @@
 """What each engine really holds in its KV cache, from its own events. Pure.
 
 Keys are the router's own hash chain over each block's token ids (never vLLM's hash,
-which depends on PYTHONHASHSEED and prefix_caching_hash_algo): key(block) = xxh64(key of
-the parent block, the block's token ids, and what else makes equal tokens a different
-cache: LoRA name, extra keys such as cache salt and multimodal ids, the KV cache group).
+which depends on PYTHONHASHSEED and prefix_caching_hash_algo): key(block) = xxh3_64 of
+the block's token ids seeded with the parent block's key, then of what else makes equal
+tokens a different cache (LoRA name, extra keys such as cache salt and multimodal ids,
+the KV cache group) where there is any. Keys live only in this process.
 A map from the engine's block hashes to these keys lets BlockRemoved find its blocks.
 
 A request is looked up by computing the same chain over its prompt's token ids (per
@@ -19,6 +20,7 @@ costs only a missed hint, never a wrong one).
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,14 +40,24 @@ def _tier(medium: str) -> int:
     return GPU if medium == "GPU" else OTHER_TIER
 
 
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as 4-byte machine integers: what the keys hash (ids are below 2**31:
+    the decoder and the request side check). One C call for a whole prompt."""
+    return array("i", tokens).tobytes()
+
+
+def _key(parent: int, data: bytes | memoryview, lora: str | None, extra: Any,
+         group: int) -> int:
+    h = xxhash.xxh3_64_intdigest(data, seed=parent)
+    if lora or extra is not None or group:
+        h = xxhash.xxh3_64_intdigest(repr((lora, extra, group)).encode(), seed=h)
+    return h
+
+
 def block_key(parent: int, tokens: Sequence[int], lora: str | None = None,
               extra: Any = None, group: int = 0) -> int:
     """The router's key of one block given its parent's key."""
-    h = xxhash.xxh64(parent.to_bytes(8, "little"))
-    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
-    if lora or extra is not None or group:
-        h.update(repr((lora, extra, group)).encode())
-    return h.intdigest()
+    return _key(parent, token_bytes(tokens), lora, extra, group)
 
 
 def request_extra(index: int, lora: str | None, salt: str | None) -> tuple[Any, ...] | None:
@@ -58,11 +70,19 @@ def request_extra(index: int, lora: str | None, salt: str | None) -> tuple[Any, 
 
 def chain(tokens: Sequence[int], block_size: int, lora: str | None = None,
           salt: str | None = None) -> list[int]:
-    """Keys of a prompt's full blocks (a partial last block is never cached)."""
-    keys, parent = [], ROOT
-    for i, start in enumerate(range(0, len(tokens) - block_size + 1, block_size)):
-        parent = block_key(parent, tokens[start:start + block_size], lora,
-                           request_extra(i, lora, salt))
+    """Keys of a prompt's full blocks (a partial last block is never cached): one hash
+    call per block over a view of the prompt's bytes."""
+    data = memoryview(token_bytes(tokens))
+    step = block_size * 4
+    keys: list[int] = []
+    parent = ROOT
+    digest = xxhash.xxh3_64_intdigest
+    for i in range(len(tokens) // block_size):
+        block = data[i * step:(i + 1) * step]
+        if lora or (salt and i == 0):
+            parent = _key(parent, block, lora, request_extra(i, lora, salt), 0)
+        else:
+            parent = digest(block, seed=parent)
         keys.append(parent)
     return keys
 
@@ -116,10 +136,11 @@ class EngineBlocks:
                 return  # its prefix is unknown to us: no request could reach it
             parent = found
         tier = _tier(e.medium)
+        data = memoryview(token_bytes(e.token_ids))
+        step = e.block_size * 4
         for i, engine_hash in enumerate(e.block_hashes):
-            tokens = e.token_ids[i * e.block_size:(i + 1) * e.block_size]
             extra = e.extra_keys[i] if e.extra_keys is not None else None
-            key = block_key(parent, tokens, e.lora_name, extra, e.group_idx)
+            key = _key(parent, data[i * step:(i + 1) * step], e.lora_name, extra, e.group_idx)
             slot = (e.group_idx, engine_hash)
             self.by_engine_hash[slot] = key
             self.by_engine_hash.move_to_end(slot)

@@ -73,6 +73,7 @@ class EngineFeed:
         self.resets = 0
         self.bad_messages = 0
         self.connected = False
+        self._caught_up_to: int | None = None  # last batch the first replay applied
         self._task: asyncio.Task[None] | None = None
 
     # --- state -------------------------------------------------------------------------
@@ -104,6 +105,10 @@ class EngineFeed:
 
     async def handle(self, batch: EventBatch) -> None:
         """One live batch, in the order received."""
+        if self._caught_up_to is not None:
+            if batch.seq <= self._caught_up_to:
+                return  # queued while catching up, and already applied from the replay
+            self._caught_up_to = None
         last = self.last_seq
         if last is None:
             if batch.seq != 0:
@@ -140,6 +145,24 @@ class EngineFeed:
             return
         for batch in wanted:
             self._apply(batch)
+
+    async def _catch_up(self) -> None:
+        """Everything the engine still keeps, from the replay socket, right after
+        subscribing: an idle engine publishes nothing, and without this its feed would
+        stay down (and routing approximate) until its first request. A replay that
+        answers proves the publisher is there; what it returns is applied, and the
+        live batches queued meanwhile that it already covered are skipped."""
+        got = await self._fetch_replay(0)
+        if got is None or self.last_seq is not None:
+            return  # no answer (stay down until the first batch), or live already
+        got = sorted(got, key=lambda b: b.seq)
+        if got and got[0].seq != 0:  # vLLM no longer keeps the start
+            self._rebuild(f"the replay starts at batch {got[0].seq}")
+        for batch in got:
+            self._apply(batch)
+        if not got:
+            self.last_seq = -1  # nothing published yet: live, and empty
+        self._caught_up_to = self.last_seq
 
     async def _fetch_replay(self, first: int) -> list[EventBatch] | None:
         assert self.endpoints.replay_endpoint is not None
@@ -185,6 +208,8 @@ class EngineFeed:
             sock.connect(self.endpoints.endpoint)
         self.connected = True
         try:
+            if self.endpoints.replay_endpoint is not None:
+                await self._catch_up()
             while True:
                 frames = await sock.recv_multipart()
                 try:

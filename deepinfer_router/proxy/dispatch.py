@@ -14,18 +14,23 @@ import asyncio
 import logging
 import random
 import time
+from typing import Any
 
 from aiohttp import web
 
 from ..admission import AdmissionRejected
 from ..errors import RouterError
 from ..routing.base import Candidate
+from ..routing.features import MAX_TOKEN_IDS
 from ..state import REQUEST_MODEL, RouterState
 from .attempt import Attempts
 from .call import Call
 from .failures import EngineFailure, EngineTimeout, Retryable, UpstreamFailure
 
 log = logging.getLogger("deepinfer.proxy")
+
+# Longer prompts (characters) are tokenized off the event loop: ~20k tokens, a few ms.
+_INLINE_TOKENIZE_CHARS = 1 << 16
 
 
 class Dispatcher:
@@ -48,7 +53,9 @@ class Dispatcher:
                 "model_not_found",
                 available_models=served,
             )
-        self._take_features(call)
+        parsed = self._take_features(call)
+        if parsed is not None:
+            await self._tokenize(call, parsed)
         admission = state.admission
         if not admission.try_acquire():
             wait_started = time.monotonic()
@@ -65,14 +72,39 @@ class Dispatcher:
         finally:
             admission.release()
 
-    def _take_features(self, call: Call) -> None:
+    def _take_features(self, call: Call) -> dict[str, Any] | None:
         """Prompt features for the routing policy, once the model is known to be served
-        (an unknown model costs no hashing); the parsed body is dropped after."""
+        (an unknown model costs no hashing); the parsed body is dropped after. Returns it
+        only when the router tokenizes this model's prompts and the request gave no token
+        ids."""
         parsed, call.parsed = call.parsed, None
         if self._policy_needs_prompt and parsed is not None:
             call.features = self.state.policy.prompt_features(
                 parsed, call.model, call.features.session_key
             )
+            tokenizers = self.state.tokenizers
+            if (tokenizers is not None and call.model in tokenizers.ready
+                    and call.features.prompt_token_ids is None):
+                return parsed
+        return None
+
+    async def _tokenize(self, call: Call, parsed: dict[str, Any]) -> None:
+        """The prompt as the engine's token ids, for the precise index. A long prompt is
+        tokenized in a thread (the tokenizer's Rust code releases the GIL), so other
+        requests go on meanwhile."""
+        tokenizers = self.state.tokenizers
+        assert tokenizers is not None
+        try:
+            if call.features.prompt_chars > _INLINE_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(tokenizers.prompt_ids, call.model, parsed)
+            else:
+                ids = tokenizers.prompt_ids(call.model, parsed)
+        except Exception:  # never fail a request over its routing hint
+            log.warning("request %s: tokenizing the prompt failed; routing on the estimate",
+                        call.rid, exc_info=True)
+            return
+        if ids:
+            call.features.prompt_token_ids = tuple(ids[:MAX_TOKEN_IDS])
 
     async def _route_with_retries(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -111,11 +143,12 @@ class Dispatcher:
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
             state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()
-            if state.decisions is not None:  # before on_routed changes the policy's state
+            if state.decisions is not None:
+                features = call.features
+                ids = features.prompt_token_ids
                 call.decision = state.decisions.record(
-                    call.rid, state.policy.name, call.features, decision,
-                    state.policy.explain(call.features, candidates, decision, now),
-                    attempt, time.time())
+                    call.rid, call.model, state.policy.name, decision, candidates,
+                    features.prompt_chars, len(ids) if ids else 0, attempt, time.time())
             try:
                 return await self.attempts.run(call, decision, now)
             except EngineTimeout as exc:  # the engine may still be working: no retry

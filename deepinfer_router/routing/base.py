@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .explain import Explanation
-
 if TYPE_CHECKING:
     from ..settings import RouterSettings
 
@@ -63,19 +61,33 @@ class Candidate:
         return self.inflight + self.waiting
 
 
-@dataclass(slots=True, frozen=True)
+# What a policy weighed for one candidate: load cost (request units), cache pressure
+# (prefill chars) and score, each None where that step did not compute it.
+Weighed = tuple[float, "float | None", "float | None"]
+
+
+@dataclass(slots=True)
 class Decision:
     engine_id: str
     reason: str  # goes to x-deepinfer-route and deepinfer_routing_decisions_total{reason}
     matched_chars: int = 0
-    # Cached prefix chunks per engine as the policy counted them (kv-aware), for the
-    # decision's explanation; None where the policy keeps no such figure.
+    # For the decision's explanation (explain.py), where the policy keeps them (kv-aware
+    # while it is `explaining`): cached prefix chunks per engine as counted, what was
+    # weighed per candidate, the guard's bound and the session's engine. Not frozen: it
+    # is built on every request, and a frozen dataclass costs more to build.
     held: Mapping[str, int] | None = None
+    chunk_chars: int = 0  # the unit of `held`
+    weighed: Mapping[str, Weighed] | None = None
+    load_bound: float | None = None
+    session_engine: str | None = None
 
 
 class RoutingPolicy(Protocol):
     name: str
     needs_prompt: bool  # False: the router skips prompt extraction and hashing
+    # True while the router keeps a decision log: decisions carry what the policy weighed
+    # (Decision.held, .weighed, ...) for their explanation, where the policy keeps it.
+    explaining: bool
 
     def select(
         self, request: RequestFeatures, candidates: Sequence[Candidate], now: float
@@ -90,14 +102,6 @@ class RoutingPolicy(Protocol):
     ) -> None: ...
 
     def forget_engine(self, engine_id: str) -> None: ...
-
-    def explain(
-        self,
-        request: RequestFeatures,
-        candidates: Sequence[Candidate],
-        decision: Decision,
-        now: float,
-    ) -> Explanation: ...
 
     def prompt_features(
         self, body: Mapping[str, Any], model: str, session_key: str | None
@@ -118,6 +122,7 @@ class PolicyBase:
 
     name = "base"
     needs_prompt = False
+    explaining = False
 
     @classmethod
     def from_settings(cls, settings: RouterSettings, *, hint_outbox: int = 0) -> Any:
@@ -142,19 +147,6 @@ class PolicyBase:
 
     def forget_engine(self, engine_id: str) -> None:
         return None
-
-    def explain(
-        self,
-        request: RequestFeatures,
-        candidates: Sequence[Candidate],
-        decision: Decision,
-        now: float,
-    ) -> Explanation:
-        """The candidates as this policy saw them (call before `on_routed`): a policy
-        without prefix or pressure terms reports load only."""
-        loads = [c.load for c in candidates]
-        return Explanation(candidates, [0] * len(candidates), loads, [0.0] * len(candidates),
-                           load_bound=None, session_engine=None)
 
     def state_sizes(self) -> dict[str, int]:
         """Entries in each bounded table the policy keeps (for

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import reasons
-from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
-from .explain import Explanation
+from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures, Weighed
 from .features import MAX_SESSION_KEY, request_features
 from .guard import BoundedLoad
 from .prefix_index import PrefixIndex
@@ -164,6 +163,12 @@ class KvAwarePolicy(PolicyBase):
         # two uses of a cached prefix, from the matches of routed requests. None until
         # one is seen (then every cached chunk counts as live).
         self._reuse: float | None = None
+        # With `explaining` (the router keeps a decision log), each decision carries what
+        # it weighed per candidate: filled as a by-product of scoring, so explaining
+        # costs a dict entry per candidate weighed, not a second pass.
+        self.explaining = False
+        self._weighed: dict[str, Weighed] | None = None
+        self._bound_id: str | None = None
         self._outbox: deque[dict[str, Any]] | None = (
             deque(maxlen=p.hint_outbox) if p.hint_outbox > 0 else None
         )
@@ -229,9 +234,16 @@ class KvAwarePolicy(PolicyBase):
         matched = self._index.match(hashes) if hashes else {}
         if any(c.precise_cached_chars is not None for c in candidates):
             matched = _with_precise(matched, candidates, chunk)
+        weighed: dict[str, Weighed] | None = {} if self.explaining else None
+        self._weighed = weighed
         d = self._decide(request, candidates, now, matched, guard)
-        # The figures it decided on travel with it, for its explanation (no copy).
-        return Decision(d.engine_id, d.reason, d.matched_chars, matched) if matched else d
+        self._weighed = None
+        if weighed is None:
+            return d
+        # What it weighed travels with the decision, for its explanation (no copies).
+        return Decision(d.engine_id, d.reason, d.matched_chars, held=matched,
+                        chunk_chars=chunk, weighed=weighed, load_bound=guard.limit,
+                        session_engine=self._bound_id)
 
     def _decide(
         self,
@@ -244,6 +256,7 @@ class KvAwarePolicy(PolicyBase):
         chunk = self.params.chunk_chars
         hashes = request.chunk_hashes
         bound = self._affinity.bound(request.session_key, candidates, now)
+        self._bound_id = bound.id if bound is not None else None
         if bound is not None:
             got = matched.get(bound.id, 0)
             if not guard.allows(bound):
@@ -263,31 +276,6 @@ class KvAwarePolicy(PolicyBase):
         if hashes:
             return self._place_new(request, candidates, guard, hashes[0])
         return Decision(self._least_cost(candidates, guard).id, reasons.LEAST_CONN)
-
-    def explain(
-        self,
-        request: RequestFeatures,
-        candidates: Sequence[Candidate],
-        decision: Decision,
-        now: float,
-    ) -> Explanation:
-        """Each candidate's terms as `select` weighed them (call it before `on_routed`,
-        which changes the index): cached prefix, load cost, cache pressure, score and the
-        guard's verdict. Costs one more pass over the candidates, no index lookup."""
-        p = self.params
-        held = decision.held or {}
-        chunk = p.chunk_chars
-        got = [held.get(c.id, 0) * chunk for c in candidates]
-        cost, pressure, chars = self._cost, self._pressure, request.prompt_chars
-        bound = self._affinity.bound(request.session_key, candidates, now)
-        return Explanation(
-            candidates, got,
-            [cost(c, g) for c, g in zip(candidates, got, strict=True)],
-            [pressure(c.id, chars - g) for c, g in zip(candidates, got, strict=True)],
-            BoundedLoad(candidates, p.balance_factor, p.balance_slack).limit,
-            bound.id if bound is not None else None,
-            p.load_cost_chars,
-        )
 
     def _pressure(self, engine_id: str, new_chars: int) -> float:
         """Cache pressure of sending `new_chars` uncached prompt chars to an engine, in
@@ -317,11 +305,12 @@ class KvAwarePolicy(PolicyBase):
         """Expected saved prefill (matched chars) against the queueing cost of load and
         the cache pressure, all in prefill chars."""
         got = matched.get(cand.id, 0) * self.params.chunk_chars
-        return (
-            got
-            - self.params.load_cost_chars * self._cost(cand, got)
-            - self._pressure(cand.id, request.prompt_chars - got)
-        )
+        cost = self._cost(cand, got)
+        pressure = self._pressure(cand.id, request.prompt_chars - got)
+        score = got - self.params.load_cost_chars * cost - pressure
+        if self._weighed is not None:
+            self._weighed[cand.id] = (cost, pressure, score)
+        return score
 
     def _by_prefix(
         self,
@@ -381,7 +370,13 @@ class KvAwarePolicy(PolicyBase):
     ) -> Decision:
         scale = 1.0 / self.params.load_cost_chars if self.params.load_cost_chars else 0.0
         chars = request.prompt_chars
-        costs = [self._cost(c) + self._pressure(c.id, chars) * scale for c in candidates]
+        costs = []
+        weighed = self._weighed
+        for c in candidates:
+            cost, pressure = self._cost(c), self._pressure(c.id, chars)
+            costs.append(cost + pressure * scale)
+            if weighed is not None:
+                weighed[c.id] = (cost, pressure, None)
         allowed = [guard.allows(c) for c in candidates]
         if not any(allowed):
             allowed = [True] * len(candidates)
@@ -410,6 +405,8 @@ class KvAwarePolicy(PolicyBase):
         for k in range(n):
             cand = candidates[(start + k) % n]
             cost = self._cost(cand)
+            if self._weighed is not None:
+                self._weighed[cand.id] = (cost, None, None)
             if fallback is None or cost < fallback_cost:
                 fallback, fallback_cost = cand, cost
             if (best is None or cost < best_cost) and guard.allows(cand):

@@ -6,12 +6,10 @@ or prompts that share nothing. The binding is broken only by the bounded-load gu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import reasons
 from .base import Candidate, Decision, PolicyBase, RequestFeatures
-from .explain import Explanation
 from .guard import BoundedLoad
 from .least_conn import least_loaded
 from .session_affinity import SessionAffinity, SessionTable
@@ -64,30 +62,17 @@ class SessionPolicy(PolicyBase):
         bound = affinity.bound(key, candidates, now)
         if bound is None:
             return Decision(self._least_loaded(candidates).id, reasons.SESSION_NEW)
-        if BoundedLoad(candidates, self.balance_factor, self.balance_slack).allows(bound):
-            return Decision(bound.id, reasons.SESSION)
-        return Decision(self._least_loaded(candidates).id, reasons.SPILL)
+        guard = BoundedLoad(candidates, self.balance_factor, self.balance_slack)
+        if guard.allows(bound):
+            return Decision(bound.id, reasons.SESSION, load_bound=guard.limit,
+                            session_engine=bound.id)
+        return Decision(self._least_loaded(candidates).id, reasons.SPILL,
+                        load_bound=guard.limit, session_engine=bound.id)
 
     def _least_loaded(self, candidates: Sequence[Candidate]) -> Candidate:
         # The least loaded engine always passes the guard (its load is at most average).
         self._tie += 1
         return least_loaded(candidates, self._tie)
-
-    def explain(
-        self,
-        request: RequestFeatures,
-        candidates: Sequence[Candidate],
-        decision: Decision,
-        now: float,
-    ) -> Explanation:
-        """Load, the guard's verdict and the session binding (no prefix terms: this
-        policy does not look at the prompt)."""
-        plain = super().explain(request, candidates, decision, now)
-        bound = self._affinity.bound(request.session_key, candidates, now)
-        return replace(
-            plain, load_bound=BoundedLoad(candidates, self.balance_factor,
-                                          self.balance_slack).limit,
-            session_engine=bound.id if bound is not None else None)
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
         self._affinity.bind(request.session_key, decision.engine_id, now)

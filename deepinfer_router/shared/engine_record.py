@@ -73,6 +73,10 @@ class EngineRecord(BaseModel):
     gpus: list[str] = Field(default_factory=list)
     version: str = ""
     kv_events: KvEventsEndpoints | None = None
+    # A directory with the model's tokenizer (tokenizer.json, tokenizer_config.json,
+    # chat_template.jinja) on the engine's host: routers on the same host or a shared
+    # filesystem tokenize prompts with it (deepinfer_router/prompt_tokens/).
+    tokenizer: str | None = Field(None, max_length=4096)
     started_at: float = 0.0
     heartbeat_at: float = 0.0
 

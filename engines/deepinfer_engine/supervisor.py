@@ -134,6 +134,15 @@ class Plan:
     kv_events: KvEventsPlan | None = None  # the KV event feed's sockets (kv_relay.py)
 
 
+def tokenizer_dir(s: LaunchSettings) -> str | None:
+    """The local directory vLLM loads the tokenizer from (its --tokenizer, else MODEL),
+    when it is one: a Hugging Face id has none a router could read."""
+    path = extra_flag(s.extra_args, "--tokenizer") or s.model
+    if path and os.path.isdir(path):
+        return os.path.abspath(path)
+    return None
+
+
 def _kv_events_plan(
     s: LaunchSettings, state: StateDir, engine_id: str, advertise: str,
     entries: list[LaunchEntry],
@@ -503,6 +512,8 @@ class Supervisor:
             url=p.advertise_url, models=[p.command.served_name], capacity=capacity,
             labels=labels, gpus=p.entry.gpus, version=info.version, started_at=time.time(),
             kv_events=p.kv_events.public if p.kv_events is not None else None,
+            # Routers key the feed by token ids: tell them where the tokenizer is.
+            tokenizer=tokenizer_dir(self.s) if p.kv_events is not None else None,
         )
         self.record = record
         if registration is not None:

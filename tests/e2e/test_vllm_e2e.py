@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -181,6 +182,64 @@ def test_router_routes_a_token_prompt_to_the_engine_that_really_holds_it(
         assert status == 200, out
         assert headers.get("x-deepinfer-engine") == rec["id"], (headers, rec["id"])
         assert headers.get("x-deepinfer-route") == "prefix", headers
+
+
+def wait_verified_tokenizer(router: str, within_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
+    while True:
+        _, ready, _ = http_json("GET", router + "/ready")
+        if ready.get("prompt_tokenizers", {}).get(MODEL) == "verified":
+            return ready  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, (ready.get("prompt_tokenizers"),
+                                             ready.get("kv_event_feeds"))
+        time.sleep(0.2)
+
+
+def test_router_tokenizes_chat_and_its_index_agrees_with_vllm(vllm_fleet: Fleet) -> None:
+    """The router tokenizes chat prompts itself (the tokenizer directory `launch` names in
+    the engine record, checked against vLLM's own /tokenize), so chat routing uses what
+    engines really hold: a conversation warmed on one engine directly is routed there,
+    and over a multi-turn conversation through the router every decision's predicted
+    cached tokens (from the KV events) equal what vLLM reports."""
+    router = vllm_fleet.router.url
+    records = [e for e in vllm_fleet.router.engines() if e.get("kv_events")]
+    assert all(r.get("tokenizer") == str(vllm_fleet.model_dir) for r in records), records
+    wait_verified_tokenizer(router)
+    for n, rec in enumerate(records):
+        messages = [{"role": "system", "content": f"chat{n} warms engine {n} only. " * 30},
+                    {"role": "user", "content": "what is a cache?"}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
+        status, out, _ = http_json("POST", rec["url"] + "/v1/chat/completions", body)
+        assert status == 200, out
+        time.sleep(0.5)  # the router's feed sees the stored blocks
+        rid = f"chat-warm-{n}"
+        status, out, headers = http_json("POST", router + "/v1/chat/completions", body,
+                                         headers={"X-Request-Id": rid})
+        assert status == 200, out
+        assert headers.get("x-deepinfer-engine") == rec["id"], (headers, rec["id"])
+        assert headers.get("x-deepinfer-route") == "prefix", headers
+        _, d, _ = http_json("GET", f"{router}/admin/decisions/{rid}")
+        assert d["index"] == "precise" and d["prompt"]["tokens_exact"], d
+        cached = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and d["actual"]["cached_tokens"] == cached, d
+        assert d["predicted_cached_tokens"] == cached, d
+    # a multi-turn conversation through the router: predicted == reported, turn by turn
+    messages = [{"role": "system", "content": "You answer about caches. " * 20}]
+    errors = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"turn {turn}: tell me more " * 3})
+        rid = f"chat-turn-{turn}"
+        body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
+        status, out, _ = http_json("POST", router + "/v1/chat/completions", body,
+                                   headers={"X-Request-Id": rid})
+        assert status == 200, out
+        messages.append({"role": "assistant", "content": out["choices"][0]["message"]["content"]})
+        _, d, _ = http_json("GET", f"{router}/admin/decisions/{rid}")
+        assert d["index"] == "precise", d
+        errors.append(d["actual"]["prediction_error_tokens"])
+        time.sleep(0.5)
+    print(f"[precise] multi-turn prediction errors (tokens): {errors}")
+    assert errors == [0] * 4, errors
 
 
 def test_kv_aware_hit_rate_beats_round_robin(vllm_fleet: Fleet) -> None:

@@ -360,9 +360,10 @@ def _train_tokenizer():  # -> tokenizers.Tokenizer
     return tok
 
 
-def _build(out: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_tokenizer(out: Path):  # -> tokenizers.Tokenizer
+    """Train the byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory
+    (tokenizer.json, tokenizer_config.json, chat_template.jinja); no torch needed."""
+    from transformers import PreTrainedTokenizerFast
 
     tok = _train_tokenizer()
     hf_tok = PreTrainedTokenizerFast(
@@ -377,6 +378,14 @@ def _build(out: Path) -> None:
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
+    return tok
+
+
+def _build(out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(out)
 
     vocab = tok.get_vocab_size()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}

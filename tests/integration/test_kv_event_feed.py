@@ -165,7 +165,7 @@ async def test_mid_stream_gap_is_filled_by_replay() -> None:
     pub_port, replay_port = free_port(), free_port()
     pub.bind(f"tcp://127.0.0.1:{pub_port}")
     router.bind(f"tcp://127.0.0.1:{replay_port}")
-    sent = {seq: _payload(seq, 1) for seq in range(4)}
+    sent: dict[int, bytes] = {}  # what the engine has published (and keeps for replay)
 
     async def replay_server() -> None:  # as vLLM's _service_replay
         while True:
@@ -183,9 +183,13 @@ async def test_mid_stream_gap_is_filled_by_replay() -> None:
                                           f"tcp://127.0.0.1:{replay_port}", "kv"), index, ctx)
     feed.start()
     try:
-        await asyncio.sleep(0.3)
-        for seq in (0, 1, 3):  # 2 never arrives live
-            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), sent[seq]])
+        # Caught up at once from the replay socket: nothing published yet, live and empty
+        await until(lambda: feed.state == "live")
+        assert feed.last_seq == -1
+        for seq in range(4):
+            sent[seq] = _payload(seq, 1)
+            if seq != 2:  # 2 never arrives live
+                await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), sent[seq]])
         await until(lambda: feed.last_seq == 3)
         assert feed.gaps == 1 and feed.state == "live"
         assert index.match(prompt(4), ["e1"])["e1"][0].blocks == 4
@@ -253,10 +257,11 @@ async def test_router_feeds_follow_the_fleet(publishers: list[Publisher],
     try:
         await until(lambda: record.id in feeds.feeds)
         assert set(feeds.feeds) == {record.id}
-        await asyncio.sleep(0.3)
-        pub.store(0, 2)
+        # An idle engine's feed is live at once (caught up from its replay socket)
         await until(lambda: feeds.precise(record.id))
         assert feeds.states() == {record.id: "live"}
+        pub.store(0, 2)
+        await until(lambda: record.id in feeds.index.match(prompt(2), [record.id]))
         assert feeds.index.match(prompt(2), [record.id])[record.id][0].blocks == 2
         # What routing is told: per candidate, the prompt chars the engine really holds
         # (the request's own chars per token); a live feed holding none says 0.

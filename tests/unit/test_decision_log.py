@@ -5,64 +5,70 @@ from __future__ import annotations
 
 import pytest
 
-from deepinfer_router.decision_log import DecisionLog, grade, predicted_tokens
+from deepinfer_router.decision_log import DecisionLog, grade, reportable
 from deepinfer_router.proxy.usage import cached_tokens_in
 from deepinfer_router.routing.base import Candidate, Decision, RequestFeatures
-from deepinfer_router.routing.explain import Explanation
+from deepinfer_router.routing.explain import explain
 from deepinfer_router.routing.features import request_features
 from deepinfer_router.routing.kv_aware import KvAwareParams, KvAwarePolicy
 from deepinfer_router.routing.session import SessionPolicy
 
 
-def explanation(*cands: tuple[str, int, int | None]) -> Explanation:
-    """(engine, cached chars, precise tokens or None) per candidate, blocks of 16."""
-    built = []
-    for engine, _, tokens in cands:
+def fleet(*cands: tuple[str, int | None]) -> list[Candidate]:
+    """(engine, precise tokens or None) per candidate, blocks of 16."""
+    out = []
+    for engine, tokens in cands:
         c = Candidate(engine, "i-" + engine, block_size=16)
         if tokens is not None:
             c.precise_cached_chars, c.precise_cached_tokens = tokens * 4, tokens
-        built.append(c)
-    return Explanation(built, [chars for _, chars, _ in cands], [0.0] * len(cands),
-                       [0.0] * len(cands), 2.0, None)
+        out.append(c)
+    return out
 
 
-def features(chars: int, ids: tuple[int, ...] | None = None) -> RequestFeatures:
-    return RequestFeatures(model="m", prompt_chars=chars, prompt_token_ids=ids)
+def decided(engine: str, reason: str, held_chars: dict[str, int]) -> Decision:
+    """A decision whose policy counted `held_chars` cached per engine (chunks of 64)."""
+    return Decision(engine, reason, held={e: c // 64 for e, c in held_chars.items()},
+                    chunk_chars=64)
 
 
 def test_the_estimate_becomes_what_vllm_can_report_cached() -> None:
-    # 1000 chars at 4 per token = 250 tokens, whole blocks of 16: 240
-    assert predicted_tokens(1000, 10_000, 4.0, 16) == 240
-    # never the prompt's last token: a prompt of 100 tokens, all "cached", reports 96
-    assert predicted_tokens(400, 100, 4.0, 16) == 96
-    assert predicted_tokens(400, 97, 4.0, 16) == 96
-    assert predicted_tokens(0, 100, 4.0, 16) == 0
-    assert predicted_tokens(60, 100, 4.0, 16) == 0  # less than a block
+    assert reportable(250, 10_000, 16) == 240  # whole blocks
+    # never the block holding the prompt's last token: 100 tokens all held -> 96
+    assert reportable(100, 100, 16) == 96
+    assert reportable(100, 97, 16) == 96
+    assert reportable(32, 32, 16) == 16
+    assert reportable(0, 100, 16) == 0
+    assert reportable(15, 100, 16) == 0  # less than a block
 
 
 def test_predictions_use_precise_figures_where_present() -> None:
     log = DecisionLog(8, 4.0)
-    exp = explanation(("a", 4000, 512), ("b", 4000, None))
-    rec = log.record("r1", "kv-aware", features(8000), Decision("a", "prefix", 4000), exp, 0,
-                     1.0)
-    assert rec.predicted == {"a": 512, "b": 992}  # b: 1000 tokens, whole blocks
-    assert rec.prompt_tokens == 2000 and not rec.prompt_tokens_exact
+    rec = log.record("r1", "m", "kv-aware", decided("a", "prefix", {"a": 4032, "b": 4032}),
+                     fleet(("a", 512), ("b", None)), 8000, 0, 0, 1.0)
+    assert rec.predicted() == {"a": 512, "b": 1008}  # b: 4032/4 tokens, whole blocks
+    assert rec.prompt_tokens == 2000
     body = rec.to_json()
     assert body["index"] == "precise" and body["predicted_cached_tokens"] == 512
     assert [c["index"] for c in body["candidates"]] == ["precise", "approximate"]
+    assert body["prompt"] == {"chars": 8000, "tokens": 2000, "tokens_exact": False}
     assert body["actual"] is None
-    exact = log.record("r2", "kv-aware", features(80, tuple(range(20))),
-                       Decision("a", "prefix"), exp, 0, 1.0)
-    assert exact.prompt_tokens == 20 and exact.prompt_tokens_exact
+    exact = log.record("r2", "m", "kv-aware", Decision("a", "prefix"), fleet(("a", None)),
+                       80, 20, 0, 1.0)
+    assert exact.prompt_tokens == 20 and exact.to_json()["prompt"]["tokens_exact"]
+    # the engine holds both blocks of a 32-token prompt it saw before, but reuses only
+    # the first: the block with the last token is computed again
+    again = log.record("r3", "m", "kv-aware", Decision("a", "prefix"), fleet(("a", 32)),
+                       128, 32, 0, 1.0)
+    assert again.predicted() == {"a": 16}
 
 
 def test_the_ring_keeps_the_newest_and_a_retry_replaces_its_attempt() -> None:
     log = DecisionLog(3, 4.0)
-    exp = explanation(("a", 0, None))
     for i in range(5):
-        log.record(f"r{i}", "p", features(10), Decision("a", "least-conn"), exp, 0, float(i))
+        log.record(f"r{i}", "m", "p", Decision("a", "least-conn"), fleet(("a", None)), 10, 0,
+                   0, float(i))
     assert len(log) == 3 and log.get("r0") is None and log.get("r1") is None
-    log.record("r2", "p", features(10), Decision("a", "least-conn"), exp, 1, 9.0)
+    log.record("r2", "m", "p", Decision("a", "least-conn"), fleet(("a", None)), 10, 0, 1, 9.0)
     assert len(log) == 3
     assert [r.request_id for r in log.recent(10)] == ["r2", "r4", "r3"]
     assert log.get("r2") is not None and log.get("r2").attempt == 1  # type: ignore[union-attr]
@@ -73,8 +79,8 @@ def test_the_ring_keeps_the_newest_and_a_retry_replaces_its_attempt() -> None:
 
 def test_grading_error_and_misroutes() -> None:
     log = DecisionLog(8, 4.0)
-    exp = explanation(("a", 0, 0), ("b", 2560, 640))
-    rec = log.record("r", "kv-aware", features(4000), Decision("a", "spill"), exp, 0, 1.0)
+    rec = log.record("r", "m", "kv-aware", Decision("a", "spill"),
+                     fleet(("a", 0), ("b", 640)), 4000, 0, 0, 1.0)
     g = grade(rec, 0)
     assert (g.error_tokens, g.misroute, g.best_other_tokens) == (0, True, 640)
     assert rec.to_json()["actual"] == {"cached_tokens": 0, "prediction_error_tokens": 0,
@@ -83,8 +89,8 @@ def test_grading_error_and_misroutes() -> None:
     assert not grade(rec, 640 - 16).misroute
     assert grade(rec, 640 - 17).misroute
     # over-prediction is positive error
-    exp2 = explanation(("a", 1280, 320), ("b", 0, 0))
-    rec2 = log.record("r2", "kv-aware", features(4000), Decision("a", "prefix"), exp2, 0, 1.0)
+    rec2 = log.record("r2", "m", "kv-aware", Decision("a", "prefix"),
+                      fleet(("a", 320), ("b", 0)), 4000, 0, 0, 1.0)
     g2 = grade(rec2, 288)
     assert g2.error_tokens == 32 and not g2.misroute
 
@@ -114,32 +120,37 @@ def kv_request(policy: KvAwarePolicy, text: str) -> RequestFeatures:
     return policy.prompt_features({"prompt": text}, "m", None)
 
 
-def test_kv_aware_explains_the_decision_it_made_without_changing_state() -> None:
+def test_kv_aware_decisions_carry_what_it_weighed() -> None:
     policy = KvAwarePolicy(KvAwareParams(chunk_chars=64))
+    policy.explaining = True
     cands = [Candidate("a", "ia", kv_capacity_chars=100_000),
              Candidate("b", "ib", kv_capacity_chars=100_000, inflight=2)]
     prompt = "shared system prompt " * 40
     first = kv_request(policy, prompt)
     d1 = policy.select(first, cands, 0.0)
+    assert d1.reason == "new-prefix" and d1.weighed is not None and len(d1.weighed) == 2
     policy.on_routed(first, d1, 0.0)
     policy.on_complete(first, d1.engine_id, True, 0.1)
     again = kv_request(policy, prompt + " and a question")
     d2 = policy.select(again, cands, 1.0)
-    sizes = policy.state_sizes()
-    exp = policy.explain(again, cands, d2, 1.0)
-    assert policy.state_sizes() == sizes  # explaining changed nothing
-    assert d2.reason == "prefix" and d2.held is not None
-    by = {t.engine: t for t in exp.terms()}
+    assert d2.reason == "prefix" and d2.held is not None and d2.load_bound is not None
+    by = {t.engine: t for t in explain(cands, d2)}
     assert by[d2.engine_id].cached_chars == d2.matched_chars > 0
     assert not by[d2.engine_id].precise and by[d2.engine_id].cached_tokens is None
     # the chosen engine has the best score among those within the bound
-    allowed = [t for t in exp.terms() if t.within_bound]
+    allowed = [t for t in by.values() if t.within_bound]
     assert max(allowed, key=lambda t: t.score or 0.0).engine == d2.engine_id
-    assert by["b"].load == 2.0 and exp.load_bound is not None
+    assert by["b"].load == 2.0 and by["b"].load_cost is not None
+    # without `explaining` the decision is the same, and carries nothing extra
+    policy.explaining = False
+    plain = policy.select(again, cands, 1.0)
+    assert (plain.engine_id, plain.reason) == (d2.engine_id, d2.reason)
+    assert plain.weighed is None and plain.held is None
 
 
 def test_kv_aware_explanation_names_precise_figures_and_the_session() -> None:
     policy = KvAwarePolicy(KvAwareParams(chunk_chars=64))
+    policy.explaining = True
     cands = [Candidate("a", "ia", kv_capacity_chars=100_000),
              Candidate("b", "ib", kv_capacity_chars=100_000)]
     req = request_features({"prompt": "x" * 1000}, "m", "conv-1", with_prompt=True,
@@ -149,20 +160,21 @@ def test_kv_aware_explanation_names_precise_figures_and_the_session() -> None:
     cands[0].precise_cached_chars, cands[0].precise_cached_tokens = 640, 160
     cands[1].precise_cached_chars, cands[1].precise_cached_tokens = 0, 0
     d2 = policy.select(req, cands, 1.0)
-    exp = policy.explain(req, cands, d2, 1.0)
-    assert exp.session_engine == d.engine_id
-    by = {t.engine: t for t in exp.terms()}
+    assert d2.session_engine == d.engine_id
+    by = {t.engine: t for t in explain(cands, d2)}
     assert by["a"].precise and by["a"].cached_tokens == 160 and by["a"].cached_chars == 640
     assert by["b"].precise and by["b"].cached_chars == 0
+    if d2.reason == "session":  # kept on its engine: nothing else was weighed
+        assert all(t.load_cost is None for t in by.values())
 
 
-def test_session_policy_explains_load_guard_and_binding() -> None:
+def test_session_policy_decisions_carry_the_guard_and_binding() -> None:
     policy = SessionPolicy()
     cands = [Candidate("a", "ia", inflight=5), Candidate("b", "ib")]
     req = RequestFeatures(model="m", session_key="s")
     d = policy.select(req, cands, 0.0)
     policy.on_routed(req, d, 0.0)
-    exp = policy.explain(req, cands, policy.select(req, cands, 1.0), 1.0)
-    assert exp.session_engine == "b" and exp.load_bound is not None
-    assert [(t.engine, t.load, t.within_bound) for t in exp.terms()] == [
+    d2 = policy.select(req, cands, 1.0)
+    assert d2.session_engine == "b" and d2.load_bound is not None
+    assert [(t.engine, t.load, t.within_bound) for t in explain(cands, d2)] == [
         ("a", 5.0, False), ("b", 0.0, True)]

@@ -1,0 +1,159 @@
+"""Which models the router tokenizes itself, with which tokenizer, and whether it agrees
+with the engines'.
+
+Only models with at least one engine whose KV event feed is live need token ids (the
+precise index is keyed by them); for each, a tokenizer directory is taken from
+`--tokenizer MODEL=DIR`, else from the engine record's `tokenizer` (a directory
+`deepinfer-engine launch` names when it serves a local model directory; used only where
+it exists on this host, e.g. one machine or a shared filesystem). It is loaded off the
+event loop and checked once against an engine's own `POST /tokenize` on a probe chat and
+a probe text: only a tokenizer whose ids are identical is used. A model without one, or
+whose check failed, keeps the approximate index (retried every `retry_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ..shared.engine_record import EngineRecord
+from .tokenizer import PromptTokenizer, TokenizerUnavailable, probe_conversation, probe_text
+
+log = logging.getLogger("deepinfer.prompt_tokens")
+
+
+class PromptTokenizers:
+    """A service (start/close)."""
+
+    def __init__(
+        self,
+        records: Callable[[], Iterable[EngineRecord]],
+        precise: Callable[[str], bool],
+        client: Callable[[], aiohttp.ClientSession],
+        *,
+        configured: Mapping[str, str] | None = None,
+        from_engines: bool = True,
+        engine_headers: Mapping[str, str] | None = None,
+        interval_s: float = 2.0,
+        retry_s: float = 60.0,
+        probe_timeout_s: float = 10.0,
+    ) -> None:
+        self._records = records
+        self._precise = precise
+        self._client = client
+        self._configured = dict(configured or {})
+        self._from_engines = from_engines
+        self._headers = dict(engine_headers or {})
+        self._interval = interval_s
+        self._retry_s = retry_s
+        self._probe_timeout = probe_timeout_s
+        self.ready: dict[str, PromptTokenizer] = {}  # the hot path reads only this
+        self._states: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, model: str) -> PromptTokenizer | None:
+        return self.ready.get(model)
+
+    def prompt_ids(self, model: str, body: Mapping[str, Any]) -> list[int] | None:
+        tok = self.ready.get(model)
+        return tok.prompt_ids(body) if tok is not None else None
+
+    def states(self) -> dict[str, str]:
+        """Per model that needs one: verified, loading, or why not."""
+        return dict(sorted(self._states.items()))
+
+    async def sync(self) -> None:
+        now = time.monotonic()
+        wanted: dict[str, EngineRecord] = {}
+        for record in self._records():
+            if record.kv_events is None or not self._precise(record.id):
+                continue
+            for model in record.models:
+                wanted.setdefault(model, record)
+        for model in list(self.ready):
+            if model not in wanted:  # no engine publishes any more: nothing to look up
+                del self.ready[model]
+                self._states.pop(model, None)
+        for model, record in wanted.items():
+            if model in self.ready or now < self._retry_at.get(model, 0.0):
+                continue
+            self._retry_at[model] = now + self._retry_s
+            await self._resolve(model, record)
+
+    async def _resolve(self, model: str, record: EngineRecord) -> None:
+        path = self._configured.get(model)
+        if path is None and self._from_engines and record.tokenizer:
+            path = record.tokenizer
+        if path is None or not await asyncio.to_thread(Path(path).is_dir):
+            self._states[model] = ("no tokenizer (--tokenizer MODEL=DIR, or an engine "
+                                   "record naming a directory on this host)")
+            return
+        self._states[model] = "loading"
+        try:
+            tok = await asyncio.to_thread(PromptTokenizer.from_dir, path)
+        except TokenizerUnavailable as exc:
+            self._states[model] = f"unusable tokenizer: {exc}"[:300]
+            log.warning("model %s: tokenizer at %s unusable: %s", model, path, exc)
+            return
+        problem = await self._verify(model, tok, record)
+        if problem is not None:
+            self._states[model] = f"disagrees with engine {record.id}: {problem}"[:300]
+            log.warning("model %s: the tokenizer at %s disagrees with engine %s (%s); "
+                        "routing keeps the approximate index for it", model, path,
+                        record.id, problem)
+            return
+        self.ready[model] = tok
+        self._states[model] = "verified"
+        log.info("model %s: prompts tokenized in the router (%s), checked against engine "
+                 "%s", model, path, record.id)
+
+    async def _verify(self, model: str, tok: PromptTokenizer, record: EngineRecord
+                      ) -> str | None:
+        """None when the engine's /tokenize gives the same ids for the probes."""
+        checks: list[tuple[str, dict[str, Any], list[int] | None]] = [
+            ("text", {"model": model, "prompt": probe_text()}, tok.text_ids(probe_text()))]
+        if tok.has_chat_template:
+            chat = {"model": model, "messages": probe_conversation(),
+                    "add_generation_prompt": True}
+            checks.append(("chat", chat, tok.chat_ids(chat)))
+        for kind, body, mine in checks:
+            try:
+                async with asyncio.timeout(self._probe_timeout):
+                    async with self._client().post(record.url + "/tokenize", json=body,
+                                                   headers=self._headers) as resp:
+                        if resp.status != 200:
+                            return f"{kind} probe: /tokenize answered {resp.status}"
+                        answer = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                return f"{kind} probe: {type(exc).__name__}: {exc}"[:200]
+            theirs = answer.get("tokens") if isinstance(answer, dict) else None
+            if theirs != mine:
+                return f"{kind} probe ids differ (router {len(mine or [])}, engine " \
+                       f"{len(theirs) if isinstance(theirs, list) else '?'})"
+        return None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # never let following the fleet stop
+                log.exception("syncing prompt tokenizers failed")
+            await asyncio.sleep(self._interval)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="prompt-tokenizers")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.ready.clear()

@@ -1,0 +1,237 @@
+"""One model's prompts as token ids, the way vLLM makes them: the chat template rendered
+with the model's special tokens, then encoded without special tokens (chat); a text
+prompt encoded with them (completions).
+
+The tokenizer is Hugging Face `tokenizers` (Rust; the library vLLM's fast tokenizers are
+built on) and the template is rendered by jinja2's immutable sandbox with the same
+settings, filters and globals `transformers` uses, so the ids match vLLM's; the router
+checks that they do before using them (service.py).
+
+Repeated prompt parts cost almost nothing: the rendered text is cut at the tokenizer's
+special tokens (which the tokenizer itself splits out before anything else, so each piece
+encodes the same alone as within the whole) and the ids of each long piece are kept in a
+bounded LRU: a shared system prompt or a conversation's earlier turns are encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
+
+MAX_FILE_BYTES = 64 << 20  # tokenizer.json of the largest vocabularies is ~20 MiB
+_MIN_CACHED_PIECE = 64  # shorter pieces encode faster than a cache lookup pays back
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Request fields that change what vLLM renders in ways not reproduced here: such
+# requests keep the approximate index.
+_CHAT_UNSUPPORTED = ("tools", "documents", "chat_template", "chat_template_kwargs",
+                     "continue_final_message", "mm_processor_kwargs")
+
+
+class TokenizerUnavailable(Exception):
+    """A model directory without a usable tokenizer or chat template."""
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _read(path: Path) -> str:
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise TokenizerUnavailable(f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB")
+    return path.read_text(encoding="utf-8")
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # as transformers: jinja's own tojson escapes HTML characters
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it (apply_chat_template)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class PromptTokenizer:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        chat_template: str | None,
+        special_tokens: Mapping[str, str],
+        *,
+        cache_entries: int = 4096,
+        cache_chars: int = 32 << 20,
+    ) -> None:
+        self._tok = tokenizer
+        self._template = compile_template(chat_template) if chat_template else None
+        self._special_vars = dict(special_tokens)
+        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._cache_entries = cache_entries
+        self._cache_chars = cache_chars
+        self._cached_chars = 0
+        self._specials: dict[str, int] = {}
+        splittable = True
+        for token_id, added in tokenizer.get_added_tokens_decoder().items():
+            if added.special:
+                self._specials[added.content] = token_id
+                # A token that eats neighbouring spaces, or one normalised first, does not
+                # cut the text cleanly: encode whole.
+                if added.lstrip or added.rstrip or added.single_word or added.normalized:
+                    splittable = False
+        self._split = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(
+                self._specials, key=len, reverse=True)) + ")")
+            if splittable and self._specials else None
+        )
+        # What the post-processor adds to a text prompt: only a fixed prefix (BOS, or
+        # nothing) is reproduced piecewise; anything else encodes the whole text.
+        bare = tokenizer.encode("a", add_special_tokens=False).ids
+        full = tokenizer.encode("a", add_special_tokens=True).ids
+        n = len(full) - len(bare)
+        self._text_prefix: tuple[int, ...] | None = (
+            tuple(full[:n]) if n >= 0 and full[n:] == bare else None)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> PromptTokenizer:
+        """Load from a model directory (blocking: call it off the event loop)."""
+        root = Path(path)
+        try:
+            tok = tokenizers.Tokenizer.from_str(_read(root / "tokenizer.json"))
+            config: dict[str, Any] = {}
+            if (root / "tokenizer_config.json").is_file():
+                config = json.loads(_read(root / "tokenizer_config.json"))
+            template = config.get("chat_template")
+            if (root / "chat_template.jinja").is_file():
+                template = _read(root / "chat_template.jinja")
+            if not isinstance(template, str):  # named templates, or none
+                template = None
+            special = {k: text for k in _SPECIAL_KEYS
+                       if (text := _token_text(config.get(k))) is not None}
+            return cls(tok, template, special)
+        except TokenizerUnavailable:
+            raise
+        except Exception as exc:  # files from disk: any parse error refuses
+            raise TokenizerUnavailable(f"{root}: {exc}") from None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    # --- prompts ------------------------------------------------------------------------
+    def chat_ids(self, body: Mapping[str, Any]) -> list[int] | None:
+        """A chat request's prompt ids, or None where this cannot reproduce vLLM's: no
+        template, options it does not render, or messages not plain role/content text."""
+        if self._template is None or any(body.get(k) is not None for k in _CHAT_UNSUPPORTED):
+            return None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        for m in messages:
+            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                    or not isinstance(m.get("content"), str)
+                    or any(k not in ("role", "content", "name") for k in m)):
+                return None
+        add_generation_prompt = body.get("add_generation_prompt", True)
+        if not isinstance(add_generation_prompt, bool):
+            return None
+        try:
+            text = self._template.render(
+                messages=messages, tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt, **self._special_vars)
+        except Exception:  # a template may raise anything on odd input
+            return None
+        return self.encode(text, add_special_tokens=False)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        """A completions prompt's ids (special tokens added, as vLLM does by default)."""
+        if self._text_prefix is None:
+            return list(self._tok.encode(prompt, add_special_tokens=True).ids)
+        return [*self._text_prefix, *self.encode(prompt, add_special_tokens=False)]
+
+    def prompt_ids(self, body: Mapping[str, Any]) -> list[int] | None:
+        """A chat or completions body's prompt ids; None where not reproducible."""
+        if "messages" in body:
+            return self.chat_ids(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True:
+            return self.text_ids(prompt)
+        return None
+
+    # --- encoding -----------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        if add_special_tokens:
+            return self.text_ids(text)
+        split = self._split
+        if split is None:
+            return self._piece(text)
+        out: list[int] = []
+        specials = self._specials
+        for piece in split.split(text):
+            if not piece:
+                continue
+            special = specials.get(piece)
+            if special is not None:
+                out.append(special)
+            else:
+                out.extend(self._piece(piece))
+        return out
+
+    def _piece(self, text: str) -> list[int]:
+        if len(text) < _MIN_CACHED_PIECE:
+            return list(self._tok.encode(text, add_special_tokens=False).ids)
+        cache = self._cache
+        hit = cache.get(text)
+        if hit is not None:
+            cache.move_to_end(text)
+            return list(hit)
+        ids = tuple(self._tok.encode(text, add_special_tokens=False).ids)
+        if len(text) <= self._cache_chars // 4:  # one piece never fills the cache
+            cache[text] = ids
+            self._cached_chars += len(text)
+            while len(cache) > self._cache_entries or self._cached_chars > self._cache_chars:
+                old, _ = cache.popitem(last=False)
+                self._cached_chars -= len(old)
+        return list(ids)
+
+    def cache_size(self) -> tuple[int, int]:
+        """(pieces, characters) held by the LRU."""
+        return len(self._cache), self._cached_chars
+
+
+def probe_conversation() -> list[dict[str, str]]:
+    """The conversation the router renders and asks an engine to tokenize, to check that
+    both agree: several roles and turns, spaces, newlines, digits and non-ASCII text."""
+    return [
+        {"role": "system", "content": "You are a careful assistant. Answer in two lines."},
+        {"role": "user", "content": "Hello! What is 12 + 30?\nAlso: café, naïve, 東京."},
+        {"role": "assistant", "content": "42.  And those words are fine."},
+        {"role": "user", "content": "  Thanks —  one more:  tabs\tand spaces. "},
+    ]
+
+
+def probe_text() -> str:
+    return "The quick brown fox, 12 lazy dogs\nand a café in 東京.  End."

@@ -1,0 +1,125 @@
+"""The router's prompt tokenizer gives exactly the ids transformers gives (which vLLM
+uses): chat templates rendered alike, special tokens split alike, the piece cache
+invisible; requests it cannot reproduce are refused (None), never guessed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepinfer_router.prompt_tokens.tokenizer import (
+    PromptTokenizer,
+    TokenizerUnavailable,
+    probe_conversation,
+    probe_text,
+)
+from tests.e2e.tiny_model import build_tokenizer
+
+transformers = pytest.importorskip("transformers")
+SHARED_FIXTURES = [HealthCheck.function_scoped_fixture]  # module-scoped: safe to share
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer_dir: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def mine(tokenizer_dir: Path) -> PromptTokenizer:
+    return PromptTokenizer.from_dir(tokenizer_dir)
+
+
+def chat_reference(reference: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def test_probes_match_transformers(mine: PromptTokenizer, reference: Any) -> None:
+    conv = probe_conversation()
+    assert mine.chat_ids({"messages": conv}) == chat_reference(reference, conv)
+    assert mine.text_ids(probe_text()) == reference(probe_text())["input_ids"]
+
+
+_text = st.lists(
+    st.sampled_from([*"abc xyz\n\t.,!?'-_0123456789éß東京🙂<|>", "<|end|>", "<s>", "  "]),
+    max_size=120).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), _text),
+                min_size=1, max_size=5))
+def test_any_conversation_matches_transformers(
+        mine: PromptTokenizer, reference: Any, turns: list[tuple[str, str]]) -> None:
+    messages = [{"role": r, "content": c} for r, c in turns]
+    assert mine.chat_ids({"messages": messages}) == chat_reference(reference, messages)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(_text.filter(bool))
+def test_any_text_matches_transformers(mine: PromptTokenizer, reference: Any, text: str) -> None:
+    assert mine.text_ids(text) == reference(text)["input_ids"]
+
+
+def test_repeated_pieces_come_from_the_cache_and_give_the_same_ids(
+        tokenizer_dir: Path, reference: Any) -> None:
+    tok = PromptTokenizer.from_dir(tokenizer_dir)
+    system = {"role": "system", "content": "You are a helpful assistant. " * 200}
+    first = [system, {"role": "user", "content": "question one " * 10}]
+    a = tok.chat_ids({"messages": first})
+    pieces, chars = tok.cache_size()
+    assert pieces >= 1 and chars >= len(system["content"])
+    second = [*first, {"role": "assistant", "content": "answer"},
+              {"role": "user", "content": "question two " * 10}]
+    b = tok.chat_ids({"messages": second})
+    assert b == chat_reference(reference, second)
+    assert b[: len(a) - 1] == a[: len(a) - 1]  # the next turn extends the previous prompt
+
+
+def test_the_piece_cache_is_bounded(tokenizer_dir: Path) -> None:
+    base = PromptTokenizer.from_dir(tokenizer_dir)
+    tok = PromptTokenizer(base._tok, None, {}, cache_entries=3, cache_chars=10_000)
+    for i in range(10):
+        tok.text_ids(f"document {i} " + "lorem ipsum dolor " * 20)
+    pieces, chars = tok.cache_size()
+    assert pieces <= 3 and chars <= 10_000
+
+
+def test_requests_it_cannot_reproduce_are_refused(mine: PromptTokenizer) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    assert mine.prompt_ids({"messages": msgs}) is not None
+    for extra in ({"tools": [{"type": "function"}]}, {"chat_template": "x"},
+                  {"chat_template_kwargs": {"a": 1}}, {"continue_final_message": True},
+                  {"add_generation_prompt": "yes"}):
+        assert mine.prompt_ids({"messages": msgs, **extra}) is None, extra
+    for messages in ([], [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                     [{"role": "user", "content": "hi", "tool_calls": []}],
+                     [{"role": 1, "content": "hi"}], "hi", [None]):
+        assert mine.prompt_ids({"messages": messages}) is None, messages
+    assert mine.prompt_ids({"prompt": [1, 2, 3]}) is None  # ids already
+    assert mine.prompt_ids({"prompt": "x", "add_special_tokens": False}) is None
+    assert mine.prompt_ids({}) is None
+
+
+def test_a_template_that_raises_refuses_instead_of_failing(tokenizer_dir: Path) -> None:
+    base = PromptTokenizer.from_dir(tokenizer_dir)
+    tok = PromptTokenizer(base._tok, "{{ raise_exception('no system role') }}", {})
+    assert tok.chat_ids({"messages": [{"role": "system", "content": "x"}]}) is None
+
+
+def test_unusable_directories_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerUnavailable):
+        PromptTokenizer.from_dir(tmp_path)  # nothing there
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerUnavailable):
+        PromptTokenizer.from_dir(tmp_path)
