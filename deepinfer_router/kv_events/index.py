@@ -24,6 +24,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 import xxhash
@@ -103,13 +104,14 @@ class Match:
 class EngineBlocks:
     """One engine's blocks: engine hash -> router key, router key -> tiers."""
 
-    __slots__ = ("block_sizes", "by_engine_hash", "max_blocks", "tiers")
+    __slots__ = ("block_sizes", "by_engine_hash", "max_blocks", "other_tiers", "tiers")
 
     def __init__(self, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
         self.max_blocks = max_blocks
         self.by_engine_hash: OrderedDict[tuple[int, BlockHash], int] = OrderedDict()
         self.tiers: dict[int, int] = {}  # router key -> tier bits
         self.block_sizes: set[int] = set()
+        self.other_tiers = False  # any block stored outside GPU memory since the last clear
 
     def __len__(self) -> int:
         return len(self.by_engine_hash)
@@ -117,6 +119,7 @@ class EngineBlocks:
     def clear(self) -> None:
         self.by_engine_hash.clear()
         self.tiers.clear()
+        self.other_tiers = False
 
     def apply(self, event: Event) -> None:
         if isinstance(event, BlockStored):
@@ -146,6 +149,8 @@ class EngineBlocks:
             self.by_engine_hash.move_to_end(slot)
             self.tiers[key] = self.tiers.get(key, 0) | tier
             parent = key
+        if tier != GPU:
+            self.other_tiers = True
         while len(self.by_engine_hash) > self.max_blocks:
             _, key = self.by_engine_hash.popitem(last=False)
             self.tiers.pop(key, None)
@@ -165,14 +170,14 @@ class EngineBlocks:
                 del self.by_engine_hash[slot]
 
     def match(self, keys: Sequence[int]) -> Match:
-        m = Match()
-        for key in keys:
-            tiers = self.tiers.get(key)
-            if not tiers:
-                break
-            m.blocks += 1
-            if not tiers & GPU:
-                m.other_tier_blocks += 1
+        # The walk runs in C (takewhile over the dict's own __contains__): every key in
+        # `tiers` has a tier bit set (one whose last tier goes is removed). The tiers of
+        # the held blocks are read only where some block sits outside GPU memory.
+        held = len(list(takewhile(self.tiers.__contains__, keys)))
+        m = Match(blocks=held)
+        if held and self.other_tiers:
+            tiers = self.tiers
+            m.other_tier_blocks = sum(1 for k in keys[:held] if not tiers[k] & GPU)
         return m
 
 

@@ -29,8 +29,10 @@ from .failures import EngineFailure, EngineTimeout, Retryable, UpstreamFailure
 
 log = logging.getLogger("deepinfer.proxy")
 
-# Longer prompts (characters) are tokenized off the event loop: ~20k tokens, a few ms.
-_INLINE_TOKENIZE_CHARS = 1 << 16
+# Longer prompts (characters) are tokenized off the event loop (the tokenizer releases
+# the GIL): 8k characters of text never seen before take ~2 ms to encode, more would
+# stall every other request (benchmarks/precise_decision.py).
+_INLINE_TOKENIZE_CHARS = 1 << 13
 
 
 class Dispatcher:
