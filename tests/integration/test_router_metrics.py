@@ -36,8 +36,13 @@ CONTRACT: dict[str, set[str]] = {
     "deepinfer_registry_up": set(),
     "deepinfer_event_loop_lag_seconds": set(),
     "deepinfer_routing_state_entries": {"table"},
+    "deepinfer_cache_prediction_error_tokens": set(),
+    "deepinfer_engine_kv_index": {"engine", "index"},
+    # deepinfer_misroutes_total{reason} appears with its first misroute:
+    # tests/integration/test_decisions_api.py
 }
-HISTOGRAMS = {name for name in CONTRACT if name.endswith("_seconds")}
+HISTOGRAMS = {name for name in CONTRACT
+              if name.endswith("_seconds") or name == "deepinfer_cache_prediction_error_tokens"}
 # Counters and histograms whose label sets only appear once something is counted.
 ENGINE_STATES = {"healthy", "unhealthy", "ejected", "draining", "pending"}
 
