@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import xxhash
 
+from .kv_events import Removed, SimEvent, Stored
+
 # Seed of every chain (vLLM's NONE_HASH); any constant works within one engine.
 ROOT_HASH = 0x5EED_DEE9_1F00
 
@@ -62,6 +64,9 @@ class KVCache:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, Block] = {}
         self.evictions = 0
+        # Where the cache reports what it starts and stops caching (kv_events.py), for
+        # an engine that publishes KV events; None: nobody listens.
+        self.events: list[SimEvent] | None = None
 
     # --- views -------------------------------------------------------------------------
     @property
@@ -125,18 +130,23 @@ class KVCache:
                 if cached.get(block.block_hash) is block:
                     del cached[block.block_hash]
                     self.evictions += 1
+                    if self.events is not None:
+                        self.events.append(Removed(block.block_hash))
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
         return out
 
-    def cache_block(self, block: Block, block_hash: int) -> None:
+    def cache_block(self, block: Block, block_hash: int, parent_hash: int | None = None,
+                    token_ids: Sequence[int] = ()) -> None:
         """A block just became full: make it findable by its chained hash. When another
-        block already caches the same prefix, the first one stays the cached copy."""
+        block already caches the same prefix, the first one stays the cached copy.
+        `parent_hash` (None for a first block) and `token_ids` go into the event."""
         if block.block_hash is not None:
             return
         block.block_hash = block_hash
-        self._cached.setdefault(block_hash, block)
+        if self._cached.setdefault(block_hash, block) is block and self.events is not None:
+            self.events.append(Stored(block_hash, parent_hash, tuple(token_ids)))
 
     def free(self, blocks: Sequence[Block]) -> None:
         """Release a request's blocks, tail first: the tail is evicted before the head."""

@@ -32,7 +32,7 @@ from typing import Literal
 
 from .cost import CostModel
 from .kv_cache import ROOT_HASH, Block, KVCache, block_hashes, hash_block
-from .tokenizer import filler_offset, filler_token
+from .tokenizer import filler_offset, filler_token, token_id
 
 FinishReason = Literal["length", "stop", "abort"]
 
@@ -371,8 +371,13 @@ class SimEngine:
             full = req.num_computed // bs
             if full > req.num_cached_blocks:
                 hashes, blocks = req.block_hashes, req.blocks
+                events = kv.events is not None
                 for j in range(req.num_cached_blocks, full):
-                    kv.cache_block(blocks[j], hashes[j])
+                    if events:  # the event names the block's parent and its token ids
+                        kv.cache_block(blocks[j], hashes[j], hashes[j - 1] if j else None,
+                                       [token_id(t) for t in req.all_tokens[j * bs:(j + 1) * bs]])
+                    else:
+                        kv.cache_block(blocks[j], hashes[j])
                 req.num_cached_blocks = full
             if req.num_computed < req.num_tokens:
                 continue  # a prefill chunk: no token yet

@@ -45,6 +45,7 @@ from .protocol import (
     parse_embedding,
 )
 from .settings import FAULT_FIELDS, SimSettings
+from .tokenizer import token_id
 
 log = logging.getLogger("deepinfer.engine.sim")
 
@@ -459,7 +460,7 @@ async def tokenize_route(request: web.Request) -> web.Response:
         _check_model(state, body.get("model"))
     except ApiError as exc:
         return _error(exc)
-    ids = [xxhash.xxh32_intdigest(t.encode()) % 128_000 for t in tokens]
+    ids = [token_id(t) for t in tokens]
     return _json({"count": len(ids), "max_model_len": state.engine.max_model_len,
                   "tokens": ids, "token_strs": None})
 

@@ -53,6 +53,17 @@ def token_ids_as_tokens(ids: Sequence[int]) -> list[str]:
     return [f"\x00{i}" for i in ids]
 
 
+VOCAB = 128_000  # ids the stand-in tokenizer hands out
+
+
+def token_id(token: str) -> int:
+    """The id of a token piece, as /tokenize and the KV events report it: a prompt's own
+    id for a token given as an id, else a stable hash of the piece."""
+    if token.startswith("\x00") and token[1:].isdigit():
+        return int(token[1:])
+    return xxhash.xxh32_intdigest(token.encode()) % VOCAB
+
+
 def content_text(content: Any) -> str:
     """Message content: a string, or a list of parts of which the text parts count."""
     if content is None:
