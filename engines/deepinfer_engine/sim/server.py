@@ -27,10 +27,11 @@ import orjson
 import xxhash
 from aiohttp import web
 
-from deepinfer_router.shared.engine_record import Capacity, EngineRecord
+from deepinfer_router.shared.engine_record import Capacity, EngineRecord, KvEventsEndpoints
 from deepinfer_router.shared.tasks import cancel_and_wait
 
 from .cost import CostModel
+from .kv_publisher import KvPublisher
 from .metrics import CONTENT_TYPE_HEADER, SimMetrics
 from .model import Request, RequestTooLong, SimEngine, Step, draw_output_len
 from .protocol import (
@@ -98,6 +99,8 @@ class SimState:
             max_model_len=settings.effective_max_model_len(), cost=cost,
         )
         self.metrics = SimMetrics(self.engine, settings.model)
+        self.kv_events = settings.kv_events()
+        self.publisher: KvPublisher | None = None
         self.faults: dict[str, Any] = {name: getattr(settings, name) for name in FAULT_FIELDS}
         self.rng = random.Random(settings.seed)
         self.version = _version()
@@ -110,12 +113,22 @@ class SimState:
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        kv = self.kv_events
+        if kv is not None:
+            self.publisher = KvPublisher(kv.endpoint, kv.replay_endpoint, kv.topic,
+                                         self.engine.block_size,
+                                         self.settings.kv_events_encoding)
+            self.publisher.start()
+            self.engine.kv.events = []
         self._task = asyncio.create_task(self.run(), name=f"sim-steps-{self.model_name}")
 
     async def stop(self) -> None:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        if self.publisher is not None:
+            await self.publisher.close()
+            self.publisher = None
         # wake every handler still waiting, so that none hangs on a dead loop
         engine = self.engine
         now = self.clock()
@@ -154,6 +167,10 @@ class SimState:
             # sleep(0) still yields, so handlers run even when the model is ahead of us
             await asyncio.sleep(delay if delay > 0 else 0)
             self._deliver(step, engine.finish_step(step, step.end))
+            events = engine.kv.events
+            if events and self.publisher is not None:  # what the step cached and evicted
+                self.publisher.publish(events)
+                events.clear()
             next_start = step.end
 
     def _deliver(self, step: Step, reqs: list[Request]) -> None:
@@ -579,8 +596,18 @@ class SimServer:
                               max_model_len=engine.max_model_len,
                               max_num_seqs=engine.max_num_seqs),
             labels={"engine": "sim"}, version=self.state.version,
-            started_at=self.started_at, heartbeat_at=time.time(),
+            kv_events=self._kv_events_record(), started_at=self.started_at,
+            heartbeat_at=time.time(),
         )
+
+    def _kv_events_record(self) -> KvEventsEndpoints | None:
+        """The feed as routers subscribe to it: only a concrete tcp address (a wildcard
+        or an ipc path is for launch's relay, which registers the engine itself)."""
+        kv = self.state.kv_events
+        if kv is None or not kv.endpoint.startswith("tcp://") or "*" in kv.endpoint:
+            return None
+        return KvEventsEndpoints(endpoint=kv.endpoint, replay_endpoint=kv.replay_endpoint,
+                                 topic=kv.topic)
 
     async def register(self) -> None:
         """Register with settings.registry (if set) and keep heart-beating."""

@@ -6,6 +6,8 @@ The defaults of the cost model are calibrated to a 7-8B model on one H100; see c
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -112,6 +114,26 @@ class SimSettings(BaseSettings, RegistrationOptions):
         1, ge=0, description="Tokens streamed before a stalled stream goes silent."
     )
 
+    kv_events_config: str | None = Field(
+        None, description="vLLM's --kv-events-config JSON: with enable_kv_cache_events and "
+        "publisher zmq, the simulator publishes its KV cache events on `endpoint` (bound) "
+        "and serves `replay_endpoint`, as vLLM does."
+    )
+    kv_events_encoding: Literal["tagged", "positional"] = Field(
+        "tagged", description="Event encoding: tagged (vLLM 0.32's maps) or positional (older "
+        "releases' arrays)."
+    )
+
+    @field_validator("kv_events_config")
+    @classmethod
+    def _kv_events_config(cls, value: str | None) -> str | None:
+        if value:
+            kv_events_endpoints(value)  # raises ValueError with the reason
+        return value or None
+
+    def kv_events(self) -> KvEventsConfig | None:
+        return kv_events_endpoints(self.kv_events_config) if self.kv_events_config else None
+
     @field_validator("advertise_url")
     @classmethod
     def _advertise_url(cls, url: str | None) -> str | None:
@@ -125,6 +147,32 @@ class SimSettings(BaseSettings, RegistrationOptions):
     def effective_max_model_len(self) -> int:
         """vLLM refuses to start when max_model_len exceeds the KV cache; the sim caps it."""
         return min(self.max_model_len, self.capacity_tokens())
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventsConfig:
+    endpoint: str
+    replay_endpoint: str | None
+    topic: str
+
+
+def kv_events_endpoints(config: str) -> KvEventsConfig | None:
+    """The publisher settings of a --kv-events-config JSON; None when events are off."""
+    try:
+        data = json.loads(config)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object")
+    if not data.get("enable_kv_cache_events") or data.get("publisher", "zmq") != "zmq":
+        return None
+    endpoint = data.get("endpoint", "tcp://*:5557")
+    replay = data.get("replay_endpoint")
+    topic = data.get("topic", "")
+    if not isinstance(endpoint, str) or not isinstance(topic, str) or not (
+            replay is None or isinstance(replay, str)):
+        raise ValueError("endpoint, replay_endpoint and topic must be strings")
+    return KvEventsConfig(endpoint, replay, topic)
 
 
 FAULT_FIELDS: tuple[str, ...] = tuple(

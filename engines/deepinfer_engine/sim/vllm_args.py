@@ -19,12 +19,12 @@ MAPPED = {
     "--max-num-seqs": "--max-num-seqs",
     "--max-num-batched-tokens": "--max-num-batched-tokens",
     "--block-size": "--block-size",
+    "--kv-events-config": "--kv-events-config",
 }
 # Accepted for compatibility; meaningless without a GPU.
 IGNORED_WITH_VALUE = ("--tensor-parallel-size", "--pipeline-parallel-size",
                       "--gpu-memory-utilization", "--dtype", "--quantization", "--seed",
-                      "--kv-cache-dtype", "--swap-space", "--download-dir",
-                      "--kv-events-config")
+                      "--kv-cache-dtype", "--swap-space", "--download-dir")
 IGNORED_SWITCHES = ("--enable-prefix-caching", "--no-enable-prefix-caching",
                     "--enforce-eager", "--trust-remote-code", "--disable-log-requests")
 

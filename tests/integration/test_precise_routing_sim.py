@@ -1,0 +1,111 @@
+"""Precise routing through HTTP with simulated engines that publish KV events: the real
+router (embedded registry) subscribes to each simulator's feed from its engine record and
+routes a token-id prompt to the engine that really holds it, including one warmed
+directly (which the router's estimate cannot know); both event encodings."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from deepinfer_engine.sim.server import SimServer, start_sim_server
+from deepinfer_engine.sim.settings import SimSettings
+from deepinfer_router.state import STATE
+from tests.support.procs import free_port
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+MODEL = "sim-model"
+
+
+def kv_config(port: int, replay: int) -> str:
+    return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                       "endpoint": f"tcp://127.0.0.1:{port}",
+                       "replay_endpoint": f"tcp://127.0.0.1:{replay}", "topic": "kv"})
+
+
+@pytest.fixture
+async def fleet(router: Any) -> AsyncIterator[tuple[Any, list[SimServer]]]:
+    r = await router(policy="kv-aware", engine_ttl_s=30)
+    sims = []
+    for i, encoding in enumerate(("tagged", "positional", "tagged")):
+        settings = SimSettings(model=MODEL, kv_blocks=2048, block_size=16, speed=50.0,
+                               seed=i, registry=str(r.url), heartbeat_s=1,
+                               kv_events_config=kv_config(free_port(), free_port()),
+                               kv_events_encoding=encoding)
+        sims.append(await start_sim_server(settings))
+    state = r.app[STATE]
+    feeds = state.kv_feeds
+    assert feeds is not None
+    await wait_until(lambda: len(state.fleet.candidates(MODEL, time.monotonic())) == 3,
+                     timeout=15)
+    await wait_until(lambda: all(feeds.precise(e) for e in state.fleet.engines), timeout=15)
+    yield r, sims
+    for sim in sims:
+        await sim.close()
+
+
+async def completion(s: aiohttp.ClientSession, base: str, ids: list[int], rid: str = ""
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 2}
+    headers = {"X-Request-Id": rid} if rid else {}
+    async with s.post(base + "/v1/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json(), dict(resp.headers)
+
+
+async def test_a_prompt_warmed_directly_is_routed_where_it_is_cached(
+        fleet: tuple[Any, list[SimServer]]) -> None:
+    r, sims = fleet
+    state = r.app[STATE]
+    by_url = {e.record.url: e.id for e in state.fleet.engines.values()}
+    async with aiohttp.ClientSession() as s:
+        for n, sim in enumerate(sims):  # each encoding's engine in turn
+            ids = [1000 * (n + 1) + i for i in range(200)]
+            await completion(s, sim.url, ids)  # straight to the engine
+            engine = by_url[sim.url]
+            index = state.kv_feeds.index
+            await wait_until(lambda e=engine, t=ids, x=index: e in x.match(t, [e]),
+                             timeout=10)
+            out, headers = await completion(s, str(r.url), ids, rid=f"warm-{n}")
+            assert headers["x-deepinfer-engine"] == engine, (n, headers)
+            assert headers["x-deepinfer-route"] == "prefix"
+            async with s.get(f"{r.url}/admin/decisions/warm-{n}") as resp:
+                d = await resp.json()
+            cached = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert d["index"] == "precise" and cached == 192  # 12 of 12 full blocks but last
+            assert d["predicted_cached_tokens"] == cached and d["actual"]["misroute"] is False
+        async with s.get(f"{r.url}/ready") as resp:
+            ready = await resp.json()
+    assert set(ready["kv_event_feeds"].values()) == {"live"}
+
+
+async def test_an_eviction_the_router_did_not_cause_is_seen(
+        fleet: tuple[Any, list[SimServer]]) -> None:
+    """The router sends a prompt to an engine; other traffic straight to that engine
+    evicts it; the precise index knows the engine no longer holds it."""
+    r, sims = fleet
+    state = r.app[STATE]
+    feeds = state.kv_feeds
+    ids = list(range(5000, 5200))
+    async with aiohttp.ClientSession() as s:
+        _, headers = await completion(s, str(r.url), ids)
+        engine = headers["x-deepinfer-engine"]
+        sim = next(x for x in sims if state.fleet.engines[engine].record.url == x.url)
+        await wait_until(lambda: engine in feeds.index.match(ids, [engine]), timeout=10)
+        for k in range(12):  # 12 x 190 tokens > 2048 blocks x 16: the LRU turns over
+            await completion(s, sim.url, [90_000 + 1000 * k + i for i in range(190)] * 15)
+        await wait_until(lambda: engine not in feeds.index.match(ids, [engine])
+                         or feeds.index.match(ids, [engine])[engine][0].blocks == 0,
+                         timeout=10)
+        out, headers = await completion(s, str(r.url), ids, rid="after-eviction")
+        async with s.get(f"{r.url}/admin/decisions/after-eviction") as resp:
+            d = await resp.json()
+    chosen = next(c for c in d["candidates"] if c["engine"] == engine)
+    assert chosen["index"] == "precise" and chosen["predicted_cached_tokens"] == 0
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == d["actual"]["cached_tokens"]
