@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from deepinfer_router.kv_events.decode import BlockStored  # noqa: E402
 from deepinfer_router.kv_events.feeds import annotate  # noqa: E402
 from deepinfer_router.kv_events.index import PreciseIndex  # noqa: E402
-from deepinfer_router.prompt_tokens.tokenizer import PromptTokenizer  # noqa: E402
 from deepinfer_router.routing.base import Candidate  # noqa: E402
 from deepinfer_router.routing.kv_aware import KvAwarePolicy  # noqa: E402
+from deepinfer_router.shared.prompt_tokenizer import PromptTokenizer  # noqa: E402
 from tests.e2e.tiny_model import build_tokenizer, corpus  # noqa: E402
 
 MODEL = "tiny-llama"

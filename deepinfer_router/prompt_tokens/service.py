@@ -24,7 +24,12 @@ from typing import Any
 import aiohttp
 
 from ..shared.engine_record import EngineRecord
-from .tokenizer import PromptTokenizer, TokenizerUnavailable, probe_conversation, probe_text
+from ..shared.prompt_tokenizer import (
+    PromptTokenizer,
+    TokenizerUnavailable,
+    probe_conversation,
+    probe_text,
+)
 
 log = logging.getLogger("deepinfer.prompt_tokens")
 

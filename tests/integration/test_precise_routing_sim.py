@@ -1,13 +1,16 @@
 """Precise routing through HTTP with simulated engines that publish KV events: the real
 router (embedded registry) subscribes to each simulator's feed from its engine record and
-routes a token-id prompt to the engine that really holds it, including one warmed
-directly (which the router's estimate cannot know); both event encodings."""
+routes a prompt to the engine that really holds it, including one warmed directly (which
+the router's estimate cannot know); both event encodings; chat prompts too where the
+simulators tokenize with a real byte-level BPE tokenizer that the router verifies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,15 +32,27 @@ def kv_config(port: int, replay: int) -> str:
                        "replay_endpoint": f"tcp://127.0.0.1:{replay}", "topic": "kv"})
 
 
-@pytest.fixture
-async def fleet(router: Any) -> AsyncIterator[tuple[Any, list[SimServer]]]:
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.e2e.tiny_model import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(params=["stand-in tokenizer", "BPE tokenizer"])
+async def fleet(router: Any, request: pytest.FixtureRequest, tokenizer_dir: Path
+                ) -> AsyncIterator[tuple[Any, list[SimServer]]]:
     r = await router(policy="kv-aware", engine_ttl_s=30)
+    bpe = request.param == "BPE tokenizer"
     sims = []
     for i, encoding in enumerate(("tagged", "positional", "tagged")):
         settings = SimSettings(model=MODEL, kv_blocks=2048, block_size=16, speed=50.0,
                                seed=i, registry=str(r.url), heartbeat_s=1,
                                kv_events_config=kv_config(free_port(), free_port()),
-                               kv_events_encoding=encoding)
+                               kv_events_encoding=encoding,
+                               tokenizer=str(tokenizer_dir) if bpe else None)
         sims.append(await start_sim_server(settings))
     state = r.app[STATE]
     feeds = state.kv_feeds
@@ -109,3 +124,42 @@ async def test_an_eviction_the_router_did_not_cause_is_seen(
     chosen = next(c for c in d["candidates"] if c["engine"] == engine)
     assert chosen["index"] == "precise" and chosen["predicted_cached_tokens"] == 0
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == d["actual"]["cached_tokens"]
+
+
+async def test_chat_prompts_route_precisely_once_the_tokenizer_is_verified(
+        fleet: tuple[Any, list[SimServer]]) -> None:
+    r, sims = fleet
+    state = r.app[STATE]
+    if sims[0].settings.tokenizer is None:
+        # the stand-in tokenizer is no tokenizer a router can load: chats stay approximate
+        await asyncio.sleep(0.5)
+        assert state.tokenizers is not None and state.tokenizers.get(MODEL) is None
+        return
+    tokenizers = state.tokenizers
+    assert tokenizers is not None
+    await wait_until(lambda: tokenizers.get(MODEL) is not None, timeout=20)
+    by_url = {e.record.url: e.id for e in state.fleet.engines.values()}
+    async with aiohttp.ClientSession() as s:
+        for n, sim in enumerate(sims):
+            body = {"model": MODEL, "max_tokens": 2, "messages": [
+                {"role": "system", "content": f"engine {n} knows this system prompt. " * 40},
+                {"role": "user", "content": "what does it know?"}]}
+            async with s.post(sim.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200  # straight to the engine
+            engine = by_url[sim.url]
+            await wait_until(lambda e=engine: e in state.kv_feeds.index.engines
+                             and len(state.kv_feeds.index.engines[e]) > 0, timeout=10)
+            await asyncio.sleep(0.2)
+            async with s.post(str(r.url) + "/v1/chat/completions", json=body,
+                              headers={"X-Request-Id": f"chat-{n}"}) as resp:
+                assert resp.status == 200
+                out, headers = await resp.json(), resp.headers
+            assert headers["x-deepinfer-engine"] == engine and \
+                headers["x-deepinfer-route"] == "prefix", (n, dict(headers))
+            async with s.get(f"{r.url}/admin/decisions/chat-{n}") as resp:
+                d = await resp.json()
+            cached = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert d["index"] == "precise" and d["prompt"]["tokens_exact"] and cached > 0
+            assert d["predicted_cached_tokens"] == cached, d
+        async with s.get(f"{r.url}/ready") as resp:
+            assert (await resp.json())["prompt_tokenizers"] == {MODEL: "verified"}

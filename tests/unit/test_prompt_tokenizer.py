@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepinfer_router.prompt_tokens.tokenizer import (
+from deepinfer_router.shared.prompt_tokenizer import (
     PromptTokenizer,
     TokenizerUnavailable,
     probe_conversation,

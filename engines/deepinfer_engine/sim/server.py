@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import os
 import random
 import struct
 import time
@@ -28,6 +29,7 @@ import xxhash
 from aiohttp import web
 
 from deepinfer_router.shared.engine_record import Capacity, EngineRecord, KvEventsEndpoints
+from deepinfer_router.shared.prompt_tokenizer import PromptTokenizer
 from deepinfer_router.shared.tasks import cancel_and_wait
 
 from .cost import CostModel
@@ -46,7 +48,7 @@ from .protocol import (
     parse_embedding,
 )
 from .settings import FAULT_FIELDS, SimSettings
-from .tokenizer import token_id
+from .tokenizer import token_id, token_ids_as_tokens
 
 log = logging.getLogger("deepinfer.engine.sim")
 
@@ -100,6 +102,9 @@ class SimState:
         )
         self.metrics = SimMetrics(self.engine, settings.model)
         self.kv_events = settings.kv_events()
+        # A real tokenizer, when given: prompts become its ids (as "\x00id" tokens)
+        self.tokenizer = (PromptTokenizer.from_dir(settings.tokenizer)
+                          if settings.tokenizer else None)
         self.publisher: KvPublisher | None = None
         self.faults: dict[str, Any] = {name: getattr(settings, name) for name in FAULT_FIELDS}
         self.rng = random.Random(settings.seed)
@@ -293,7 +298,8 @@ def _drop_connection(request: web.Request) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     try:
-        gen = parse_chat(await _body(request))
+        body = await _body(request)
+        gen = retokenized(state, body, parse_chat(body))
         _check_model(state, gen.model)
     except ApiError as exc:
         return _error(exc)
@@ -303,7 +309,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     try:
-        gen = parse_completion(await _body(request))
+        body = await _body(request)
+        gen = retokenized(state, body, parse_completion(body))
         _check_model(state, gen.model)
     except ApiError as exc:
         return _error(exc)
@@ -474,12 +481,24 @@ async def tokenize_route(request: web.Request) -> web.Response:
     try:
         body = await _body(request)
         tokens = parse_any_prompt(body)
+        if state.tokenizer is not None and (ids := state.tokenizer.prompt_ids(body)):
+            tokens = token_ids_as_tokens(ids)
         _check_model(state, body.get("model"))
     except ApiError as exc:
         return _error(exc)
     ids = [token_id(t) for t in tokens]
     return _json({"count": len(ids), "max_model_len": state.engine.max_model_len,
                   "tokens": ids, "token_strs": None})
+
+
+def retokenized(state: SimState, body: Any, gen: Generation) -> Generation:
+    """With a real tokenizer, the prompt as its ids (where it can render the request;
+    else the stand-in's pieces)."""
+    if state.tokenizer is not None and isinstance(body, dict):
+        ids = state.tokenizer.prompt_ids(body)
+        if ids:
+            gen.tokens = token_ids_as_tokens(ids)
+    return gen
 
 
 # --- operations -------------------------------------------------------------------------
@@ -503,6 +522,8 @@ async def cached_tokens(request: web.Request) -> web.Response:
     try:
         body = await _body(request)
         tokens = parse_any_prompt(body)
+        if state.tokenizer is not None and (ids := state.tokenizer.prompt_ids(body)):
+            tokens = token_ids_as_tokens(ids)
     except ApiError as exc:
         return _error(exc)
     engine = state.engine
@@ -596,9 +617,14 @@ class SimServer:
                               max_model_len=engine.max_model_len,
                               max_num_seqs=engine.max_num_seqs),
             labels={"engine": "sim"}, version=self.state.version,
-            kv_events=self._kv_events_record(), started_at=self.started_at,
+            kv_events=self._kv_events_record(), tokenizer=self._tokenizer_dir(),
+            started_at=self.started_at,
             heartbeat_at=time.time(),
         )
+
+    def _tokenizer_dir(self) -> str | None:
+        path = self.settings.tokenizer
+        return os.path.abspath(path) if path else None
 
     def _kv_events_record(self) -> KvEventsEndpoints | None:
         """The feed as routers subscribe to it: only a concrete tcp address (a wildcard

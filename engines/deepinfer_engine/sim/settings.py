@@ -119,6 +119,11 @@ class SimSettings(BaseSettings, RegistrationOptions):
         "publisher zmq, the simulator publishes its KV cache events on `endpoint` (bound) "
         "and serves `replay_endpoint`, as vLLM does."
     )
+    tokenizer: str | None = Field(
+        None, description="A Hugging Face tokenizer directory (tokenizer.json, chat template): "
+        "prompts become that tokenizer's ids, as a real engine's are, and the engine record "
+        "names the directory for routers. Default: the simulator's own stand-in tokenizer."
+    )
     kv_events_encoding: Literal["tagged", "positional"] = Field(
         "tagged", description="Event encoding: tagged (vLLM 0.32's maps) or positional (older "
         "releases' arrays)."
