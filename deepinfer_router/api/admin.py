@@ -142,7 +142,7 @@ async def get_decision(state: RouterState, request: web.Request) -> web.Response
 async def list_decisions(state: RouterState, request: web.Request) -> web.Response:
     """The newest decisions, newest first: ?limit= (default 50, at most 1000)."""
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
         raise RouterError(400, "`limit` must be an integer from 1 to 1000.", "invalid_limit",
                           param="limit")
     log = state.decisions

@@ -73,7 +73,9 @@ class EngineFeed:
         self.resets = 0
         self.bad_messages = 0
         self.connected = False
-        self._caught_up_to: int | None = None  # last batch the first replay applied
+        # (seq, ts) of the last batch the first replay applied: live batches queued
+        # meanwhile at or before it are skipped (a restarted engine's are newer)
+        self._caught_up_to: tuple[int, float] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- state -------------------------------------------------------------------------
@@ -106,9 +108,10 @@ class EngineFeed:
     async def handle(self, batch: EventBatch) -> None:
         """One live batch, in the order received."""
         if self._caught_up_to is not None:
-            if batch.seq <= self._caught_up_to:
+            seq_ts = self._caught_up_to
+            if batch.seq <= seq_ts[0] and batch.ts <= seq_ts[1]:
                 return  # queued while catching up, and already applied from the replay
-            self._caught_up_to = None
+            self._caught_up_to = None  # newer (a restart's new sequence too): go on
         last = self.last_seq
         if last is None:
             if batch.seq != 0:
@@ -162,7 +165,8 @@ class EngineFeed:
             self._apply(batch)
         if not got:
             self.last_seq = -1  # nothing published yet: live, and empty
-        self._caught_up_to = self.last_seq
+        last = self.last_seq if self.last_seq is not None else -1
+        self._caught_up_to = (last, got[-1].ts if got else float("-inf"))
 
     async def _fetch_replay(self, first: int) -> list[EventBatch] | None:
         assert self.endpoints.replay_endpoint is not None

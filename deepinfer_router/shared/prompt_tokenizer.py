@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
@@ -34,7 +35,8 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Request fields that change what vLLM renders in ways not reproduced here: such
 # requests keep the approximate index.
 _CHAT_UNSUPPORTED = ("tools", "documents", "chat_template", "chat_template_kwargs",
-                     "continue_final_message", "mm_processor_kwargs")
+                     "continue_final_message", "mm_processor_kwargs",
+                     "truncate_prompt_tokens")
 
 
 class TokenizerUnavailable(Exception):
@@ -93,6 +95,7 @@ class PromptTokenizer:
         self._cache_entries = cache_entries
         self._cache_chars = cache_chars
         self._cached_chars = 0
+        self._lock = threading.Lock()
         self._specials: dict[str, int] = {}
         splittable = True
         for token_id, added in tokenizer.get_added_tokens_decoder().items():
@@ -147,6 +150,8 @@ class PromptTokenizer:
         template, options it does not render, or messages not plain role/content text."""
         if self._template is None or any(body.get(k) is not None for k in _CHAT_UNSUPPORTED):
             return None
+        if body.get("add_special_tokens", False) is not False:  # vLLM would add BOS
+            return None
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return None
@@ -177,7 +182,8 @@ class PromptTokenizer:
         if "messages" in body:
             return self.chat_ids(body)
         prompt = body.get("prompt")
-        if isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True:
+        if (isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True
+                and body.get("truncate_prompt_tokens") is None):
             return self.text_ids(prompt)
         return None
 
@@ -204,17 +210,21 @@ class PromptTokenizer:
         if len(text) < _MIN_CACHED_PIECE:
             return list(self._tok.encode(text, add_special_tokens=False).ids)
         cache = self._cache
-        hit = cache.get(text)
-        if hit is not None:
-            cache.move_to_end(text)
-            return list(hit)
+        with self._lock:  # long prompts are tokenized in worker threads
+            hit = cache.get(text)
+            if hit is not None:
+                cache.move_to_end(text)
+                return list(hit)
         ids = tuple(self._tok.encode(text, add_special_tokens=False).ids)
         if len(text) <= self._cache_chars // 4:  # one piece never fills the cache
-            cache[text] = ids
-            self._cached_chars += len(text)
-            while len(cache) > self._cache_entries or self._cached_chars > self._cache_chars:
-                old, _ = cache.popitem(last=False)
-                self._cached_chars -= len(old)
+            with self._lock:
+                if text not in cache:
+                    cache[text] = ids
+                    self._cached_chars += len(text)
+                while cache and (len(cache) > self._cache_entries
+                                 or self._cached_chars > self._cache_chars):
+                    old, _ = cache.popitem(last=False)
+                    self._cached_chars -= len(old)
         return list(ids)
 
     def cache_size(self) -> tuple[int, int]:
