@@ -9,14 +9,13 @@ policy, per candidate, what the engine really holds of a request given as token 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import zmq.asyncio
 
 from ..engine_address import url_problem
+from ..periodic import Periodic
 from ..routing.base import Candidate, RequestFeatures
 from ..shared.engine_record import EngineRecord
 from .index import PreciseIndex
@@ -54,8 +53,9 @@ def annotate(index: PreciseIndex, request: RequestFeatures, candidates: Sequence
             cand.precise_cached_tokens = 0
 
 
-class KvEventFeeds:
-    """A service (start/close) kept in step with the fleet by `sync`."""
+class KvEventFeeds(Periodic):
+    """A service (start/close) kept in step with the fleet by `sync`, every
+    `sync_interval_s`."""
 
     def __init__(
         self,
@@ -65,14 +65,13 @@ class KvEventFeeds:
         rebuild_s: float = 60.0,
         sync_interval_s: float = 1.0,
     ) -> None:
+        super().__init__(sync_interval_s, "kv-event-feeds")
         self._records = records
         self._allow_private = allow_private
         self._rebuild_s = rebuild_s
-        self._interval = sync_interval_s
         self.index = PreciseIndex()
         self.feeds: dict[str, tuple[str, EngineFeed]] = {}  # engine id -> (instance, feed)
         self._ctx: zmq.asyncio.Context | None = None
-        self._task: asyncio.Task[None] | None = None
         self._refused: set[str] = set()
 
     def precise(self, engine_id: str) -> bool:
@@ -116,23 +115,15 @@ class KvEventFeeds:
             feed.start()
             self.feeds[engine_id] = (record.instance, feed)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except Exception:  # never let following the fleet stop
-                log.exception("syncing KV event feeds failed")
-            await asyncio.sleep(self._interval)
+    async def run_once(self) -> None:
+        await self.sync()
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._task = asyncio.create_task(self._loop(), name="kv-event-feeds")
+        await super().start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().close()
         for _, feed in list(self.feeds.values()):
             await feed.close()
         self.feeds.clear()

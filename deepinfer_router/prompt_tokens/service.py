@@ -14,7 +14,6 @@ whose check failed, keeps the approximate index (retried every `retry_s`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from ..periodic import Periodic
 from ..shared.engine_record import EngineRecord
 from ..shared.prompt_tokenizer import (
     PromptTokenizer,
@@ -34,8 +34,8 @@ from ..shared.prompt_tokenizer import (
 log = logging.getLogger("deepinfer.prompt_tokens")
 
 
-class PromptTokenizers:
-    """A service (start/close)."""
+class PromptTokenizers(Periodic):
+    """A service (start/close): `sync` every `interval_s`."""
 
     def __init__(
         self,
@@ -50,19 +50,18 @@ class PromptTokenizers:
         retry_s: float = 60.0,
         probe_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__(interval_s, "prompt-tokenizers")
         self._records = records
         self._precise = precise
         self._client = client
         self._configured = dict(configured or {})
         self._from_engines = from_engines
         self._headers = dict(engine_headers or {})
-        self._interval = interval_s
         self._retry_s = retry_s
         self._probe_timeout = probe_timeout_s
         self.ready: dict[str, PromptTokenizer] = {}  # the hot path reads only this
         self._states: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def get(self, model: str) -> PromptTokenizer | None:
         return self.ready.get(model)
@@ -145,20 +144,9 @@ class PromptTokenizers:
                        f"{len(theirs) if isinstance(theirs, list) else '?'})"
         return None
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except Exception:  # never let following the fleet stop
-                log.exception("syncing prompt tokenizers failed")
-            await asyncio.sleep(self._interval)
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="prompt-tokenizers")
+    async def run_once(self) -> None:
+        await self.sync()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().close()
         self.ready.clear()

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests.support.sim_fleet import sims  # noqa: F401 - a fixture for the tests here
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item

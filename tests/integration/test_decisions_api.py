@@ -6,37 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from deepinfer_engine.sim.server import SimServer, start_sim_server
-from deepinfer_engine.sim.settings import SimSettings
+from deepinfer_engine.sim.server import SimServer
 from deepinfer_router.state import STATE
 from tests.support.router_metrics import metric
+from tests.support.sim_fleet import MODEL
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-MODEL = "sim-model"
+
 SYSTEM = "You are a support agent for ACME routers. Answer briefly and politely. " * 560
 ADMIN = {"Authorization": "Bearer admin-secret"}
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[list[SimServer]]:
-    started = [
-        await start_sim_server(
-            SimSettings(model=MODEL, kv_blocks=4096, speed=20.0, seed=i), register=False
-        )
-        for i in range(3)
-    ]
-    yield started
-    for sim in started:
-        await sim.close()
 
 
 async def start_router(router: Any, sims: list[SimServer], **settings: Any) -> Any:

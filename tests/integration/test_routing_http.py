@@ -7,35 +7,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from deepinfer_engine.sim.server import SimServer, start_sim_server
-from deepinfer_engine.sim.settings import SimSettings
+from deepinfer_engine.sim.server import SimServer
 from deepinfer_router.state import STATE
+from tests.support.sim_fleet import MODEL
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-MODEL = "sim-model"
+
 # ~10k tokens, ~40k characters: far more than one request of load is worth in the scoring
 SYSTEM = "You are a support agent for ACME routers. Answer briefly and politely. " * 560
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[list[SimServer]]:
-    started = [
-        await start_sim_server(
-            SimSettings(model=MODEL, kv_blocks=4096, speed=20.0, seed=i), register=False
-        )
-        for i in range(3)
-    ]
-    yield started
-    for sim in started:
-        await sim.close()
 
 
 async def kv_router(router: Any, sims: list[SimServer]) -> str:
