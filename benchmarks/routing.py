@@ -55,6 +55,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -99,10 +100,12 @@ QUICK_SCALE = 0.2
 
 # --- the fleet subprocess -----------------------------------------------------------------
 def sims_main(argv: Sequence[str]) -> None:
-    """`routing.py _sims SPEED KV_BLOCKS[,KV_BLOCKS...]`: run one simulated engine per
-    KV_BLOCKS entry on one event loop. Prints {"urls": [...]} once; then each "mark" line
-    on stdin is answered with one JSON line {"t": wall, "busy": [modelled busy
-    wall-seconds per engine, cumulative]}."""
+    """`routing.py _sims SPEED KV_BLOCKS[,KV_BLOCKS...] [REGISTRY TOKENIZER_DIR]`: run one
+    simulated engine per KV_BLOCKS entry on one event loop. With a tokenizer directory the
+    engines tokenize with it and publish vLLM's KV events on loopback ports; with a
+    registry URL ("-": none) they register there. Prints {"urls": [...]} once; then each
+    "mark" line on stdin is answered with one JSON line {"t": wall, "busy": [modelled
+    busy wall-seconds per engine, cumulative]}."""
     import logging
 
     import uvloop
@@ -112,6 +115,8 @@ def sims_main(argv: Sequence[str]) -> None:
 
     speed = float(argv[0])
     blocks = [int(b) for b in argv[1].split(",")]
+    registry = argv[2] if len(argv) > 2 and argv[2] != "-" else None
+    tokenizer = argv[3] if len(argv) > 3 and argv[3] != "-" else None
     n = len(blocks)
     logging.basicConfig(level=logging.WARNING)
 
@@ -120,9 +125,13 @@ def sims_main(argv: Sequence[str]) -> None:
         sims = []
         busy = [0.0] * n
         for i, kv_blocks in enumerate(blocks):
+            events = kv_events_config() if tokenizer else None
             settings = SimSettings(model=MODEL, kv_blocks=kv_blocks, block_size=BLOCK_SIZE,
-                                   speed=speed, seed=i, log_level="warning")
-            sim = await start_sim_server(settings, "127.0.0.1", 0, register=False)
+                                   speed=speed, seed=i, log_level="warning",
+                                   registry=registry, heartbeat_s=1.0,
+                                   tokenizer=tokenizer, kv_events_config=events)
+            sim = await start_sim_server(settings, "127.0.0.1", 0,
+                                         register=registry is not None)
             engine = sim.state.engine
             schedule = engine.schedule
 
@@ -159,13 +168,45 @@ def sims_main(argv: Sequence[str]) -> None:
     uvloop.run(run())
 
 
-class Fleet:
-    """The simulated engines (one subprocess), one per entry of `kv_blocks`."""
+@dataclass(frozen=True)
+class BpeTokenizer:
+    """The byte-level BPE tokenizer the end-to-end tests' tiny model uses (trained here,
+    in seconds), as a Hugging Face directory, and its one-token words: the workloads'
+    text is drawn from those, so a word costs one token as with the stand-in tokenizer."""
 
-    def __init__(self, kv_blocks: Sequence[int], speed: float) -> None:
+    path: Path
+    words: tuple[str, ...]
+
+    @classmethod
+    def build(cls, out: Path) -> BpeTokenizer:
+        from tests.e2e.tiny_model import build_tokenizer
+
+        build_tokenizer(out)
+        vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+        # "Ġ" is byte-level BPE's space: " word" pieces of lowercase ASCII letters.
+        words = sorted(" " + k[1:] for k in vocab
+                       if k.startswith("Ġ") and k[1:].isascii() and k[1:].isalpha()
+                       and k[1:].islower())
+        return cls(out, tuple(words))
+
+
+def kv_events_config() -> str:
+    """vLLM's --kv-events-config for one engine, on free loopback ports."""
+    return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                       "endpoint": f"tcp://127.0.0.1:{free_port()}",
+                       "replay_endpoint": f"tcp://127.0.0.1:{free_port()}", "topic": "kv"})
+
+
+class Fleet:
+    """The simulated engines (one subprocess), one per entry of `kv_blocks`; with a
+    tokenizer directory they tokenize with it and publish KV events, with a registry
+    URL they register there."""
+
+    def __init__(self, kv_blocks: Sequence[int], speed: float, registry: str | None = None,
+                 tokenizer: str | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "_sims", str(speed),
-             ",".join(str(b) for b in kv_blocks)],
+             ",".join(str(b) for b in kv_blocks), registry or "-", tokenizer or "-"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=src_env(),
         )
         assert self.proc.stdout is not None
@@ -211,7 +252,7 @@ class Router:
         # deepinfer-router, from the source tree measured (ROOT)
         cmd = [sys.executable, "-c",
                "import sys; from deepinfer_router.cli import main; sys.exit(main())"]
-        for u in urls:
+        for u in urls:  # none: engines register in the router's embedded registry
             cmd += ["--engine", u]
         cmd += ["--policy", policy, "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "warning", *extra]
@@ -411,6 +452,34 @@ async def wait_ready(session: Any, url: str, n: int, timeout: float = 30.0) -> N
     raise RuntimeError(f"router at {url} not ready with {n} engines")
 
 
+async def wait_listening(session: Any, url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            async with session.get(url + "/health") as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"router at {url} not listening")
+
+
+async def wait_precise(session: Any, url: str, n: int, timeout: float = 60.0) -> None:
+    """Until the router follows `n` engines' KV event feeds and has verified their
+    tokenizer (chat prompts route on the precise index from then on)."""
+    deadline = time.monotonic() + timeout
+    detail: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            async with session.get(url + "/ready") as r:
+                detail = await r.json()
+                feeds = detail["kv_event_feeds"]
+                if (len(feeds) >= n and all(v == "live" for v in feeds.values())
+                        and detail["prompt_tokenizers"].get(MODEL) == "verified"):
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"router at {url} not routing precisely: {detail}")
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return math.nan
@@ -456,25 +525,45 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 
 async def run_one(wkey: str, level: str, policy: str, with_session: bool,
-                  args: argparse.Namespace, rep: int = 0) -> dict[str, Any]:
+                  args: argparse.Namespace, rep: int = 0, index: str = "approximate"
+                  ) -> dict[str, Any]:
     import aiohttp
 
     from deepinfer_router.shared.engine_record import engine_id_for
 
     seed = seed_for(wkey, args, rep)
-    plan = build(wkey, level, seed, QUICK_SCALE if args.quick else SCALE)
+    bpe: BpeTokenizer | None = args.bpe
+    plan = build(wkey, level, seed, QUICK_SCALE if args.quick else SCALE,
+                 bpe.words if bpe else None)
     kv_blocks = plan.kv_blocks or [args.kv_blocks] * args.engines
     speed = args.speed
-    fleet = Fleet(kv_blocks, speed)
+    fleet: Fleet | None = None
     router: Router | None = None
     try:
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            extra = list(args.router_arg or ())
+            if bpe is None:  # static engines, stand-in tokenizer, no KV events
+                fleet = Fleet(kv_blocks, speed)
+                if policy != "oracle":
+                    router = Router(fleet.urls, policy, extra)
+            elif policy == "oracle":
+                fleet = Fleet(kv_blocks, speed, tokenizer=str(bpe.path))
+            else:
+                # The engines register in the router's embedded registry (that is how it
+                # learns their KV event endpoints and tokenizer); the approximate run
+                # ignores the feeds.
+                if index == "approximate":
+                    extra += ["--kv-events", "off"]
+                router = Router([], policy, extra)
+                await wait_listening(session, router.url)
+                fleet = Fleet(kv_blocks, speed, registry=router.url, tokenizer=str(bpe.path))
             ids = [engine_id_for(u) for u in fleet.urls]
-            if policy != "oracle":
-                router = Router(fleet.urls, policy, args.router_arg or ())
+            if router is not None:
                 await wait_ready(session, router.url, len(kv_blocks))
+                if index == "precise":
+                    await wait_precise(session, router.url, len(kv_blocks))
             gen = Gen(speed, session, router.url if router else None, fleet.urls, ids,
                       with_session=with_session)
             mark0 = fleet.mark()
@@ -503,9 +592,10 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
                 async with session.get(u + "/metrics") as resp:
                     metrics.append(parse_metrics(await resp.text()))
     finally:
+        if fleet is not None:  # first: the engines deregister from the router
+            fleet.close()
         if router is not None:
             router.close()
-        fleet.close()
 
     window = max(mark1["t"] - mark0["t"], 1e-9)
     busy = [(b1 - b0) / window for b0, b1 in zip(mark0["busy"], mark1["busy"], strict=True)]
@@ -529,6 +619,8 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
         "level": level,
         "policy": policy,
         "session_header": with_session,
+        "index": index if policy == "kv-aware" else "-",
+        "fleet": "bpe+kv-events" if bpe else "stand-in",
         "requests": len(res),
         "offered": n_offered,
         "ok": len(ok),
@@ -618,25 +710,38 @@ RUNS: tuple[tuple[str, bool], ...] = (
     ("kv-aware", True), ("kv-aware", False),
 )
 ORACLE_CELLS = {("1", "high"), ("2", "high")}
+INDEXES = ("approximate", "precise")
+Run = tuple[str, bool, str]  # policy, session header, index (kv-aware's; "-" otherwise)
 
 
-def runs_for(wkey: str, level: str, policies: Sequence[str]) -> list[tuple[str, bool]]:
-    out = [r for r in RUNS if r[0] in policies]
-    if "oracle" in policies and (wkey, level) in ORACLE_CELLS:
-        out.append(("oracle", False))
+def runs_for(wkey: str, level: str, policies: Sequence[str], indexes: Sequence[str] = (
+        "approximate",), oracle_everywhere: bool = False) -> list[Run]:
+    """kv-aware once per index; the oracle where a target reads it (every cell when the
+    precise index is measured: its target reads the oracle wherever it is meaningful)."""
+    out: list[Run] = []
+    for policy, hdr in RUNS:
+        if policy not in policies:
+            continue
+        out += [(policy, hdr, ix) for ix in indexes] if policy == "kv-aware" else [
+            (policy, hdr, "-")]
+    if "oracle" in policies and (oracle_everywhere or (wkey, level) in ORACLE_CELLS):
+        out.append(("oracle", False, "-"))
     return out
 
 
-def label(policy: str, with_session: bool) -> str:
+def label(policy: str, with_session: bool, index: str = "-") -> str:
     if policy in ("session", "kv-aware"):
-        return f"{policy} ({'header' if with_session else 'no header'})"
+        tail = f", {index}" if index == "precise" else ""
+        return f"{policy} ({'header' if with_session else 'no header'}{tail})"
     return policy
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The targets of issue 13 per (workload, level, with/without session header), and
-    the original workload 1-4 targets at the high level."""
-    by = {(r["workload"], r["level"], r["policy"], r["session_header"]): r for r in results}
+    the original workload 1-4 targets at the high level (kv-aware on the approximate
+    index), then precise against approximate."""
+    by = {(r["workload"], r["level"], r["policy"], r["session_header"]): r for r in results
+          if r.get("index", "-") != "precise"}
     out: list[dict[str, Any]] = []
 
     def add(name: str, cell: str, value: float, limit: float, ok: bool, what: str) -> None:
@@ -670,6 +775,42 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 add("ttft_p90_cut_vs_round_robin", cell, ratio, 2.0, ratio >= 2.0,
                     "round-robin TTFT p90 / kv-aware TTFT p90 >= 2 (high load, reuse)")
     out += original_targets(by)
+    out += index_targets(results)
+    return out
+
+
+def index_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Precise against approximate kv-aware per (workload, level, header): hit rate
+    >= 0.97x and TTFT p90 <= 1.03x; precise's hit rate >= 0.95x the oracle's where the
+    oracle's is meaningful (it routes on cached tokens alone, so under load it can lose to
+    a policy that balances: read only where its hit rate is the cell's best)."""
+    kv = {(r["workload"], r["level"], r["session_header"], r["index"]): r for r in results
+          if r["policy"] == "kv-aware"}
+    oracle = {(r["workload"], r["level"]): r for r in results if r["policy"] == "oracle"}
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, cell: str, value: float, limit: float, ok: bool, what: str) -> None:
+        out.append({"target": name, "cell": cell, "value": round(value, 3), "limit": limit,
+                    "met": bool(ok), "what": what})
+
+    for (wkey, level, hdr, index), precise in sorted(kv.items()):
+        approx = kv.get((wkey, level, hdr, "approximate"))
+        if index != "precise" or approx is None:
+            continue
+        cell = f"{wkey}/{level}/{'header' if hdr else 'no header'}"
+        if approx["hit_rate"] > 0.01:
+            ratio = precise["hit_rate"] / approx["hit_rate"]
+            add("precise_hit_rate_vs_approximate", cell, ratio, 0.97, ratio >= 0.97,
+                "precise hit rate / approximate >= 0.97")
+        if approx["ttft_ms"]["p90"] > 0:
+            ratio = precise["ttft_ms"]["p90"] / approx["ttft_ms"]["p90"]
+            add("precise_ttft_p90_vs_approximate", cell, ratio, 1.03, ratio <= 1.03,
+                "precise TTFT p90 / approximate <= 1.03")
+        orc = oracle.get((wkey, level))
+        if orc and orc["hit_rate"] > 0.01 and orc["hit_rate"] >= approx["hit_rate"]:
+            ratio = precise["hit_rate"] / orc["hit_rate"]
+            add("precise_hit_rate_vs_oracle", cell, ratio, 0.95, ratio >= 0.95,
+                "precise hit rate / oracle >= 0.95")
     return out
 
 
@@ -721,9 +862,36 @@ def table(results: list[dict[str, Any]]) -> str:
         t, w = r["ttft_ms"], r["ttft_ms_warm"]
         lines.append(
             f"| {WORKLOADS[r['workload']]['title']} | {r['level']} "
-            f"| {label(r['policy'], r['session_header'])} | {t['p50']:.0f} | {t['p90']:.0f} "
+            f"| {label(r['policy'], r['session_header'], r.get('index', '-'))} "
+            f"| {t['p50']:.0f} | {t['p90']:.0f} "
             f"| {t['p99']:.0f} | {w['p90']:.0f} | {w['p99']:.0f} | {r['hit_rate']:.1%} "
             f"| {r['imbalance']:.2f} | {r['busy_mean']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def index_table(results: list[dict[str, Any]]) -> str:
+    """kv-aware on the approximate and the precise index side by side (and the oracle's
+    hit rate where it ran), per workload, level and session header."""
+    kv = {(r["workload"], r["level"], r["session_header"], r["index"]): r for r in results
+          if r["policy"] == "kv-aware"}
+    oracle = {(r["workload"], r["level"]): r for r in results if r["policy"] == "oracle"}
+    lines = [
+        "| workload | load | header | approximate hit | precise hit | approximate TTFT p90 "
+        "| precise TTFT p90 | approximate warm p90 | precise warm p90 | oracle hit |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for (wkey, level, hdr, index), p in kv.items():
+        a = kv.get((wkey, level, hdr, "approximate"))
+        if index != "precise" or a is None:
+            continue
+        orc = oracle.get((wkey, level))
+        orc_hit = f"{orc['hit_rate']:.1%}" if orc else "-"
+        lines.append(
+            f"| {WORKLOADS[wkey]['title']} | {level} | {'yes' if hdr else 'no'} "
+            f"| {a['hit_rate']:.1%} | {p['hit_rate']:.1%} | {a['ttft_ms']['p90']:.0f} "
+            f"| {p['ttft_ms']['p90']:.0f} | {a['ttft_ms_warm']['p90']:.0f} "
+            f"| {p['ttft_ms_warm']['p90']:.0f} | {orc_hit} |"
         )
     return "\n".join(lines)
 
@@ -732,7 +900,8 @@ def report_line(r: dict[str, Any], wall: float, note: str) -> None:
     t, w = r["ttft_ms"], r["ttft_ms_warm"]
     print(
         f"[{WORKLOADS[r['workload']]['title']:<26} {r['level']:<6} "
-        f"{label(r['policy'], r['session_header']):<21}{note}] n={r['ok']}/{r['requests']} "
+        f"{label(r['policy'], r['session_header'], r.get('index', '-')):<21}{note}] "
+        f"n={r['ok']}/{r['requests']} "
         f"ttft {t['p50']:.0f}/{t['p90']:.0f}/{t['p99']:.0f} warm p90 {w['p90']:.0f} ms  "
         f"hit {r['hit_rate']:.1%}  imb {r['imbalance']:.2f}  busy {r['busy_mean']:.0%}  "
         f"cpu router {r['cpu']['router']:.0%} fleet {r['cpu']['fleet']:.0%} "
@@ -756,8 +925,10 @@ def markdown(paths: Sequence[str]) -> str:
         report = json.loads(Path(path).read_text())
         results, tg = report["results"], report["targets"]
         missed = [t for t in tg if not t["met"]]
+        precise = any(r.get("index") == "precise" for r in results)
         out += [f"`{report['command']}` ({report['source']['revision']}, "
-                f"{report['wall_s'] / 60:.0f} min):", "", table(results), "",
+                f"{report['wall_s'] / 60:.0f} min):", "",
+                index_table(results) if precise else table(results), "",
                 f"Targets met: {len(tg) - len(missed)} of {len(tg)}."
                 + (" Missed:" if missed else ""), ""]
         out += [f"- {t['cell']}: {t['what']}: **{t['value']}**" for t in missed]
@@ -786,6 +957,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per cell (seeds seed, seed+1, ...; held-back workloads use "
                     "their frozen seeds); TTFT percentiles over the pooled samples")
+    ap.add_argument("--indexes", default="approximate",
+                    help="kv-aware's prefix index: approximate, precise or both "
+                    "(approximate,precise). With precise, every run of the invocation uses "
+                    "engines that tokenize with a real BPE tokenizer and publish KV events, "
+                    "registered in the router's embedded registry (the approximate run "
+                    "passes --kv-events off), and the oracle runs in every cell")
     ap.add_argument("--calibrate", action="store_true",
                     help="least-conn only: the engines' busy share per workload and level")
     ap.add_argument("--router-arg", action="append",
@@ -803,24 +980,27 @@ def main() -> None:
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
     policies = ["least-conn"] if args.calibrate else [
         p.strip() for p in args.policies.split(",") if p.strip()]
+    indexes = [x.strip() for x in args.indexes.split(",") if x.strip()]
     for name, given, known in (("workload", wks, WORKLOADS), ("level", levels, LEVELS),
-                               ("policy", policies, POLICIES)):
+                               ("policy", policies, POLICIES), ("index", indexes, INDEXES)):
         for g in given:
             if g not in known:
                 raise SystemExit(f"unknown {name} {g!r}")
     results: list[dict[str, Any]] = []
     started = time.monotonic()
+    tokenizer_tmp = tempfile.TemporaryDirectory(prefix="routing-bpe-")
+    args.bpe = BpeTokenizer.build(Path(tokenizer_tmp.name)) if "precise" in indexes else None
     for wk in wks:
         for level in levels:
-            runs = runs_for(wk, level, policies)
-            done: dict[tuple[str, bool], list[dict[str, Any]]] = {r: [] for r in runs}
+            runs = runs_for(wk, level, policies, indexes, oracle_everywhere=bool(args.bpe))
+            done: dict[Run, list[dict[str, Any]]] = {r: [] for r in runs}
             # Repeats interleave the policies (seed 1: every policy, then seed 2, ...) so
             # that drift in the machine's load falls on every policy alike.
             for rep in range(args.repeats):
-                for policy, hdr in runs:
+                for policy, hdr, index in runs:
                     t = time.monotonic()
-                    r = asyncio.run(run_one(wk, level, policy, hdr, args, rep))
-                    done[(policy, hdr)].append(r)
+                    r = asyncio.run(run_one(wk, level, policy, hdr, args, rep, index))
+                    done[(policy, hdr, index)].append(r)
                     report_line(r, time.monotonic() - t,
                                 f" rep {rep + 1}/{args.repeats}" if args.repeats > 1 else "")
             for key in runs:
@@ -828,6 +1008,7 @@ def main() -> None:
                 results.append(r)
                 if args.repeats > 1:
                     report_line(r, r["wall_s"], " pooled")
+    tokenizer_tmp.cleanup()
     if args.calibrate:
         return
     tg = compare(results)
@@ -854,6 +1035,11 @@ def main() -> None:
                       "straight to the engine holding the most (ties: fewest in flight); "
                       "bypasses the router; TTFT measured from the send to the engine",
             "quick": args.quick,
+            "indexes": indexes,
+            "fleet": ("engines tokenize with the tiny model's byte-level BPE tokenizer "
+                      f"({len(args.bpe.words)} one-token words draw the text), publish KV "
+                      "events and register in the router's embedded registry")
+            if args.bpe else "static --engine URLs, the simulator's stand-in tokenizer",
             "seed": args.seed,
             "held_back_seeds": list(HELD_BACK_SEEDS),
         },
@@ -869,6 +1055,8 @@ def main() -> None:
     for title, rows in (("tuning workloads", tuning), ("held-back workloads", held)):
         if rows:
             print(f"\n{title}\n\n{table(rows)}\n")
+            if args.bpe:
+                print(f"{index_table(rows)}\n")
     print_targets(tg)
     print(f"\nwrote {out.with_suffix('.json')} in {time.monotonic() - started:.0f} s")
 

@@ -28,6 +28,7 @@ their own table.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,13 @@ class Text:
     """Seeded random words of 1-5 letters: each ' word' is exactly one simulator token
     (~4 characters, the router's default chars-per-token)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, words: Sequence[str] | None = None) -> None:
         rng = random.Random(seed)
+        if words:
+            # A real tokenizer's own one-token words (" word" pieces of its vocabulary):
+            # one word is one token for it, as for the simulator's stand-in tokenizer.
+            self.vocab = [rng.choice(words) for _ in range(20_000)]
+            return
         letters = "abcdefghijklmnopqrstuvwxyz"
         self.vocab = [
             " " + "".join(rng.choice(letters) for _ in range(rng.randint(1, 5)))
@@ -169,11 +175,13 @@ def _think(rng: random.Random, mean: float) -> float:
     return rng.expovariate(1.0 / mean) if mean > 0 else 0.0
 
 
-def build(wkey: str, level: str, seed: int, scale: float) -> Plan:
-    """The sessions of workload `wkey` at load `level` (see the module docstring)."""
+def build(wkey: str, level: str, seed: int, scale: float,
+          words: Sequence[str] | None = None) -> Plan:
+    """The sessions of workload `wkey` at load `level` (see the module docstring); `words`:
+    the one-token words of the engines' tokenizer (default: the stand-in's)."""
     wl = WORKLOADS[wkey]
     rng = random.Random(seed)
-    text = Text(seed + 1)
+    text = Text(seed + 1, words)
     rate = wl["rate"] * (wl["low_factor"] if level == "low" else 1.0)
     # The low level runs a little longer in model time, for samples (time budget).
     duration = wl["duration_s"] * scale * (LOW_LONGER if level == "low" else 1.0)

@@ -26,6 +26,7 @@ from ..periodic import Periodic
 from ..shared.engine_record import EngineRecord
 from ..shared.prompt_tokenizer import (
     PromptTokenizer,
+    RenderedPrompt,
     TokenizerUnavailable,
     probe_conversation,
     probe_text,
@@ -69,6 +70,16 @@ class PromptTokenizers(Periodic):
     def prompt_ids(self, model: str, body: Mapping[str, Any]) -> list[int] | None:
         tok = self.ready.get(model)
         return tok.prompt_ids(body) if tok is not None else None
+
+    def render(self, model: str, body: Mapping[str, Any]
+               ) -> tuple[PromptTokenizer, RenderedPrompt] | None:
+        """The prompt cut into pieces to encode (see PromptTokenizer.render), with the
+        tokenizer that encodes them; None where the router cannot tokenize it."""
+        tok = self.ready.get(model)
+        if tok is None:
+            return None
+        rendered = tok.render(body)
+        return (tok, rendered) if rendered is not None else None
 
     def states(self) -> dict[str, str]:
         """Per model that needs one: verified, loading, or why not."""

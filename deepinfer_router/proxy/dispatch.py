@@ -29,10 +29,15 @@ from .failures import EngineFailure, EngineTimeout, Retryable, UpstreamFailure
 
 log = logging.getLogger("deepinfer.proxy")
 
-# Longer prompts (characters) are tokenized off the event loop (the tokenizer releases
-# the GIL): 8k characters of text never seen before take ~2 ms to encode, more would
-# stall every other request (benchmarks/precise_decision.py).
+# Prompts with more characters than this left to encode (not in the tokenizer's LRU) are
+# encoded off the event loop (the tokenizer releases the GIL): 8k characters of text never
+# seen before take ~2 ms, more would stall every other request
+# (benchmarks/precise_decision.py). Below it the thread hand-off costs more than it saves
+# (benchmarks/routing.py --indexes approximate,precise: ~1 ms of TTFT on multi-turn chat).
 _INLINE_TOKENIZE_CHARS = 1 << 13
+# Longer prompts are not tokenized (the estimate routes them): the ids looked up are
+# capped at MAX_TOKEN_IDS anyway, and a prompt this long is an outlier to bound.
+_MAX_TOKENIZE_CHARS = MAX_TOKEN_IDS * 8
 
 
 class Dispatcher:
@@ -56,8 +61,6 @@ class Dispatcher:
                 available_models=served,
             )
         parsed = self._take_features(call)
-        if parsed is not None:
-            await self._tokenize(call, parsed)
         admission = state.admission
         if not admission.try_acquire():
             wait_started = time.monotonic()
@@ -70,6 +73,9 @@ class Dispatcher:
                 ) from None
             state.metrics.queue_wait.observe(time.monotonic() - wait_started)
         try:
+            if parsed is not None:  # with a slot: tokenizing is work admission bounds
+                await self._tokenize(call, parsed)
+                parsed = None
             return await self._route_with_retries(call)
         finally:
             admission.release()
@@ -91,22 +97,28 @@ class Dispatcher:
         return None
 
     async def _tokenize(self, call: Call, parsed: dict[str, Any]) -> None:
-        """The prompt as the engine's token ids, for the precise index. A long prompt is
-        tokenized in a thread (the tokenizer's Rust code releases the GIL), so other
-        requests go on meanwhile."""
+        """The prompt as the engine's token ids, for the precise index. A prompt with much
+        text the tokenizer has not seen is encoded in a thread (the tokenizer's Rust code
+        releases the GIL), so other requests go on meanwhile."""
         tokenizers = self.state.tokenizers
         assert tokenizers is not None
+        if call.features.prompt_chars > _MAX_TOKENIZE_CHARS:
+            return
         try:
-            if call.features.prompt_chars > _INLINE_TOKENIZE_CHARS:
-                ids = await asyncio.to_thread(tokenizers.prompt_ids, call.model, parsed)
+            rendered = tokenizers.render(call.model, parsed)
+            if rendered is None:
+                return
+            tok, prompt = rendered
+            if prompt.uncached_chars > _INLINE_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(tok.encode_rendered, prompt)
             else:
-                ids = tokenizers.prompt_ids(call.model, parsed)
+                ids = tok.encode_rendered(prompt)
         except Exception:  # never fail a request over its routing hint
             log.warning("request %s: tokenizing the prompt failed; routing on the estimate",
                         call.rid, exc_info=True)
             return
         if ids:
-            call.features.prompt_token_ids = tuple(ids[:MAX_TOKEN_IDS])
+            call.features.prompt_token_ids = ids[:MAX_TOKEN_IDS]
 
     async def _route_with_retries(self, call: Call) -> web.StreamResponse:
         state = self.state

@@ -33,8 +33,9 @@ class RequestFeatures:
     chunk_hashes: list[int] = field(default_factory=list)
     prompt_chars: int = 0
     # The prompt as token ids, where the request gives them (a completions `prompt` of
-    # ints): what the precise index (vLLM's KV events) can be asked about.
-    prompt_token_ids: tuple[int, ...] | None = None
+    # ints) or the router tokenized it: what the precise index (vLLM's KV events) can be
+    # asked about. An array('i') (4 bytes an id; Python ints cost 32+).
+    prompt_token_ids: Sequence[int] | None = None
 
 
 @dataclass(slots=True)

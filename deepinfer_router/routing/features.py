@@ -9,6 +9,7 @@ the default 256-character chunks a 32,000-character prompt is 125 chunks, about 
 from __future__ import annotations
 
 import sys
+from array import array
 from collections.abc import Mapping
 from typing import Any
 
@@ -182,7 +183,7 @@ def request_features(
 MAX_TOKEN_IDS = 1 << 17  # longer prompts are looked up by their first ones
 
 
-def _token_ids(body: Mapping[str, Any]) -> tuple[int, ...] | None:
+def _token_ids(body: Mapping[str, Any]) -> array[int] | None:
     """A completions prompt given as token ids (one list of ints), else None."""
     prompt = body.get("prompt")
     if not isinstance(prompt, list) or not prompt or "messages" in body:
@@ -190,4 +191,4 @@ def _token_ids(body: Mapping[str, Any]) -> tuple[int, ...] | None:
     head = prompt[:MAX_TOKEN_IDS]
     if not all(type(t) is int and 0 <= t < 1 << 31 for t in head):
         return None
-    return tuple(head)
+    return array("i", head)

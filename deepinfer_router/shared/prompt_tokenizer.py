@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,18 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+@dataclass(slots=True)
+class RenderedPrompt:
+    """A prompt as text cut at special tokens, before encoding: `uncached_chars` says how
+    much encoding work is left (pieces not in the LRU), so a caller can keep cheap prompts
+    on the event loop and send only real work to a thread."""
+
+    prefix: tuple[int, ...]  # ids before the pieces (a text prompt's BOS)
+    pieces: list[str | int]  # text to encode, or a special token's id
+    uncached_chars: int
+    whole: str | None = None  # encoded in one call, special tokens added (no pieces)
+
+
 class PromptTokenizer:
     def __init__(
         self,
@@ -91,7 +105,8 @@ class PromptTokenizer:
         self._tok = tokenizer
         self._template = compile_template(chat_template) if chat_template else None
         self._special_vars = dict(special_tokens)
-        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        # Ids as 4-byte arrays: a Python int costs 32+ bytes, and the LRU holds millions.
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._cache_entries = cache_entries
         self._cache_chars = cache_chars
         self._cached_chars = 0
@@ -148,6 +163,11 @@ class PromptTokenizer:
     def chat_ids(self, body: Mapping[str, Any]) -> list[int] | None:
         """A chat request's prompt ids, or None where this cannot reproduce vLLM's: no
         template, options it does not render, or messages not plain role/content text."""
+        text = self.chat_text(body)
+        return self.encode(text) if text is not None else None
+
+    def chat_text(self, body: Mapping[str, Any]) -> str | None:
+        """A chat request's prompt as the chat template renders it (see chat_ids)."""
         if self._template is None or any(body.get(k) is not None for k in _CHAT_UNSUPPORTED):
             return None
         if body.get("add_special_tokens", False) is not False:  # vLLM would add BOS
@@ -169,7 +189,7 @@ class PromptTokenizer:
                 add_generation_prompt=add_generation_prompt, **self._special_vars)
         except Exception:  # a template may raise anything on odd input
             return None
-        return self.encode(text, add_special_tokens=False)
+        return text if isinstance(text, str) else None
 
     def text_ids(self, prompt: str) -> list[int]:
         """A completions prompt's ids (special tokens added, as vLLM does by default)."""
@@ -179,43 +199,69 @@ class PromptTokenizer:
 
     def prompt_ids(self, body: Mapping[str, Any]) -> list[int] | None:
         """A chat or completions body's prompt ids; None where not reproducible."""
+        rendered = self.render(body)
+        return self.encode_rendered(rendered).tolist() if rendered is not None else None
+
+    def render(self, body: Mapping[str, Any]) -> RenderedPrompt | None:
+        """A chat or completions body cut into pieces to encode (cheap: template, split
+        and cache lookups); None where the prompt ids are not reproducible."""
         if "messages" in body:
-            return self.chat_ids(body)
+            text = self.chat_text(body)
+            return self._rendered((), text) if text is not None else None
         prompt = body.get("prompt")
         if (isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True
                 and body.get("truncate_prompt_tokens") is None):
-            return self.text_ids(prompt)
+            if self._text_prefix is None:  # the post-processor adds more than a prefix
+                return RenderedPrompt((), [], len(prompt), whole=prompt)
+            return self._rendered(self._text_prefix, prompt)
         return None
+
+    def encode_rendered(self, rendered: RenderedPrompt) -> array[int]:
+        """The ids of a rendered prompt (a long one: call it off the event loop; the
+        tokenizer's Rust code releases the GIL)."""
+        if rendered.whole is not None:
+            return array("i", self._tok.encode(rendered.whole, add_special_tokens=True).ids)
+        out = array("i", rendered.prefix)
+        for piece in rendered.pieces:
+            if isinstance(piece, int):
+                out.append(piece)
+            else:
+                out.extend(self._piece(piece))
+        return out
 
     # --- encoding -----------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         if add_special_tokens:
             return self.text_ids(text)
-        split = self._split
-        if split is None:
-            return self._piece(text)
-        out: list[int] = []
-        specials = self._specials
-        for piece in split.split(text):
-            if not piece:
-                continue
-            special = specials.get(piece)
-            if special is not None:
-                out.append(special)
-            else:
-                out.extend(self._piece(piece))
-        return out
+        return self.encode_rendered(self._rendered((), text)).tolist()
 
-    def _piece(self, text: str) -> list[int]:
+    def _rendered(self, prefix: tuple[int, ...], text: str) -> RenderedPrompt:
+        split = self._split
+        pieces: list[str | int] = []
+        if split is None:
+            pieces.append(text)
+        else:
+            specials = self._specials
+            for piece in split.split(text):
+                if piece:
+                    special = specials.get(piece)
+                    pieces.append(piece if special is None else special)
+        cache = self._cache
+        uncached = sum(len(p) for p in pieces
+                       if isinstance(p, str) and (len(p) < _MIN_CACHED_PIECE or p not in cache))
+        return RenderedPrompt(prefix, pieces, uncached)
+
+    def _piece(self, text: str) -> array[int]:
+        """The ids of text between special tokens (callers only read the array)."""
         if len(text) < _MIN_CACHED_PIECE:
-            return list(self._tok.encode(text, add_special_tokens=False).ids)
+            return array("i", self._tok.encode(text, add_special_tokens=False).ids)
         cache = self._cache
         with self._lock:  # long prompts are tokenized in worker threads
             hit = cache.get(text)
             if hit is not None:
                 cache.move_to_end(text)
-                return list(hit)
-        ids = tuple(self._tok.encode(text, add_special_tokens=False).ids)
+                return hit
+        ids = array("i", self._tok.encode(text, add_special_tokens=False).ids)
         if len(text) <= self._cache_chars // 4:  # one piece never fills the cache
             with self._lock:
                 if text not in cache:
@@ -225,7 +271,7 @@ class PromptTokenizer:
                                  or self._cached_chars > self._cache_chars):
                     old, _ = cache.popitem(last=False)
                     self._cached_chars -= len(old)
-        return list(ids)
+        return ids
 
     def cache_size(self) -> tuple[int, int]:
         """(pieces, characters) held by the LRU."""

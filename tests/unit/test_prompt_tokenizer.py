@@ -86,6 +86,28 @@ def test_repeated_pieces_come_from_the_cache_and_give_the_same_ids(
     assert b[: len(a) - 1] == a[: len(a) - 1]  # the next turn extends the previous prompt
 
 
+def test_a_render_says_how_much_is_left_to_encode(tokenizer_dir: Path, reference: Any
+                                                  ) -> None:
+    """The router keeps a prompt on the event loop when little of it is new: render()
+    counts the characters not in the piece cache; the ids are the same either way."""
+    tok = PromptTokenizer.from_dir(tokenizer_dir)
+    system = {"role": "system", "content": "You are a helpful assistant. " * 200}
+    first = [system, {"role": "user", "content": "question one " * 10}]
+    cold = tok.render({"messages": first})
+    assert cold is not None and cold.uncached_chars >= len(system["content"])
+    assert tok.encode_rendered(cold).tolist() == chat_reference(reference, first)
+    second = [*first, {"role": "assistant", "content": "answer " * 20},
+              {"role": "user", "content": "question two " * 10}]
+    warm = tok.render({"messages": second})
+    assert warm is not None
+    # only the two new messages (and the role tokens' short glue) are left
+    assert warm.uncached_chars < len("answer " * 20) + len("question two " * 10) + 40
+    assert tok.encode_rendered(warm).tolist() == chat_reference(reference, second)
+    text = tok.render({"prompt": "plain text " * 30})
+    assert text is not None
+    assert tok.encode_rendered(text).tolist() == reference("plain text " * 30)["input_ids"]
+
+
 def test_the_piece_cache_is_bounded(tokenizer_dir: Path) -> None:
     base = PromptTokenizer.from_dir(tokenizer_dir)
     tok = PromptTokenizer(base._tok, None, {}, cache_entries=3, cache_chars=10_000)

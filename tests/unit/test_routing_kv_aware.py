@@ -328,7 +328,7 @@ def test_precise_figures_replace_the_estimate() -> None:
 def test_token_id_prompts_carry_their_ids() -> None:
     f = request_features({"prompt": [1, 2, 3]}, MODEL, None, with_prompt=True,
                          chunk_chars=CHUNK, max_chars=0)
-    assert f.prompt_token_ids == (1, 2, 3)
+    assert f.prompt_token_ids is not None and list(f.prompt_token_ids) == [1, 2, 3]
     for prompt in ("text", [1, "2"], [True, 2], [], [[1, 2]], [-1]):
         f = request_features({"prompt": prompt}, MODEL, None, with_prompt=True,
                              chunk_chars=CHUNK, max_chars=0)
