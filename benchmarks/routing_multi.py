@@ -20,6 +20,15 @@ The load is split between the two routers (`--split`):
   random     each request goes to A or B at random (seeded);
   sticky     each user keeps one router (half the users on each).
 
+With `--indexes approximate,precise` every setup runs once per index of kv-aware, on
+engines that tokenize with a real byte-level BPE tokenizer and publish vLLM's KV events
+(as routing.py --indexes): the engines register themselves in Redis (every setup, "one"
+included, so the routers learn their event feeds and tokenizer), the approximate runs
+pass --kv-events off. The routers of "two-noshare" then know nothing of each other's
+placements, as routers from different teams in front of one fleet: the precise index
+sees what every router sent. Targets there: precise hit rate >= 1.1x approximate's for
+two-noshare, and two-noshare precise >= 0.95x one router precise.
+
 Reported per setup: the engines' own prefix-cache hit rate (deltas of
 vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total over the run, summed over
 the engines), TTFT p50/p90/p99 in model ms (see routing.py: wall latency x speed),
@@ -29,6 +38,7 @@ stream. Target: hit rate(two) / hit rate(one) >= 0.9.
 
     python benchmarks/routing_multi.py [--quick] [--split alternate[,random,sticky]]
                                        [--setups one,two,two-noshare] [--seed 1]
+                                       [--indexes approximate,precise]
 
 Writes benchmarks/results/routing_multi.json (or --out) and prints a markdown table.
 Everything this starts (fleet subprocess, routers, redis-server) is stopped on exit,
@@ -46,6 +56,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +159,8 @@ async def hints_on_stream(redis_url: str) -> dict[str, Any]:
         await r.aclose()
 
 
-async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[str, Any]:
+async def run_setup(setup: str, split: str, args: argparse.Namespace,
+                    index: str = "approximate") -> dict[str, Any]:
     import aiohttp
 
     from deepinfer_engine.redis_registration import RedisRegistrar
@@ -163,19 +175,34 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
     routers: list[rb.Router] = []
     registrars: list[RedisRegistrar] = []
     hints: dict[str, Any] = {}
-    fleet = rb.Fleet([args.kv_blocks] * args.engines, speed)
+    bpe: rb.BpeTokenizer | None = args.bpe
+    fleet: rb.Fleet | None = None
+    if bpe is None:
+        fleet = rb.Fleet([args.kv_blocks] * args.engines, speed)
     try:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=timeout
         ) as session:
             try:
-                ids = [engine_id_for(u) for u in fleet.urls]
-                if setup == "one":
-                    routers.append(rb.Router(fleet.urls, "kv-aware", args.router_arg or ()))
+                static_urls = fleet.urls if fleet is not None else []
+                if bpe is not None:
+                    # The engines register themselves (their record names the KV event
+                    # feed and the tokenizer); every setup reads Redis.
+                    redis = RedisServer()
+                    fleet = rb.Fleet([args.kv_blocks] * args.engines, speed,
+                                     registry=redis.url, tokenizer=str(bpe.path))
+                    extra = ["--redis-url", redis.url, *(args.router_arg or ())]
+                    if setup == "two-noshare":
+                        extra.append("--no-share-hints")
+                    if index == "approximate":
+                        extra += ["--kv-events", "off"]
+                    routers += [rb.Router([], "kv-aware", extra) for _ in range(n_routers)]
+                elif setup == "one":
+                    routers.append(rb.Router(static_urls, "kv-aware", args.router_arg or ()))
                 else:
                     redis = RedisServer()
-                    for u in fleet.urls:
+                    for u in static_urls:
                         reg = RedisRegistrar(redis.url)
                         await reg.start(
                             EngineRecord(
@@ -192,8 +219,12 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
                     if setup == "two-noshare":
                         extra.append("--no-share-hints")
                     routers += [rb.Router([], "kv-aware", extra) for _ in range(n_routers)]
+                assert fleet is not None
+                ids = [engine_id_for(u) for u in fleet.urls]
                 for router in routers:
                     await rb.wait_ready(session, router.url, args.engines)
+                    if index == "precise":
+                        await rb.wait_precise(session, router.url, args.engines)
                 gen = SplitGen(
                     speed,
                     session,
@@ -206,7 +237,8 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
                 )
                 m0 = await scrape(session, fleet.urls)
                 wall0 = time.monotonic()
-                await rb.drive_open(gen, rb.build(WORKLOAD, "high", seed, scale))
+                await rb.drive_open(gen, rb.build(WORKLOAD, "high", seed, scale,
+                                                  bpe.words if bpe else None))
                 wall = time.monotonic() - wall0
                 m1 = await scrape(session, fleet.urls)
                 if redis is not None and setup == "two":
@@ -218,11 +250,12 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
                     except Exception as exc:  # keep stopping the rest
                         print(f"registrar stop: {exc}", file=sys.stderr)
     finally:
+        if fleet is not None:  # first: the engines deregister
+            fleet.close()
         for router in routers:
             router.close()
         if redis is not None:
             redis.close()
-        fleet.close()
 
     res = gen.results
     ok = [r for r in res if r.ok]
@@ -237,6 +270,7 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
     per_router = [sum(1 for t in gen.turns if t["router"] == i) for i in range(n_routers)]
     return {
         "setup": setup,
+        "index": index,
         "routers": n_routers,
         "split": split if n_routers > 1 else "-",
         "requests": len(res),
@@ -260,6 +294,35 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace) -> dict[st
     }
 
 
+def one_router(results: list[dict[str, Any]], index: str) -> dict[str, Any] | None:
+    return next((r for r in results
+                 if r["setup"] == "one" and r.get("index", "approximate") == index), None)
+
+
+def index_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Routers that share nothing (two-noshare): the precise index sees what the other
+    router sent, so its hit rate is >= 1.1x the approximate index's and >= 0.95x one
+    precise router's."""
+    out: list[dict[str, Any]] = []
+    by = {(r["setup"], r["split"], r.get("index", "approximate")): r for r in results}
+    one_precise = one_router(results, "precise")
+    for (setup, split, index), precise in by.items():
+        approx = by.get((setup, split, "approximate"))
+        if setup != "two-noshare" or index != "precise":
+            continue
+        if approx and approx["hit_rate"]:
+            ratio = precise["hit_rate"] / approx["hit_rate"]
+            out.append({"what": f"hit rate two routers sharing nothing (split {split}): "
+                        "precise / approximate >= 1.1", "split": split,
+                        "value": round(ratio, 4), "limit": 1.1, "met": ratio >= 1.1})
+        if one_precise and one_precise["hit_rate"]:
+            ratio = precise["hit_rate"] / one_precise["hit_rate"]
+            out.append({"what": f"hit rate two precise routers sharing nothing (split "
+                        f"{split}) / one precise router >= 0.95", "split": split,
+                        "value": round(ratio, 4), "limit": 0.95, "met": ratio >= 0.95})
+    return out
+
+
 def table(results: list[dict[str, Any]]) -> str:
     labels = {
         "one": "one router",
@@ -267,16 +330,17 @@ def table(results: list[dict[str, Any]]) -> str:
         "two-noshare": "two routers, --no-share-hints",
     }
     lines = [
-        "| setup | split | requests | prefix-cache hit rate | vs one router "
+        "| setup | index | split | requests | prefix-cache hit rate | vs one router "
         "| TTFT p50 (ms) | TTFT p90 (ms) | same engine as previous turn |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
-    base = next((r["hit_rate"] for r in results if r["setup"] == "one"), None)
     for r in results:
         t = r["ttft_ms"]
-        ratio = f"{r['hit_rate'] / base:.3f}" if base else "-"
+        base = one_router(results, r.get("index", "approximate"))
+        ratio = f"{r['hit_rate'] / base['hit_rate']:.3f}" if base and base["hit_rate"] else "-"
         lines.append(
-            f"| {labels[r['setup']]} | {r['split']} | {r['ok']}/{r['requests']} | "
+            f"| {labels[r['setup']]} | {r.get('index', 'approximate')} | {r['split']} "
+            f"| {r['ok']}/{r['requests']} | "
             f"{r['hit_rate']:.1%} | {ratio} | {t['p50']:.0f} | {t['p90']:.0f} | "
             f"{r['stickiness']:.1%} |"
         )
@@ -301,8 +365,15 @@ def main() -> None:
         action="append",
         help="extra deepinfer-router argument for every router (repeatable)",
     )
+    ap.add_argument("--indexes", default="approximate",
+                    help="kv-aware's prefix index per run: approximate, precise or both "
+                    "(see above)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output path")
     args = ap.parse_args()
+    indexes = [x.strip() for x in args.indexes.split(",") if x.strip()]
+    for x in indexes:
+        if x not in rb.INDEXES:
+            raise SystemExit(f"unknown index {x!r} (choose from {', '.join(rb.INDEXES)})")
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     for s in setups:
         if s not in SETUPS:
@@ -312,29 +383,34 @@ def main() -> None:
         if s not in SPLITS:
             raise SystemExit(f"unknown split {s!r} (choose from {', '.join(SPLITS)})")
     runs = [
-        (setup, split) for setup in setups for split in (splits[:1] if setup == "one" else splits)
+        (setup, split, index) for setup in setups
+        for split in (splits[:1] if setup == "one" else splits) for index in indexes
     ]
+    tokenizer_tmp = tempfile.TemporaryDirectory(prefix="routing-multi-bpe-")
+    args.bpe = rb.BpeTokenizer.build(Path(tokenizer_tmp.name)) if "precise" in indexes else None
     results: list[dict[str, Any]] = []
-    for setup, split in runs:
+    for setup, split, index in runs:
         t = time.monotonic()
-        r = asyncio.run(run_setup(setup, split, args))
+        r = asyncio.run(run_setup(setup, split, args, index))
         results.append(r)
         print(
-            f"[{setup:<11} {r['split']:<9}] n={r['ok']}/{r['requests']} hit {r['hit_rate']:.1%} "
+            f"[{setup:<11} {r['split']:<9} {index:<11}] n={r['ok']}/{r['requests']} "
+            f"hit {r['hit_rate']:.1%} "
             f"ttft p50/p90 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f} ms "
             f"sticky {r['stickiness']:.1%} routes {r['routes']} hints {r['hints']} "
             f"({time.monotonic() - t:.0f}s)",
             flush=True,
         )
-    one = next((r for r in results if r["setup"] == "one"), None)
+    tokenizer_tmp.cleanup()
     targets: list[dict[str, Any]] = []
     for r in results:
+        one = one_router(results, r["index"])
         if one and one["hit_rate"] and r["setup"] == "two":
             ratio = r["hit_rate"] / one["hit_rate"]
             targets.append(
                 {
-                    "what": f"hit rate two routers (shared hints, split {r['split']}) "
-                    "/ one router >= 0.9",
+                    "what": f"hit rate two routers (shared hints, split {r['split']}, "
+                    f"{r['index']}) / one router >= 0.9",
                     "split": r["split"],
                     "value": round(ratio, 4),
                     "limit": TARGET_RATIO,
@@ -343,6 +419,7 @@ def main() -> None:
             )
         if one and one["hit_rate"]:
             r["hit_rate_vs_one"] = round(r["hit_rate"] / one["hit_rate"], 4)
+    targets += index_targets(results)
     report = {
         "command": "python benchmarks/routing_multi.py " + " ".join(sys.argv[1:]),
         "source": {"dir": str(rb.ROOT), "revision": rb.source_revision()},
@@ -358,6 +435,7 @@ def main() -> None:
             "block_size": rb.BLOCK_SIZE,
             "speed": args.speed,
             "policy": "kv-aware",
+            "indexes": indexes,
             "splits": splits,
             "quick": args.quick,
             "seed": args.seed,

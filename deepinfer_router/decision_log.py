@@ -62,6 +62,23 @@ class DecisionRecord:
         self.grade: Grade | None = None
 
     @property
+    def predicts(self) -> bool:
+        """Whether the decision said anything about what the engines hold: kv-aware
+        weighs held prefixes (an empty map is a prediction: nobody holds any), a live
+        KV event feed says it outright; session, round-robin and least-conn say nothing,
+        so there is nothing to grade."""
+        return self.decision.held is not None or any(
+            c.precise_cached_tokens is not None for c in self.candidates)
+
+    @property
+    def chars_per_token_seen(self) -> float:
+        """This prompt's own characters per token where the router had its ids, else the
+        configured ratio (the estimate counts characters)."""
+        if self.prompt_ids:
+            return max(self.prompt_chars / self.prompt_ids, 1e-9)
+        return self.chars_per_token
+
+    @property
     def prompt_tokens(self) -> int:
         if self.prompt_ids:
             return self.prompt_ids
@@ -76,13 +93,14 @@ class DecisionRecord:
         held = held or {}
         unit = d.chunk_chars
         prompt_tokens = self.prompt_tokens
+        per_token = self.chars_per_token_seen
         out: dict[str, int] = {}
         for c in self.candidates:
             block = c.block_size or DEFAULT_BLOCK_SIZE
             if c.precise_cached_tokens is not None:
                 tokens = c.precise_cached_tokens
             else:
-                tokens = int(held.get(c.id, 0) * unit / self.chars_per_token)
+                tokens = int(held.get(c.id, 0) * unit / per_token)
             if tokens:
                 out[c.id] = reportable(tokens, prompt_tokens, block)
         return out
@@ -99,6 +117,8 @@ class DecisionRecord:
         terms = explain(self.candidates, d)
         predicted = self.predicted()
         graded: dict[str, Any] | None = None
+        if self.actual_cached_tokens is not None:  # answered; graded if it predicted
+            graded = {"cached_tokens": self.actual_cached_tokens}
         if self.grade is not None:
             graded = {
                 "cached_tokens": self.actual_cached_tokens,
@@ -190,13 +210,16 @@ class DecisionLog:
         return out
 
 
-def grade(record: DecisionRecord, cached_tokens: int) -> Grade:
-    """Grade `record` by the cached tokens its engine reported (kept on the record)."""
+def grade(record: DecisionRecord, cached_tokens: int) -> Grade | None:
+    """Grade `record` by the cached tokens its engine reported (kept on the record);
+    None when the decision predicted nothing (record.predicts)."""
+    record.actual_cached_tokens = cached_tokens
+    if not record.predicts:
+        return None
     chosen = record.decision.engine_id
     predicted = record.predicted()
     best_other = max((n for engine, n in predicted.items() if engine != chosen), default=0)
     g = Grade(predicted.get(chosen, 0) - cached_tokens,
               best_other - cached_tokens > record.block_size(), best_other)
-    record.actual_cached_tokens = cached_tokens
     record.grade = g
     return g

@@ -10,7 +10,7 @@ policy, per candidate, what the engine really holds of a request given as token 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import zmq.asyncio
 
@@ -79,11 +79,14 @@ class KvEventFeeds(Periodic):
         return entry is not None and entry[1].usable()
 
     def annotate(self, request: RequestFeatures, candidates: Sequence[Candidate],
+                 agreeing: Mapping[str, str] | None = None,
                  other_tier_weight: float = 0.5) -> None:
-        """`annotate` below, for the candidates whose feed is live."""
+        """`annotate` below, for the candidates whose feed is live (and, with `agreeing`,
+        engine id -> instance, only those whose instance is in it)."""
         if request.prompt_token_ids:
-            annotate(self.index, request, candidates,
-                     [c.id for c in candidates if self.precise(c.id)], other_tier_weight)
+            live = [c.id for c in candidates if self.precise(c.id)
+                    and (agreeing is None or agreeing.get(c.id) == c.instance)]
+            annotate(self.index, request, candidates, live, other_tier_weight)
 
     def states(self) -> dict[str, str]:
         """Per engine with a feed: live, rebuilding or down."""

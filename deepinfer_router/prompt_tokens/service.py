@@ -6,9 +6,12 @@ precise index is keyed by them); for each, a tokenizer directory is taken from
 `--tokenizer MODEL=DIR`, else from the engine record's `tokenizer` (a directory
 `deepinfer-engine launch` names when it serves a local model directory; used only where
 it exists on this host, e.g. one machine or a shared filesystem). It is loaded off the
-event loop and checked once against an engine's own `POST /tokenize` on a probe chat and
-a probe text: only a tokenizer whose ids are identical is used. A model without one, or
-whose check failed, keeps the approximate index (retried every `retry_s`).
+event loop and checked against every engine instance with a live feed, by the engine's
+own `POST /tokenize` on a probe chat and a probe text: the router's ids are looked up
+only in the indexes of the instances that gave identical ids (`agreeing`; an engine
+restarted with another tokenizer is a new instance, checked again). A model without a
+tokenizer, or an engine whose check failed, keeps the approximate index (retried every
+`retry_s`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..shared.prompt_tokenizer import (
 )
 
 log = logging.getLogger("deepinfer.prompt_tokens")
+_CONCURRENT_CHECKS = 8  # engines probed at once (two small /tokenize calls each)
 
 
 class PromptTokenizers(Periodic):
@@ -60,9 +64,11 @@ class PromptTokenizers(Periodic):
         self._headers = dict(engine_headers or {})
         self._retry_s = retry_s
         self._probe_timeout = probe_timeout_s
-        self.ready: dict[str, PromptTokenizer] = {}  # the hot path reads only this
+        self.ready: dict[str, PromptTokenizer] = {}  # the hot path reads this ...
+        self.agreeing: dict[str, str] = {}  # ... and this: engine id -> instance checked
         self._states: dict[str, str] = {}
-        self._retry_at: dict[str, float] = {}
+        self._retry_at: dict[str, float] = {}  # per model (loading) and engine (checking)
+        self._disagreeing: dict[str, str] = {}  # engine id -> why, for the model state
 
     def get(self, model: str) -> PromptTokenizer | None:
         return self.ready.get(model)
@@ -87,26 +93,74 @@ class PromptTokenizers(Periodic):
 
     async def sync(self) -> None:
         now = time.monotonic()
-        wanted: dict[str, EngineRecord] = {}
+        wanted: dict[str, list[EngineRecord]] = {}
         for record in self._records():
             if record.kv_events is None or not self._precise(record.id):
                 continue
             for model in record.models:
-                wanted.setdefault(model, record)
+                wanted.setdefault(model, []).append(record)
         for model in list(self.ready):
             if model not in wanted:  # no engine publishes any more: nothing to look up
                 del self.ready[model]
                 self._states.pop(model, None)
-        for model, record in wanted.items():
-            if model in self.ready or now < self._retry_at.get(model, 0.0):
+        live = {r.id: r.instance for records in wanted.values() for r in records}
+        for engine_id, instance in list(self.agreeing.items()):
+            if live.get(engine_id) != instance:  # gone, or restarted: check it again
+                del self.agreeing[engine_id]
+        for key in [k for k in self._retry_at if k.startswith("engine:")]:
+            if key.removeprefix("engine:") not in live:
+                del self._retry_at[key]
+        for model, records in wanted.items():
+            if model not in self.ready:
+                if now < self._retry_at.get("model:" + model, 0.0):
+                    continue
+                self._retry_at["model:" + model] = now + self._retry_s
+                await self._resolve(model, records)
+            tok = self.ready.get(model)
+            if tok is None:
                 continue
-            self._retry_at[model] = now + self._retry_s
-            await self._resolve(model, record)
+            unchecked = [r for r in records if self.agreeing.get(r.id) != r.instance
+                         and now >= self._retry_at.get("engine:" + r.id, 0.0)]
+            await self._check_all(model, tok, unchecked)
+            self._states[model] = self._model_state(records)
 
-    async def _resolve(self, model: str, record: EngineRecord) -> None:
+    async def _check_all(self, model: str, tok: PromptTokenizer,
+                         records: list[EngineRecord]) -> int:
+        """Check `records` (a few at a time); how many agree."""
+        retry_at = time.monotonic() + self._retry_s
+        gate = asyncio.Semaphore(_CONCURRENT_CHECKS)
+
+        async def one(record: EngineRecord) -> bool:
+            self._retry_at["engine:" + record.id] = retry_at
+            async with gate:
+                return await self._check(model, tok, record)
+
+        return sum(await asyncio.gather(*(one(r) for r in records)))
+
+    def _model_state(self, records: list[EngineRecord]) -> str:
+        agreed = sum(self.agreeing.get(r.id) == r.instance for r in records)
+        if agreed == len(records):
+            return "verified"
+        why = next((self._disagreeing[r.id] for r in records if r.id in self._disagreeing), "")
+        return f"verified on {agreed} of {len(records)} engines; {why}"[:300]
+
+    async def _check(self, model: str, tok: PromptTokenizer, record: EngineRecord) -> bool:
+        problem = await self._verify(model, tok, record)
+        if problem is None:
+            self.agreeing[record.id] = record.instance
+            self._disagreeing.pop(record.id, None)
+            return True
+        self._disagreeing[record.id] = f"disagrees with engine {record.id}: {problem}"
+        log.warning("model %s: the router's tokenizer disagrees with engine %s (%s); its "
+                    "prompts keep the approximate index there", model, record.id, problem)
+        return False
+
+    async def _resolve(self, model: str, records: list[EngineRecord]) -> None:
+        """Load the model's tokenizer; it is used once some engine agrees with it."""
         path = self._configured.get(model)
-        if path is None and self._from_engines and record.tokenizer:
-            path = record.tokenizer
+        named = next((r.tokenizer for r in records if r.tokenizer), None)
+        if path is None and self._from_engines and named:
+            path = named
         if path is None or not await asyncio.to_thread(Path(path).is_dir):
             self._states[model] = ("no tokenizer (--tokenizer MODEL=DIR, or an engine "
                                    "record naming a directory on this host)")
@@ -118,17 +172,14 @@ class PromptTokenizers(Periodic):
             self._states[model] = f"unusable tokenizer: {exc}"[:300]
             log.warning("model %s: tokenizer at %s unusable: %s", model, path, exc)
             return
-        problem = await self._verify(model, tok, record)
-        if problem is not None:
-            self._states[model] = f"disagrees with engine {record.id}: {problem}"[:300]
-            log.warning("model %s: the tokenizer at %s disagrees with engine %s (%s); "
-                        "routing keeps the approximate index for it", model, path,
-                        record.id, problem)
+        agreed = await self._check_all(model, tok, records)
+        if not agreed:
+            self._states[model] = self._disagreeing[records[0].id][:300]
             return
         self.ready[model] = tok
         self._states[model] = "verified"
-        log.info("model %s: prompts tokenized in the router (%s), checked against engine "
-                 "%s", model, path, record.id)
+        log.info("model %s: prompts tokenized in the router (%s), checked against %d of %d "
+                 "engines", model, path, agreed, len(records))
 
     async def _verify(self, model: str, tok: PromptTokenizer, record: EngineRecord
                       ) -> str | None:
@@ -161,3 +212,4 @@ class PromptTokenizers(Periodic):
     async def close(self) -> None:
         await super().close()
         self.ready.clear()
+        self.agreeing.clear()

@@ -91,6 +91,8 @@ class Attempts:
     def _grade(self, record: DecisionRecord, cached_tokens: int) -> None:
         """The engine reported what it had cached: grade the decision that sent it there."""
         g = grade(record, cached_tokens)
+        if g is None:  # the policy predicted nothing
+            return
         metrics = self.state.metrics
         metrics.cache_prediction_error.observe(g.error_tokens)
         if g.misroute:

@@ -29,3 +29,4 @@ class Call:
     stream_usage: bool = False  # a stream whose client asked for usage (stream_options)
     decision: DecisionRecord | None = None  # this attempt's, while decisions are logged
     cached_tokens: int | None = None  # what this attempt's engine reported cached
+    tokenized: bool = False  # the prompt ids are the router's own tokenization

@@ -119,6 +119,7 @@ class Dispatcher:
             return
         if ids:
             call.features.prompt_token_ids = ids[:MAX_TOKEN_IDS]
+            call.tokenized = True
 
     async def _route_with_retries(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -153,7 +154,11 @@ class Dispatcher:
                 )
             t0 = time.perf_counter()
             if state.kv_feeds is not None and call.features.prompt_token_ids:
-                state.kv_feeds.annotate(call.features, candidates)
+                # Ids of the router's own tokenizer mean something only to the engines
+                # that were checked to tokenize alike; ids from the client, to every one.
+                agreeing = (state.tokenizers.agreeing
+                            if call.tokenized and state.tokenizers is not None else None)
+                state.kv_feeds.annotate(call.features, candidates, agreeing)
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
             state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()

@@ -16,7 +16,9 @@ bounded LRU: a shared system prompt or a conversation's earlier turns are encode
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import threading
 from array import array
 from collections import OrderedDict
@@ -54,9 +56,19 @@ def _token_text(value: Any) -> str | None:
 
 
 def _read(path: Path) -> str:
-    if path.stat().st_size > MAX_FILE_BYTES:
+    """A regular file of at most MAX_FILE_BYTES, checked on the open file (a path swapped
+    after a check, a FIFO that never ends or /dev/zero are refused, not read forever)."""
+    # O_NONBLOCK: opening a FIFO does not wait for a writer (regular files ignore it);
+    # symlinks are followed (the Hugging Face cache links snapshots to blobs).
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TokenizerUnavailable(f"{path} is not a regular file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
         raise TokenizerUnavailable(f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB")
-    return path.read_text(encoding="utf-8")
+    return data.decode("utf-8")
 
 
 def _raise(message: str) -> None:
@@ -125,6 +137,10 @@ class PromptTokenizer:
                 self._specials, key=len, reverse=True)) + ")")
             if splittable and self._specials else None
         )
+        if self._split is not None and not self._splits_exactly():
+            # e.g. a Metaspace pre-tokenizer with prepend_scheme="first" marks only the
+            # text's first piece: encoding pieces apart would mark every one.
+            self._split = None
         # What the post-processor adds to a text prompt: only a fixed prefix (BOS, or
         # nothing) is reproduced piecewise; anything else encodes the whole text.
         bare = tokenizer.encode("a", add_special_tokens=False).ids
@@ -132,6 +148,15 @@ class PromptTokenizer:
         n = len(full) - len(bare)
         self._text_prefix: tuple[int, ...] | None = (
             tuple(full[:n]) if n >= 0 and full[n:] == bare else None)
+
+    def _splits_exactly(self) -> bool:
+        """Whether encoding the text between special tokens piece by piece gives the ids
+        of encoding it whole, on a probe mixing specials with spaces and newlines."""
+        glue = ("Hello", " world ", "\n", "  two spaces", "end.\n\n", " ", "x")
+        specials = sorted(self._specials)[:16]
+        probe = "".join(g + sp for sp in specials for g in glue) + " tail"
+        whole = self._tok.encode(probe, add_special_tokens=False).ids
+        return self.encode_rendered(self._rendered((), probe)).tolist() == list(whole)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> PromptTokenizer:

@@ -278,6 +278,13 @@ async def test_router_feeds_follow_the_fleet(publishers: list[Publisher],
         cands = [Candidate(id=record.id, instance=record.instance)]
         feeds.annotate(other, cands)
         assert cands[0].precise_cached_chars == 0
+        # Ids of the router's tokenizer: only an engine instance checked to tokenize
+        # alike is asked; another instance keeps the estimate.
+        for agreeing, want in (({record.id: record.instance}, 2 * BLOCK * 5),
+                               ({record.id: "an-older-instance"}, None), ({}, None)):
+            cands = [Candidate(id=record.id, instance=record.instance)]
+            feeds.annotate(asked, cands, agreeing)
+            assert cands[0].precise_cached_chars == want, agreeing
         # A restarted engine (new instance): its feed starts over, the index forgets.
         records[0] = restarted = record.model_copy(update={"instance": "i-2"})
         await until(lambda: feeds.feeds.get(restarted.id, ("", None))[0] == "i-2")

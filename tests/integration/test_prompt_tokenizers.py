@@ -126,3 +126,29 @@ async def test_an_engine_that_cannot_be_asked_is_not_trusted(
                                    probe_timeout_s=2)
         state = await sync_until(service, MODEL, "disagrees")
         assert "probe" in state and service.get(MODEL) is None, state
+
+
+async def test_ids_are_trusted_per_engine_instance(
+        serve_app: Callable[..., Awaitable[RunningServer]], tokenizer_dir: Path) -> None:
+    """Two engines serve the model, one with another chat template: the tokenizer is
+    used, for the engine that agrees only; an engine restarted (a new instance) is
+    checked again before its index is trusted with the router's ids."""
+    good = await serve_app(tokenize_app(tokenizer_dir))
+    odd = await serve_app(tokenize_app(tokenizer_dir, add_generation_prompt=False))
+    a = EngineRecord(url=good.url, instance="a-1", models=[MODEL], kv_events=FEED,
+                     tokenizer=str(tokenizer_dir))
+    b = EngineRecord(url=odd.url, instance="b-1", models=[MODEL], kv_events=FEED,
+                     tokenizer=str(tokenizer_dir))
+    records = [a, b]
+    async with aiohttp.ClientSession() as session:
+        service = PromptTokenizers(lambda: records, lambda _: True, lambda: session,
+                                   retry_s=0)
+        state = await sync_until(service, MODEL, "verified on 1 of 2")
+        assert state.startswith("verified on 1 of 2 engines; disagrees with engine "
+                                + b.id), state
+        assert service.get(MODEL) is not None and service.agreeing == {a.id: "a-1"}
+        # engine a restarts: until checked again its index is not asked
+        records[0] = a.model_copy(update={"instance": "a-2"})
+        records.pop()  # and b goes away
+        await service.sync()
+        assert service.agreeing == {a.id: "a-2"} and service.states()[MODEL] == "verified"

@@ -95,6 +95,30 @@ def test_grading_error_and_misroutes() -> None:
     assert g2.error_tokens == 32 and not g2.misroute
 
 
+def test_a_policy_that_predicts_nothing_is_not_graded() -> None:
+    """session, round-robin, least-conn say nothing of what engines hold: an answer's
+    cached tokens are shown, but no error (it would read as -cached) and no misroute."""
+    log = DecisionLog(8, 4.0)
+    rec = log.record("r", "m", "session", Decision("a", "session"),
+                     fleet(("a", None), ("b", None)), 4000, 0, 0, 1.0)
+    assert not rec.predicts and grade(rec, 512) is None
+    assert rec.to_json()["actual"] == {"cached_tokens": 512}
+    # kv-aware weighed held prefixes (none held): a prediction of 0, graded
+    nothing = log.record("r2", "m", "kv-aware", decided("a", "new-prefix", {}),
+                         fleet(("a", None), ("b", None)), 4000, 0, 0, 1.0)
+    g = grade(nothing, 512)
+    assert nothing.predicts and g is not None and g.error_tokens == -512
+
+
+def test_the_estimate_counts_in_the_prompts_own_characters_per_token() -> None:
+    """6 characters a token (the router tokenized this prompt): 6,000 held characters
+    are 1,000 tokens, not 1,500 at the configured 4."""
+    log = DecisionLog(8, 4.0)
+    rec = log.record("r", "m", "kv-aware", decided("a", "prefix", {"a": 6016}),
+                     fleet(("a", None)), 12_000, 2000, 0, 1.0)
+    assert rec.predicted() == {"a": 992}  # 6016 / 6 = 1002 tokens -> whole blocks
+
+
 @pytest.mark.parametrize(("data", "want"), [
     (b'{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":288}}}', 288),
     (b'{"usage": {"prompt_tokens_details": {"cached_tokens": 0}}}', 0),

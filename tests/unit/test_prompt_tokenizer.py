@@ -108,6 +108,24 @@ def test_a_render_says_how_much_is_left_to_encode(tokenizer_dir: Path, reference
     assert tok.encode_rendered(text).tolist() == reference("plain text " * 30)["input_ids"]
 
 
+def test_a_tokenizer_that_marks_only_the_first_piece_is_encoded_whole() -> None:
+    """SentencePiece-style Metaspace with prepend_scheme="first" puts "▁" before the
+    text's first word only: piecewise encoding at special tokens would put one before
+    every piece, so the tokenizer must encode such text whole, and match exactly."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                  show_progress=False)
+    tok.train_from_iterator(["hello world", "the user said hello", "x y z"] * 50, trainer)
+    tok.add_special_tokens([AddedToken("<|user|>", special=True)])
+    mine = PromptTokenizer(tok, None, {})
+    text = "hello<|user|>hello world<|user|> the user"
+    assert mine.encode(text) == tok.encode(text, add_special_tokens=False).ids
+    assert mine._split is None
+
+
 def test_the_piece_cache_is_bounded(tokenizer_dir: Path) -> None:
     base = PromptTokenizer.from_dir(tokenizer_dir)
     tok = PromptTokenizer(base._tok, None, {}, cache_entries=3, cache_chars=10_000)
@@ -145,3 +163,27 @@ def test_unusable_directories_are_refused(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerUnavailable):
         PromptTokenizer.from_dir(tmp_path)
+
+
+def test_files_that_are_not_regular_are_refused_without_reading(tmp_path: Path,
+                                                                tokenizer_dir: Path) -> None:
+    """A FIFO with no writer (reading would wait forever) and a device (/dev/zero never
+    ends) in place of tokenizer.json are refused at once; a symlink to a real file (the
+    Hugging Face cache's layout) is read."""
+    import os
+
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "tokenizer.json")
+    with pytest.raises(TokenizerUnavailable, match="not a regular file"):
+        PromptTokenizer.from_dir(fifo_dir)
+    zero_dir = tmp_path / "zero"
+    zero_dir.mkdir()
+    (zero_dir / "tokenizer.json").symlink_to("/dev/zero")
+    with pytest.raises(TokenizerUnavailable, match="not a regular file"):
+        PromptTokenizer.from_dir(zero_dir)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in os.listdir(tokenizer_dir):
+        (linked / name).symlink_to(tokenizer_dir / name)
+    assert PromptTokenizer.from_dir(linked).has_chat_template
