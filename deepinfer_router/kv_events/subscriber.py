@@ -140,8 +140,8 @@ class EngineFeed:
             self._rebuild(f"missed batches {first}..{until - 1} (no replay endpoint)")
             return
         got = await self._fetch_replay(first)
-        wanted = [b for b in got or [] if first <= b.seq < until]
-        if not wanted or wanted[0].seq != first or len(wanted) != until - first:
+        wanted = _in_order([b for b in got or [] if first <= b.seq < until])
+        if not wanted or not _contiguous(wanted, first) or len(wanted) != until - first:
             self._rebuild(f"could not replay batches {first}..{until - 1}")
             for batch in wanted:
                 self._apply(batch)
@@ -158,9 +158,11 @@ class EngineFeed:
         got = await self._fetch_replay(0)
         if got is None or self.last_seq is not None:
             return  # no answer (stay down until the first batch), or live already
-        got = sorted(got, key=lambda b: b.seq)
+        got = _in_order(got)
         if got and got[0].seq != 0:  # vLLM no longer keeps the start
             self._rebuild(f"the replay starts at batch {got[0].seq}")
+        elif not _contiguous(got, 0):  # a hole in what it kept: some batch is missing
+            self._rebuild("the replay skips batches")
         for batch in got:
             self._apply(batch)
         if not got:
@@ -238,3 +240,13 @@ class EngineFeed:
                 await self._task
             self._task = None
         self.index.forget(self.engine_id)
+
+
+def _in_order(batches: list[EventBatch]) -> list[EventBatch]:
+    """By sequence, one batch per sequence (a replayed frame may come twice)."""
+    return list({b.seq: b for b in sorted(batches, key=lambda b: b.seq)}.values())
+
+
+def _contiguous(batches: list[EventBatch], first: int) -> bool:
+    """Whether `batches` (in order) are exactly first, first + 1, ... without a hole."""
+    return all(b.seq == first + i for i, b in enumerate(batches))

@@ -159,15 +159,16 @@ def _payload(first: int, count: int) -> bytes:
     return msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=[event]))
 
 
-async def test_mid_stream_gap_is_filled_by_replay() -> None:
-    ctx = zmq.asyncio.Context()
+def replaying(ctx: zmq.asyncio.Context, sent: dict[int, bytes]
+              ) -> tuple[zmq.asyncio.Socket, int, int, asyncio.Task[None]]:
+    """A PUB socket and a replay ROUTER answering from `sent` as vLLM's _service_replay
+    does: (pub, pub port, replay port, the replay server's task)."""
     pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     pub_port, replay_port = free_port(), free_port()
     pub.bind(f"tcp://127.0.0.1:{pub_port}")
     router.bind(f"tcp://127.0.0.1:{replay_port}")
-    sent: dict[int, bytes] = {}  # what the engine has published (and keeps for replay)
 
-    async def replay_server() -> None:  # as vLLM's _service_replay
+    async def replay_server() -> None:
         while True:
             client, _, start = await router.recv_multipart()
             for seq in sorted(sent):
@@ -177,7 +178,32 @@ async def test_mid_stream_gap_is_filled_by_replay() -> None:
             await router.send_multipart([client, b"", b"", (-1).to_bytes(8, "big",
                                                                           signed=True), b""])
 
-    server = asyncio.create_task(replay_server())
+    return pub, pub_port, replay_port, asyncio.create_task(replay_server())
+
+
+async def test_a_catch_up_replay_with_a_hole_rebuilds() -> None:
+    """The engine's replay buffer answers 0, 1, 3 (2 is missing): applying it as whole
+    would claim blocks whose history is incomplete; the feed rebuilds instead."""
+    ctx = zmq.asyncio.Context()
+    sent = {0: _payload(0, 1), 1: _payload(1, 1), 3: _payload(3, 1)}
+    _pub, pub_port, replay_port, server = replaying(ctx, sent)
+    feed = EngineFeed("e1", FeedEndpoints(f"tcp://127.0.0.1:{pub_port}",
+                                          f"tcp://127.0.0.1:{replay_port}", "kv"),
+                      PreciseIndex(), ctx, rebuild_s=30)
+    feed.start()
+    try:
+        await until(lambda: feed.last_seq == 3)
+        assert feed.state == "rebuilding" and not feed.usable()
+    finally:
+        server.cancel()
+        await feed.close()
+        ctx.destroy(linger=0)
+
+
+async def test_mid_stream_gap_is_filled_by_replay() -> None:
+    ctx = zmq.asyncio.Context()
+    sent: dict[int, bytes] = {}  # what the engine has published (and keeps for replay)
+    pub, pub_port, replay_port, server = replaying(ctx, sent)
     index = PreciseIndex()
     feed = EngineFeed("e1", FeedEndpoints(f"tcp://127.0.0.1:{pub_port}",
                                           f"tcp://127.0.0.1:{replay_port}", "kv"), index, ctx)
