@@ -23,6 +23,7 @@ from .proxy import Proxy, max_body_bytes
 from .registry.base import RefusalLog, RegistrySource, WritableRegistry
 from .registry.local import LocalRegistry
 from .registry.static import StaticRegistry
+from .routing.estimate_correction import EstimateCorrection
 from .routing.factory import make_policy
 from .scrape import Scraper
 from .service import Closing, Service
@@ -66,6 +67,8 @@ def build_app(settings: RouterSettings) -> web.Application:
         decisions=DecisionLog(settings.decision_log_size, settings.chars_per_token)
         if settings.decision_log_size else None,
     )
+    if state.decisions is not None and settings.kv_events != "off":
+        state.estimate_correction = EstimateCorrection()
     router_metrics.watch_kv_index(lambda: _kv_indexes(state))
     policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)

@@ -105,6 +105,17 @@ class DecisionRecord:
                 out[c.id] = reportable(tokens, prompt_tokens, block)
         return out
 
+    def estimated(self, engine_id: str) -> int | None:
+        """What the approximate estimate alone (before any correction) predicted for
+        `engine_id`, as vLLM would report it; None where its figure was precise."""
+        cand = next((c for c in self.candidates if c.id == engine_id), None)
+        if cand is None or cand.precise_cached_tokens is not None or cand.estimate_factor <= 0:
+            return None
+        held = (self.decision.held or {}).get(engine_id, 0)
+        tokens = int(held * self.decision.chunk_chars / self.chars_per_token_seen
+                     / cand.estimate_factor)
+        return reportable(tokens, self.prompt_tokens, cand.block_size or DEFAULT_BLOCK_SIZE)
+
     def block_size(self) -> int:
         for c in self.candidates:
             if c.id == self.decision.engine_id and c.block_size:
@@ -127,6 +138,7 @@ class DecisionRecord:
                 "best_other_predicted_tokens": self.grade.best_other_tokens,
             }
         precise = {t.engine: t.precise for t in terms}
+        factors = {c.id: c.estimate_factor for c in self.candidates}
 
         def rounded(x: float | None, digits: int) -> float | None:
             return None if x is None else round(x, digits)
@@ -157,6 +169,8 @@ class DecisionRecord:
                     "score": rounded(t.score, 1),
                     "within_bound": t.within_bound,
                     "block_size": t.block_size or None,
+                    # the estimate's learnt over-estimate correction (mixed fleets)
+                    "estimate_factor": None if t.precise else round(factors.get(t.engine, 1.0), 3),
                 }
                 for t in terms
             ],

@@ -13,6 +13,7 @@ from .decision_log import DecisionLog
 from .fleet import Fleet
 from .metrics import RouterMetrics
 from .routing.base import RoutingPolicy
+from .routing.estimate_correction import EstimateCorrection
 from .settings import RouterSettings
 from .upstream import UpstreamPool
 
@@ -37,6 +38,9 @@ class RouterState:
     deployments: DeploymentStore | None = None  # with --redis-url: /v1/deployments
     kv_feeds: KvEventFeeds | None = None  # with --kv-events auto
     decisions: DecisionLog | None = None  # with --decision-log-size > 0
+    # The approximate estimate's over-estimate per engine, learnt from graded decisions
+    # (with decisions and --kv-events auto: it puts both indexes on one scale).
+    estimate_correction: EstimateCorrection | None = None
     tokenizers: PromptTokenizers | None = None  # with --kv-events auto --tokenize auto
     shutting_down: bool = False
 

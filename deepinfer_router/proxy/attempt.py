@@ -93,6 +93,11 @@ class Attempts:
         g = grade(record, cached_tokens)
         if g is None:  # the policy predicted nothing
             return
+        correction = self.state.estimate_correction
+        if correction is not None:
+            estimated = record.estimated(record.decision.engine_id)
+            if estimated is not None:  # the chosen engine was judged by the estimate
+                correction.observe(record.decision.engine_id, estimated, cached_tokens)
         metrics = self.state.metrics
         metrics.cache_prediction_error.observe(g.error_tokens)
         if g.misroute:

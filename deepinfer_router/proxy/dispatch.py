@@ -159,6 +159,12 @@ class Dispatcher:
                 agreeing = (state.tokenizers.agreeing
                             if call.tokenized and state.tokenizers is not None else None)
                 state.kv_feeds.annotate(call.features, candidates, agreeing)
+                correction = state.estimate_correction
+                if correction is not None and any(
+                        c.precise_cached_chars is not None for c in candidates):
+                    for c in candidates:  # the others' estimates, on the same scale
+                        if c.precise_cached_chars is None:
+                            c.estimate_factor = correction.factor(c.id)
             decision = state.policy.select(call.features, candidates, now)
             state.metrics.routing_decision_seconds.observe(time.perf_counter() - t0)
             state.metrics.routing_decisions_by(state.policy.name, decision.reason).inc()

@@ -55,6 +55,9 @@ class Candidate:
     precise_cached_chars: int | None = None
     precise_cached_tokens: int | None = None  # the same, as raw tokens (every tier)
     block_size: int = 0  # the engine's KV block size in tokens, where known (0: unknown)
+    # In a fleet where some engines are precise: what this engine's estimate is multiplied
+    # by to compare with their figures (estimate_correction.py; 1.0: as estimated).
+    estimate_factor: float = 1.0
 
     @property
     def load(self) -> float:

@@ -65,10 +65,19 @@ def _with_precise(
 ) -> dict[str, int]:
     """The estimate (chunks each engine holds), corrected by what engines with a live
     KV event feed really hold: their own figure replaces the estimate, a zero included
-    (an engine that evicted the prefix holds none of it, whatever was sent there)."""
+    (an engine that evicted the prefix holds none of it, whatever was sent there). The
+    other engines' estimates are scaled by their learnt over-estimate, for one scale."""
     out = dict(matched)
     for cand in candidates:
-        if cand.precise_cached_chars is not None:
+        if cand.precise_cached_chars is None:
+            held = out.get(cand.id)
+            if held and cand.estimate_factor != 1.0:
+                scaled = int(held * cand.estimate_factor)
+                if scaled > 0:
+                    out[cand.id] = scaled
+                else:
+                    del out[cand.id]
+        else:
             chunks = cand.precise_cached_chars // chunk
             if chunks > 0:
                 out[cand.id] = chunks

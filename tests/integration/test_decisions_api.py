@@ -82,6 +82,11 @@ async def test_a_decision_is_explained_and_graded(router: Any, sims: list[SimSer
     assert metric(r, "deepinfer_cache_prediction_error_tokens_count") == 2
     assert metric(r, "deepinfer_misroutes_total") == 0
     assert metric(r, "deepinfer_engine_kv_index", index="approximate") == 3
+    # the grade taught the estimate's correction for that engine (used where it is
+    # compared with engines that publish KV events): predicted ~ reused, no correction
+    correction = r.app[STATE].estimate_correction
+    assert correction is not None and correction.engines() == [engine]
+    assert correction.factor(engine) == 1.0
 
 
 async def stream(s: aiohttp.ClientSession, url: str, rid: str, usage: bool) -> list[Any]:

@@ -325,6 +325,23 @@ def test_precise_figures_replace_the_estimate() -> None:
     assert p.select(ask, cands, 1.0).engine_id == "e2"
 
 
+def test_a_learnt_over_estimate_puts_a_mixed_fleet_on_one_scale() -> None:
+    """e2 was sent the whole system prompt (the estimate: all of it held); e3 publishes
+    events and really holds 60% of it. As estimated, e2 wins; once grades taught the
+    router that e2's estimate is worth a third of what it says, e3's real 60% wins."""
+    p = policy()
+    cands = fleet()
+    place_on(p, feats(SYSTEM + "question one"), "e2", cands)
+    ask = feats(SYSTEM + "another question")
+    cands = fleet()
+    cands[3].precise_cached_chars = len(SYSTEM) * 6 // 10
+    assert p.select(ask, cands, 1.0).engine_id == "e2"
+    cands = fleet()
+    cands[3].precise_cached_chars = len(SYSTEM) * 6 // 10
+    cands[2].estimate_factor = 1 / 3
+    assert p.select(ask, cands, 1.0).engine_id == "e3"
+
+
 def test_token_id_prompts_carry_their_ids() -> None:
     f = request_features({"prompt": [1, 2, 3]}, MODEL, None, with_prompt=True,
                          chunk_chars=CHUNK, max_chars=0)
