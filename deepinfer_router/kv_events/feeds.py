@@ -39,7 +39,7 @@ def annotate(index: PreciseIndex, request: RequestFeatures, candidates: Sequence
     tokens = request.prompt_token_ids
     if not tokens or not live:
         return
-    chars_per_token = request.prompt_chars / len(tokens)
+    chars_per_token = request.prompt_chars / (request.prompt_tokens or len(tokens))
     found = index.match(tokens, live)
     for cand in candidates:
         if cand.id in found:

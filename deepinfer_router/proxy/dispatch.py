@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +39,11 @@ _INLINE_TOKENIZE_CHARS = 1 << 13
 # Longer prompts are not tokenized (the estimate routes them): the ids looked up are
 # capped at MAX_TOKEN_IDS anyway, and a prompt this long is an outlier to bound.
 _MAX_TOKENIZE_CHARS = MAX_TOKEN_IDS * 8
+# A prompt with more new text than this is tokenized head first: its first _HEAD_TOKENS
+# ids, and the rest only if some engine holds every block of that head. A prompt no engine
+# has seen (the common case for new text) costs a few hundred tokens, not all of them.
+_HEAD_FIRST_CHARS = 2048
+_HEAD_TOKENS = 256
 
 
 class Dispatcher:
@@ -109,17 +115,37 @@ class Dispatcher:
             if rendered is None:
                 return
             tok, prompt = rendered
-            if prompt.uncached_chars > _INLINE_TOKENIZE_CHARS:
-                ids = await asyncio.to_thread(tok.encode_rendered, prompt)
-            else:
-                ids = tok.encode_rendered(prompt)
+            covered = -1  # all of it
+            if prompt.uncached_chars > _HEAD_FIRST_CHARS:
+                ids, covered = tok.encode_head(prompt, _HEAD_TOKENS)
+                if covered >= 0 and self._may_hold_more(ids):
+                    covered = -1
+            if covered < 0:
+                if prompt.uncached_chars > _INLINE_TOKENIZE_CHARS:
+                    ids = await asyncio.to_thread(tok.encode_rendered, prompt)
+                else:
+                    ids = tok.encode_rendered(prompt)
         except Exception:  # never fail a request over its routing hint
             log.warning("request %s: tokenizing the prompt failed; routing on the estimate",
                         call.rid, exc_info=True)
             return
         if ids:
-            call.features.prompt_token_ids = ids[:MAX_TOKEN_IDS]
+            features = call.features
+            features.prompt_token_ids = ids[:MAX_TOKEN_IDS]
+            features.token_ids_complete = covered < 0
+            features.prompt_tokens = len(ids) if covered < 0 else max(
+                len(ids), round(len(ids) * prompt.chars / max(covered, 1)))
             call.tokenized = True
+
+    def _may_hold_more(self, head: Sequence[int]) -> bool:
+        """Whether some engine with a live feed holds every full block of `head` (so it
+        may hold more of the prompt: tokenize all of it)."""
+        feeds = self.state.kv_feeds
+        if feeds is None:
+            return False
+        live = [engine_id for engine_id in feeds.feeds if feeds.precise(engine_id)]
+        return any(match.blocks >= len(head) // size
+                   for match, size in feeds.index.match(head, live).values())
 
     async def _route_with_retries(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -173,7 +199,9 @@ class Dispatcher:
                 ids = features.prompt_token_ids
                 call.decision = state.decisions.record(
                     call.rid, call.model, state.policy.name, decision, candidates,
-                    features.prompt_chars, len(ids) if ids else 0, attempt, time.time())
+                    features.prompt_chars,
+                    len(ids) if ids and features.token_ids_complete else 0, attempt,
+                    time.time())
             try:
                 return await self.attempts.run(call, decision, now)
             except EngineTimeout as exc:  # the engine may still be working: no retry

@@ -36,6 +36,10 @@ class RequestFeatures:
     # ints) or the router tokenized it: what the precise index (vLLM's KV events) can be
     # asked about. An array('i') (4 bytes an id; Python ints cost 32+).
     prompt_token_ids: Sequence[int] | None = None
+    # False where prompt_token_ids are only the prompt's start: the router tokenized no
+    # further because no engine holds all of that start (see proxy/dispatch.py).
+    token_ids_complete: bool = True
+    prompt_tokens: int = 0  # the prompt's length in tokens, estimated when incomplete
 
 
 @dataclass(slots=True)

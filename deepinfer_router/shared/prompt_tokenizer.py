@@ -43,6 +43,17 @@ _CHAT_UNSUPPORTED = ("tools", "documents", "chat_template", "chat_template_kwarg
                      "truncate_prompt_tokens")
 
 
+_HEAD_CHARS_PER_TOKEN = 8  # generous: a head cut by it holds at least the tokens wanted
+
+
+def _space_cut(text: str, at: int) -> int:
+    """The first position >= `at` holding a space that follows a non-space; -1: none."""
+    cut = text.find(" ", at)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.find(" ", cut + 1)
+    return cut
+
+
 class TokenizerUnavailable(Exception):
     """A model directory without a usable tokenizer or chat template."""
 
@@ -102,6 +113,7 @@ class RenderedPrompt:
     pieces: list[str | int]  # text to encode, or a special token's id
     uncached_chars: int
     whole: str | None = None  # encoded in one call, special tokens added (no pieces)
+    chars: int = 0  # the rendered prompt's length
 
 
 class PromptTokenizer:
@@ -132,6 +144,7 @@ class PromptTokenizer:
                 # cut the text cleanly: encode whole.
                 if added.lstrip or added.rstrip or added.single_word or added.normalized:
                     splittable = False
+        self._special_texts = {tid: text for text, tid in self._specials.items()}
         self._split = (
             re.compile("(" + "|".join(re.escape(t) for t in sorted(
                 self._specials, key=len, reverse=True)) + ")")
@@ -141,6 +154,10 @@ class PromptTokenizer:
             # e.g. a Metaspace pre-tokenizer with prepend_scheme="first" marks only the
             # text's first piece: encoding pieces apart would mark every one.
             self._split = None
+        # A prompt's start can be encoded alone where text cut before a space encodes
+        # into a prefix of the whole text's ids (BPE merges stay within pre-tokens, and
+        # the usual pre-tokenizers start one at a space after a non-space): checked.
+        self._heads = self._cuts_exactly()
         # What the post-processor adds to a text prompt: only a fixed prefix (BOS, or
         # nothing) is reproduced piecewise; anything else encodes the whole text.
         bare = tokenizer.encode("a", add_special_tokens=False).ids
@@ -157,6 +174,50 @@ class PromptTokenizer:
         probe = "".join(g + sp for sp in specials for g in glue) + " tail"
         whole = self._tok.encode(probe, add_special_tokens=False).ids
         return self.encode_rendered(self._rendered((), probe)).tolist() == list(whole)
+
+    def _cuts_exactly(self) -> bool:
+        """Whether text cut before a space that follows a non-space encodes into a prefix
+        of the whole text's ids, on probes of prose, code, numbers and odd spacing."""
+        probes = (
+            "The quick brown fox, it said: jumps over 1234567 lazy dogs!  Twice   over.\n"
+            "def main(argv):\n    return sum(int(x) for x in argv)  # 42\n\ttab  end",
+            "Ünïcödé wörds — and “quotes” … and emoji 🙂 then ASCII again, 3.14159 pi.",
+        )
+        for text in probes:
+            whole = self._tok.encode(text, add_special_tokens=False).ids
+            for cut in range(1, len(text)):
+                if text[cut] == " " and not text[cut - 1].isspace():
+                    head = self._tok.encode(text[:cut], add_special_tokens=False).ids
+                    if whole[:len(head)] != head:
+                        return False
+        return True
+
+    def encode_head(self, rendered: RenderedPrompt, min_tokens: int
+                    ) -> tuple[array[int], int]:
+        """The ids of the prompt's start, exactly: at least about `min_tokens` of them
+        (all, when the prompt is shorter), and how many of the rendered characters they
+        cover (-1: all of them). A long new piece is encoded up to a space after about
+        8 characters a token of what is still wanted; cached pieces are taken whole."""
+        if rendered.whole is not None or not self._heads:
+            return self.encode_rendered(rendered), -1
+        out = array("i", rendered.prefix)
+        covered = 0
+        for piece in rendered.pieces:
+            if len(out) >= min_tokens:
+                return out, covered
+            if isinstance(piece, int):
+                out.append(piece)
+                covered += len(self._special_texts.get(piece, ""))
+                continue
+            want_chars = (min_tokens - len(out)) * _HEAD_CHARS_PER_TOKEN
+            cut = _space_cut(piece, want_chars) if len(piece) > 2 * want_chars else -1
+            if cut < 0 or piece in self._cache:
+                out.extend(self._piece(piece))
+                covered += len(piece)
+                continue
+            out.extend(self._tok.encode(piece[:cut], add_special_tokens=False).ids)
+            return out, covered + cut
+        return out, -1
 
     @classmethod
     def from_dir(cls, path: str | Path) -> PromptTokenizer:
@@ -237,7 +298,7 @@ class PromptTokenizer:
         if (isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True
                 and body.get("truncate_prompt_tokens") is None):
             if self._text_prefix is None:  # the post-processor adds more than a prefix
-                return RenderedPrompt((), [], len(prompt), whole=prompt)
+                return RenderedPrompt((), [], len(prompt), whole=prompt, chars=len(prompt))
             return self._rendered(self._text_prefix, prompt)
         return None
 
@@ -274,7 +335,7 @@ class PromptTokenizer:
         cache = self._cache
         uncached = sum(len(p) for p in pieces
                        if isinstance(p, str) and (len(p) < _MIN_CACHED_PIECE or p not in cache))
-        return RenderedPrompt(prefix, pieces, uncached)
+        return RenderedPrompt(prefix, pieces, uncached, chars=len(text))
 
     def _piece(self, text: str) -> array[int]:
         """The ids of text between special tokens (callers only read the array)."""

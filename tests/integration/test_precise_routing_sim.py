@@ -163,3 +163,46 @@ async def test_chat_prompts_route_precisely_once_the_tokenizer_is_verified(
             assert d["predicted_cached_tokens"] == cached, d
         async with s.get(f"{r.url}/ready") as resp:
             assert (await resp.json())["prompt_tokenizers"] == {MODEL: "verified"}
+
+
+async def test_a_long_new_prompt_is_tokenized_only_as_far_as_some_engine_holds_it(
+        fleet: tuple[Any, list[SimServer]]) -> None:
+    """A long prompt with much text the router has not tokenized before: its start first;
+    where an engine holds all of that start the whole prompt is tokenized (and predicted
+    exactly), where none does the start is enough to know nobody holds more."""
+    r, sims = fleet
+    state = r.app[STATE]
+    if sims[0].settings.tokenizer is None:
+        return  # no tokenizer for the router: nothing tokenized at all
+    tokenizers = state.tokenizers
+    assert tokenizers is not None
+    await wait_until(lambda: tokenizers.get(MODEL) is not None, timeout=20)
+    engine = next(e.id for e in state.fleet.engines.values() if e.record.url == sims[1].url)
+    held = {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "system", "content": "a long system prompt held by one engine. " * 200},
+        {"role": "user", "content": "what does it say?"}]}
+    fresh = {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "system", "content": "a long system prompt nobody has seen yet. " * 200},
+        {"role": "user", "content": "what does it say?"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(sims[1].url + "/v1/chat/completions", json=held) as resp:
+            assert resp.status == 200  # straight to the engine
+        await wait_until(lambda: len(state.kv_feeds.index.engines.get(engine, ())) > 100,
+                         timeout=10)
+        await asyncio.sleep(0.2)
+        decisions = {}
+        for rid, body in (("held", held), ("fresh", fresh)):
+            async with s.post(str(r.url) + "/v1/chat/completions", json=body,
+                              headers={"X-Request-Id": rid}) as resp:
+                assert resp.status == 200
+                out = await resp.json()
+            async with s.get(f"{r.url}/admin/decisions/{rid}") as resp:
+                decisions[rid] = (await resp.json(), out)
+    d, out = decisions["held"]
+    cached = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert d["engine"] == engine and d["index"] == "precise" and d["prompt"]["tokens_exact"]
+    assert cached > 1000 and d["predicted_cached_tokens"] == cached, d
+    d, out = decisions["fresh"]
+    assert d["index"] == "precise" and not d["prompt"]["tokens_exact"], d
+    assert all(c["predicted_cached_tokens"] == 0 for c in d["candidates"]), d
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -71,6 +71,35 @@ def test_any_text_matches_transformers(mine: PromptTokenizer, reference: Any, te
     assert mine.text_ids(text) == reference(text)["input_ids"]
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
+                          _text.map(lambda t: t * 20)), min_size=1, max_size=4),
+       st.integers(1, 300))
+def test_a_prompts_head_is_exactly_the_start_of_its_ids(
+        mine: PromptTokenizer, reference: Any, turns: list[tuple[str, str]], want: int
+) -> None:
+    """encode_head gives the first ids of the whole prompt, at least `want` of them (or
+    all), and says how many rendered characters they cover."""
+    messages = [{"role": r, "content": c} for r, c in turns]
+    full = chat_reference(reference, messages)
+    rendered = mine.render({"messages": messages})
+    assert rendered is not None
+    head, covered = mine.encode_head(rendered, want)
+    assert head.tolist() == full[:len(head)]
+    if covered < 0:
+        assert len(head) == len(full)
+    else:
+        assert len(head) >= min(want, len(full)) and 0 < covered < rendered.chars
+
+
+def test_a_head_is_cut_short_of_a_long_new_piece(mine: PromptTokenizer) -> None:
+    text = "word " * 5000
+    rendered = mine.render({"messages": [{"role": "system", "content": text}]})
+    assert rendered is not None
+    head, covered = mine.encode_head(rendered, 100)
+    assert 100 <= len(head) < 2000 and covered < 2000
+
+
 def test_repeated_pieces_come_from_the_cache_and_give_the_same_ids(
         tokenizer_dir: Path, reference: Any) -> None:
     tok = PromptTokenizer.from_dir(tokenizer_dir)
