@@ -11,6 +11,7 @@ from unittest import mock
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,6 +90,28 @@ async def test_chat_streaming_one_chunk_per_token_with_usage(sim: SimServer) -> 
     assert content[-1].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 9
+
+
+async def test_engine_ttft_is_reported_only_when_asked() -> None:
+    """--report-engine-ttft (benchmarks): the usage chunk carries the modelled queue +
+    prefill time in model seconds; by default the answer is vLLM's shape, without it."""
+    for report in (True, False):
+        server = await start_sim_server(sim_settings(report_engine_ttft=report, speed=10.0))
+        try:
+            body = {"model": "sim-model", "prompt": "word " * 400, "max_tokens": 2,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            async with aiohttp.ClientSession() as s, \
+                    s.post(server.url + "/v1/completions", json=body) as resp:
+                events = [orjson.loads(line[6:]) async for line in resp.content
+                          if line.startswith(b"data: {")]
+        finally:
+            await server.close()
+        last = events[-1]
+        assert last["usage"]["prompt_tokens"] > 400
+        if report:  # ~400 tokens at 40 us each plus a step: a few model ms
+            assert 0.005 < last["x_sim_timing"]["engine_ttft_s"] < 1.0, last
+        else:
+            assert "x_sim_timing" not in last
 
 
 async def test_stream_without_usage_and_raw_sse_shape(sim: SimServer) -> None:

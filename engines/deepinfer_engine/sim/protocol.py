@@ -261,12 +261,16 @@ class ChunkWriter:
         reason = b"null" if finish_reason is None else orjson.dumps(finish_reason)
         return self._head + orjson.dumps(text) + self._mid + reason + self._tail
 
-    def usage(self, prompt: int, completion: int, cached: int) -> bytes:
+    def usage(self, prompt: int, completion: int, cached: int,
+              timing: dict[str, float] | None = None) -> bytes:
         obj = "chat.completion.chunk" if self._kind == "chat" else "text_completion"
-        return b"data: " + orjson.dumps({
+        chunk: dict[str, Any] = {
             "id": self._id, "object": obj, "created": self._created, "model": self._model,
             "choices": [], "usage": usage(prompt, completion, cached),
-        }) + b"\n\n"
+        }
+        if timing is not None:  # --report-engine-ttft: not in vLLM's answers
+            chunk["x_sim_timing"] = timing
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     @staticmethod
     def done() -> bytes:

@@ -67,12 +67,13 @@ def _version() -> str:
 class _Flow:
     """A request's link between the step loop and its handler."""
 
-    __slots__ = ("event", "last_token_time", "sent", "stream")
+    __slots__ = ("event", "first_token_time", "last_token_time", "sent", "stream")
 
     def __init__(self, stream: bool) -> None:
         self.event = asyncio.Event()
         self.stream = stream
         self.sent = 0  # output tokens already written
+        self.first_token_time = 0.0
         self.last_token_time = 0.0
 
 
@@ -186,6 +187,7 @@ class SimState:
             if not isinstance(flow, _Flow):
                 continue
             if req.num_output == 1:
+                flow.first_token_time = now
                 metrics.ttft.observe(max(now - req.arrival_time, 0.0))
                 if req.scheduled_time is not None:
                     metrics.queue_time.observe(max(req.scheduled_time - req.arrival_time, 0.0))
@@ -414,7 +416,13 @@ async def _stream(request: web.Request, resp: web.StreamResponse, state: SimStat
             break
     if req.finish_reason == "abort":  # the engine stopped under us
         return
-    tail = [writer.usage(req.num_prompt, req.num_output, req.num_cached_tokens)] \
+    timing = None
+    if state.settings.report_engine_ttft:
+        # queue + prefill as modelled, in model seconds (benchmarks/routing.py counts the
+        # rest of a client's TTFT, the router's included, at wall-clock speed)
+        timing = {"engine_ttft_s": max(flow.first_token_time - req.arrival_time, 0.0)
+                  * state.settings.speed}
+    tail = [writer.usage(req.num_prompt, req.num_output, req.num_cached_tokens, timing)] \
         if gen.include_usage else []
     tail.append(writer.done())
     await resp.write(b"".join(tail))

@@ -124,6 +124,11 @@ class SimSettings(BaseSettings, RegistrationOptions):
         "prompts become that tokenizer's ids, as a real engine's are, and the engine record "
         "names the directory for routers. Default: the simulator's own stand-in tokenizer."
     )
+    report_engine_ttft: bool = Field(
+        False, description="Add the request's modelled queue + prefill time (model seconds) "
+        "to a stream's usage chunk as x_sim_timing.engine_ttft_s (not in vLLM's answers; "
+        "for benchmarks that count the rest of the time at wall-clock speed)."
+    )
     kv_events_encoding: Literal["tagged", "positional"] = Field(
         "tagged", description="Event encoding: tagged (vLLM 0.32's maps) or positional (older "
         "releases' arrays)."
