@@ -569,9 +569,9 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
                 fleet = Fleet(kv_blocks, speed, tokenizer=str(bpe.path))
             else:
                 # The engines register in the router's embedded registry (that is how it
-                # learns their KV event endpoints and tokenizer); the approximate run
-                # ignores the feeds.
-                if index == "approximate":
+                # learns their KV event endpoints and tokenizer); every run but the
+                # precise one ignores the feeds (no subscription costs CPU there).
+                if index != "precise":
                     extra += ["--kv-events", "off"]
                 router = Router([], policy, extra)
                 await wait_listening(session, router.url)

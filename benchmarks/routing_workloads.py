@@ -47,8 +47,13 @@ class Text:
         rng = random.Random(seed)
         if words:
             # A real tokenizer's own one-token words (" word" pieces of its vocabulary):
-            # one word is one token for it, as for the simulator's stand-in tokenizer.
-            self.vocab = [rng.choice(words) for _ in range(20_000)]
+            # one word is one token for it, as for the simulator's stand-in tokenizer,
+            # with the stand-in's length mix (1-5 letters, uniform): ~4 characters a
+            # token, the router's default --chars-per-token, so the approximate index's
+            # capacity model is as right (or wrong) as with the stand-in.
+            by_len = {n: sorted(w for w in words if len(w.strip()) == n) for n in range(1, 6)}
+            lengths = [n for n, ws in by_len.items() if ws]
+            self.vocab = [rng.choice(by_len[rng.choice(lengths)]) for _ in range(20_000)]
             return
         letters = "abcdefghijklmnopqrstuvwxyz"
         self.vocab = [

@@ -65,10 +65,13 @@ class PromptTokenizers(Periodic):
         self._retry_s = retry_s
         self._probe_timeout = probe_timeout_s
         self.ready: dict[str, PromptTokenizer] = {}  # the hot path reads this ...
-        self.agreeing: dict[str, str] = {}  # ... and this: engine id -> instance checked
+        # ... and this: model -> engine id -> the instance checked to tokenize alike
+        self.agreeing: dict[str, dict[str, str]] = {}
         self._states: dict[str, str] = {}
-        self._retry_at: dict[str, float] = {}  # per model (loading) and engine (checking)
-        self._disagreeing: dict[str, str] = {}  # engine id -> why, for the model state
+        self._retry_at: dict[str, float] = {}  # per model (loading)
+        # per (model, engine id, instance) checked and found to disagree: when to retry
+        self._check_at: dict[tuple[str, str, str], float] = {}
+        self._disagreeing: dict[tuple[str, str], str] = {}  # (model, engine) -> why
 
     def get(self, model: str) -> PromptTokenizer | None:
         return self.ready.get(model)
@@ -103,26 +106,35 @@ class PromptTokenizers(Periodic):
             if model not in wanted:  # no engine publishes any more: nothing to look up
                 del self.ready[model]
                 self._states.pop(model, None)
-        live = {r.id: r.instance for records in wanted.values() for r in records}
-        for engine_id, instance in list(self.agreeing.items()):
-            if live.get(engine_id) != instance:  # gone, or restarted: check it again
-                del self.agreeing[engine_id]
-        for key in [k for k in self._retry_at if k.startswith("engine:")]:
-            if key.removeprefix("engine:") not in live:
-                del self._retry_at[key]
+        current = {(model, r.id, r.instance) for model, records in wanted.items()
+                   for r in records}
+        for model, engines in list(self.agreeing.items()):
+            for engine_id, instance in list(engines.items()):
+                if (model, engine_id, instance) not in current:  # gone, or restarted
+                    del engines[engine_id]
+            if not engines:
+                del self.agreeing[model]
+        for stale in [k for k in self._check_at if k not in current]:
+            del self._check_at[stale]
+        engines_now = {(model, engine_id) for model, engine_id, _ in current}
+        for gone in [k for k in self._disagreeing if k not in engines_now]:
+            del self._disagreeing[gone]
+        for model in [m for m in self._retry_at if m not in wanted]:
+            del self._retry_at[model]
         for model, records in wanted.items():
             if model not in self.ready:
-                if now < self._retry_at.get("model:" + model, 0.0):
+                if now < self._retry_at.get(model, 0.0):
                     continue
-                self._retry_at["model:" + model] = now + self._retry_s
+                self._retry_at[model] = now + self._retry_s
                 await self._resolve(model, records)
             tok = self.ready.get(model)
             if tok is None:
                 continue
-            unchecked = [r for r in records if self.agreeing.get(r.id) != r.instance
-                         and now >= self._retry_at.get("engine:" + r.id, 0.0)]
+            agreeing = self.agreeing.get(model, {})
+            unchecked = [r for r in records if agreeing.get(r.id) != r.instance
+                         and now >= self._check_at.get((model, r.id, r.instance), 0.0)]
             await self._check_all(model, tok, unchecked)
-            self._states[model] = self._model_state(records)
+            self._states[model] = self._model_state(model, records)
 
     async def _check_all(self, model: str, tok: PromptTokenizer,
                          records: list[EngineRecord]) -> int:
@@ -131,26 +143,32 @@ class PromptTokenizers(Periodic):
         gate = asyncio.Semaphore(_CONCURRENT_CHECKS)
 
         async def one(record: EngineRecord) -> bool:
-            self._retry_at["engine:" + record.id] = retry_at
+            self._check_at[(model, record.id, record.instance)] = retry_at
             async with gate:
                 return await self._check(model, tok, record)
 
         return sum(await asyncio.gather(*(one(r) for r in records)))
 
-    def _model_state(self, records: list[EngineRecord]) -> str:
-        agreed = sum(self.agreeing.get(r.id) == r.instance for r in records)
+    def _model_state(self, model: str, records: list[EngineRecord]) -> str:
+        agreeing = self.agreeing.get(model, {})
+        agreed = sum(agreeing.get(r.id) == r.instance for r in records)
         if agreed == len(records):
             return "verified"
-        why = next((self._disagreeing[r.id] for r in records if r.id in self._disagreeing), "")
+        why = next((self._disagreeing[(model, r.id)] for r in records
+                    if (model, r.id) in self._disagreeing), "")
         return f"verified on {agreed} of {len(records)} engines; {why}"[:300]
 
     async def _check(self, model: str, tok: PromptTokenizer, record: EngineRecord) -> bool:
         problem = await self._verify(model, tok, record)
         if problem is None:
-            self.agreeing[record.id] = record.instance
-            self._disagreeing.pop(record.id, None)
+            self.agreeing.setdefault(model, {})[record.id] = record.instance
+            self._disagreeing.pop((model, record.id), None)
             return True
-        self._disagreeing[record.id] = f"disagrees with engine {record.id}: {problem}"
+        engines = self.agreeing.get(model, {})
+        if engines.get(record.id) == record.instance:  # it agreed before: no longer
+            del engines[record.id]
+        self._disagreeing[(model, record.id)] = \
+            f"disagrees with engine {record.id}: {problem}"
         log.warning("model %s: the router's tokenizer disagrees with engine %s (%s); its "
                     "prompts keep the approximate index there", model, record.id, problem)
         return False
@@ -174,7 +192,7 @@ class PromptTokenizers(Periodic):
             return
         agreed = await self._check_all(model, tok, records)
         if not agreed:
-            self._states[model] = self._disagreeing[records[0].id][:300]
+            self._states[model] = self._disagreeing[(model, records[0].id)][:300]
             return
         self.ready[model] = tok
         self._states[model] = "verified"

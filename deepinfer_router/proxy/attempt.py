@@ -94,7 +94,7 @@ class Attempts:
         if g is None:  # the policy predicted nothing
             return
         correction = self.state.estimate_correction
-        if correction is not None:
+        if correction is not None and record.prompt_ids:  # prompt length known exactly
             estimated = record.estimated(record.decision.engine_id)
             if estimated is not None:  # the chosen engine was judged by the estimate
                 correction.observe(record.decision.engine_id, estimated, cached_tokens)

@@ -98,6 +98,7 @@ class Dispatcher:
             )
             tokenizers = self.state.tokenizers
             if (tokenizers is not None and call.model in tokenizers.ready
+                    and tokenizers.agreeing.get(call.model)
                     and call.features.prompt_token_ids is None):
                 return parsed
         return None
@@ -116,11 +117,13 @@ class Dispatcher:
                 return
             tok, prompt = rendered
             covered = -1  # all of it
+            head = None
             if prompt.uncached_chars > _HEAD_FIRST_CHARS:
-                ids, covered = tok.encode_head(prompt, _HEAD_TOKENS)
-                if covered >= 0 and self._may_hold_more(ids):
-                    covered = -1
-            if covered < 0:
+                head = tok.encode_head(prompt, _HEAD_TOKENS)
+            if head is not None:
+                ids, covered = head
+            if head is None or (covered >= 0 and self._may_hold_more(call.model, ids)):
+                covered = -1
                 if prompt.uncached_chars > _INLINE_TOKENIZE_CHARS:
                     ids = await asyncio.to_thread(tok.encode_rendered, prompt)
                 else:
@@ -137,13 +140,15 @@ class Dispatcher:
                 len(ids), round(len(ids) * prompt.chars / max(covered, 1)))
             call.tokenized = True
 
-    def _may_hold_more(self, head: Sequence[int]) -> bool:
-        """Whether some engine with a live feed holds every full block of `head` (so it
-        may hold more of the prompt: tokenize all of it)."""
-        feeds = self.state.kv_feeds
-        if feeds is None:
+    def _may_hold_more(self, model: str, head: Sequence[int]) -> bool:
+        """Whether some engine whose ids agree with the router's for `model` and whose
+        feed is live holds every full block of `head` (so it may hold more of the prompt:
+        tokenize all of it)."""
+        feeds, tokenizers = self.state.kv_feeds, self.state.tokenizers
+        if feeds is None or tokenizers is None:
             return False
-        live = [engine_id for engine_id in feeds.feeds if feeds.precise(engine_id)]
+        live = [engine_id for engine_id in tokenizers.agreeing.get(model, ())
+                if feeds.precise(engine_id)]
         return any(match.blocks >= len(head) // size
                    for match, size in feeds.index.match(head, live).values())
 
@@ -182,7 +187,7 @@ class Dispatcher:
             if state.kv_feeds is not None and call.features.prompt_token_ids:
                 # Ids of the router's own tokenizer mean something only to the engines
                 # that were checked to tokenize alike; ids from the client, to every one.
-                agreeing = (state.tokenizers.agreeing
+                agreeing = (state.tokenizers.agreeing.get(call.model, {})
                             if call.tokenized and state.tokenizers is not None else None)
                 state.kv_feeds.annotate(call.features, candidates, agreeing)
                 correction = state.estimate_correction

@@ -8,8 +8,10 @@ so it over-estimates by an amount no single request reveals. Every answer that r
 `cached_tokens` says, for the engine that served it, what the estimate predicted and what
 was really reused. The ratio of the two, summed with exponential decay (recent answers
 count most), is the engine's factor: the estimate is multiplied by it where it is
-compared with an engine's precise figure. Only an over-estimate is corrected (the factor
-is at most 1; an estimate that is too low is left, as is a fleet with no precise engine),
+compared with an engine's precise figure. Only an over-estimate is corrected (the factor,
+the ratio of the sums, is at most 1: an estimate that is too low on the whole is left, as
+is a fleet with no precise engine; single answers above the estimate count, so noise
+alone does not pull the factor down),
 and never below FLOOR: the estimate is still the best guess there is for that engine.
 
 Pure: numbers in, numbers out; bounded to the engines it is told about (`forget`).
@@ -52,7 +54,7 @@ class EstimateCorrection:
             sums = self._sums[engine_id] = _Sums()
         keep = self._keep
         sums.predicted = sums.predicted * keep + predicted_tokens
-        sums.actual = sums.actual * keep + min(actual_tokens, predicted_tokens)
+        sums.actual = sums.actual * keep + actual_tokens
 
     def factor(self, engine_id: str) -> float:
         """What to multiply the engine's estimate by (1.0 until enough is known)."""

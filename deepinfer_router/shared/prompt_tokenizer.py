@@ -46,12 +46,14 @@ _CHAT_UNSUPPORTED = ("tools", "documents", "chat_template", "chat_template_kwarg
 _HEAD_CHARS_PER_TOKEN = 8  # generous: a head cut by it holds at least the tokens wanted
 
 
-def _space_cut(text: str, at: int) -> int:
-    """The first position >= `at` holding a space that follows a non-space; -1: none."""
-    cut = text.find(" ", at)
-    while cut > 0 and text[cut - 1].isspace():
-        cut = text.find(" ", cut + 1)
-    return cut
+_CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: where a pre-token starts
+
+
+def _space_cut(text: str, at: int, within: int) -> int:
+    """The first position in [at, at + within) holding a space that follows a non-space
+    (one C-speed search); -1: none there."""
+    m = _CUT.search(text, at, at + within)
+    return m.start() if m else -1
 
 
 class TokenizerUnavailable(Exception):
@@ -193,13 +195,15 @@ class PromptTokenizer:
         return True
 
     def encode_head(self, rendered: RenderedPrompt, min_tokens: int
-                    ) -> tuple[array[int], int]:
+                    ) -> tuple[array[int], int] | None:
         """The ids of the prompt's start, exactly: at least about `min_tokens` of them
         (all, when the prompt is shorter), and how many of the rendered characters they
         cover (-1: all of them). A long new piece is encoded up to a space after about
-        8 characters a token of what is still wanted; cached pieces are taken whole."""
+        8 characters a token of what is still wanted; cached and short pieces are taken
+        whole. None where no head comes cheap (this tokenizer cannot cut, or a long new
+        piece has no space to cut at near there): encode the whole prompt instead."""
         if rendered.whole is not None or not self._heads:
-            return self.encode_rendered(rendered), -1
+            return None
         out = array("i", rendered.prefix)
         covered = 0
         for piece in rendered.pieces:
@@ -210,11 +214,13 @@ class PromptTokenizer:
                 covered += len(self._special_texts.get(piece, ""))
                 continue
             want_chars = (min_tokens - len(out)) * _HEAD_CHARS_PER_TOKEN
-            cut = _space_cut(piece, want_chars) if len(piece) > 2 * want_chars else -1
-            if cut < 0 or piece in self._cache:
+            if len(piece) <= 2 * want_chars or piece in self._cache:
                 out.extend(self._piece(piece))
                 covered += len(piece)
                 continue
+            cut = _space_cut(piece, want_chars, want_chars)
+            if cut < 0:  # no space near (CJK, minified JSON...): not cheap
+                return None
             out.extend(self._tok.encode(piece[:cut], add_special_tokens=False).ids)
             return out, covered + cut
         return out, -1

@@ -82,11 +82,18 @@ async def test_a_decision_is_explained_and_graded(router: Any, sims: list[SimSer
     assert metric(r, "deepinfer_cache_prediction_error_tokens_count") == 2
     assert metric(r, "deepinfer_misroutes_total") == 0
     assert metric(r, "deepinfer_engine_kv_index", index="approximate") == 3
-    # the grade taught the estimate's correction for that engine (used where it is
-    # compared with engines that publish KV events): predicted ~ reused, no correction
+    # the estimate's correction (used where it is compared with engines that publish KV
+    # events) learns only from prompts whose length in tokens is known exactly
     correction = r.app[STATE].estimate_correction
-    assert correction is not None and correction.engines() == [engine]
-    assert correction.factor(engine) == 1.0
+    assert correction is not None and correction.engines() == []
+    async with aiohttp.ClientSession() as s:
+        for n in (1, 2):
+            body = {"model": MODEL, "prompt": [*range(1, 4001), n], "max_tokens": 2}
+            async with s.post(url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                ids_engine = resp.headers["x-deepinfer-engine"]
+    assert correction.engines() == [ids_engine]  # the second one was predicted and graded
+    assert 0.25 <= correction.factor(ids_engine) <= 1.0
 
 
 async def stream(s: aiohttp.ClientSession, url: str, rid: str, usage: bool) -> list[Any]:

@@ -146,9 +146,9 @@ async def test_ids_are_trusted_per_engine_instance(
         state = await sync_until(service, MODEL, "verified on 1 of 2")
         assert state.startswith("verified on 1 of 2 engines; disagrees with engine "
                                 + b.id), state
-        assert service.get(MODEL) is not None and service.agreeing == {a.id: "a-1"}
+        assert service.get(MODEL) is not None and service.agreeing == {MODEL: {a.id: "a-1"}}
         # engine a restarts: until checked again its index is not asked
         records[0] = a.model_copy(update={"instance": "a-2"})
         records.pop()  # and b goes away
         await service.sync()
-        assert service.agreeing == {a.id: "a-2"} and service.states()[MODEL] == "verified"
+        assert service.agreeing == {MODEL: {a.id: "a-2"}} and service.states()[MODEL] == "verified"
