@@ -96,12 +96,16 @@ class PromptTokenizers(Periodic):
 
     async def sync(self) -> None:
         now = time.monotonic()
-        wanted: dict[str, list[EngineRecord]] = {}
+        wanted: dict[str, list[EngineRecord]] = {}  # engines with a live feed, per model
+        publishing: dict[str, int] = {}  # engines that publish at all, per model
         for record in self._records():
-            if record.kv_events is None or not self._precise(record.id):
+            if record.kv_events is None:
                 continue
+            live = self._precise(record.id)
             for model in record.models:
-                wanted.setdefault(model, []).append(record)
+                publishing[model] = publishing.get(model, 0) + 1
+                if live:
+                    wanted.setdefault(model, []).append(record)
         for model in list(self.ready):
             if model not in wanted:  # no engine publishes any more: nothing to look up
                 del self.ready[model]
@@ -134,7 +138,7 @@ class PromptTokenizers(Periodic):
             unchecked = [r for r in records if agreeing.get(r.id) != r.instance
                          and now >= self._check_at.get((model, r.id, r.instance), 0.0)]
             await self._check_all(model, tok, unchecked)
-            self._states[model] = self._model_state(model, records)
+            self._states[model] = self._model_state(model, records, publishing[model])
 
     async def _check_all(self, model: str, tok: PromptTokenizer,
                          records: list[EngineRecord]) -> int:
@@ -149,14 +153,18 @@ class PromptTokenizers(Periodic):
 
         return sum(await asyncio.gather(*(one(r) for r in records)))
 
-    def _model_state(self, model: str, records: list[EngineRecord]) -> str:
+    def _model_state(self, model: str, records: list[EngineRecord], publishing: int
+                     ) -> str:
+        """verified: every engine that publishes KV events for the model was checked to
+        tokenize alike (one whose feed is not live yet is not checked yet)."""
         agreeing = self.agreeing.get(model, {})
         agreed = sum(agreeing.get(r.id) == r.instance for r in records)
-        if agreed == len(records):
+        if agreed >= publishing:
             return "verified"
         why = next((self._disagreeing[(model, r.id)] for r in records
-                    if (model, r.id) in self._disagreeing), "")
-        return f"verified on {agreed} of {len(records)} engines; {why}"[:300]
+                    if (model, r.id) in self._disagreeing),
+                   "the others' feeds are not live yet")
+        return f"verified on {agreed} of {publishing} engines; {why}"[:300]
 
     async def _check(self, model: str, tok: PromptTokenizer, record: EngineRecord) -> bool:
         problem = await self._verify(model, tok, record)

@@ -26,6 +26,7 @@ def run(rb: Any, seed: int, ttft: list[float], hits: float, per_engine: list[int
         "routes": {"new-prefix": len(ttft)}, "cpu": {"router": 0.1, "fleet": 0.2, "loadgen": 0.1},
         "wall_s": 10.0, "preemptions": 0.0, "seed": seed, "_ttft": ttft,
         "_ttft_warm": ttft[1:], "_out_tokens": 100 * len(ttft), "_model_makespan": 25.0,
+        "_ttft_1x": [x / 2 for x in ttft], "_ttft_warm_1x": [x / 2 for x in ttft[1:]],
     }
 
 
@@ -37,6 +38,7 @@ def test_repeats_pool_samples_and_sum_counters(rb: Any) -> None:
     assert merged["ttft_ms"]["p99"] == rb.pct(pooled, 0.99)
     assert merged["ttft_ms"]["p50"] == rb.pct(pooled, 0.5)
     assert merged["ttft_ms_warm"]["p90"] == rb.pct(pooled[1:100] + pooled[101:], 0.9)
+    assert merged["ttft_ms_router_1x"]["p90"] == rb.pct([x / 2 for x in pooled], 0.9)
     assert merged["requests"] == 200 and merged["routes"] == {"new-prefix": 200}
     assert merged["hit_rate"] == 0.5  # (40 + 60) / (100 + 100), not a mean of rates
     assert merged["requests_per_engine"] == [80, 120]
