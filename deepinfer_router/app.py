@@ -69,6 +69,7 @@ def build_app(settings: RouterSettings) -> web.Application:
     )
     if state.decisions is not None and settings.kv_events != "off":
         state.estimate_correction = EstimateCorrection()
+        fleet.on_forget(state.estimate_correction.forget)
     router_metrics.watch_kv_index(lambda: _kv_indexes(state))
     policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)

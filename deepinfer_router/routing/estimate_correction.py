@@ -14,7 +14,8 @@ is a fleet with no precise engine; single answers above the estimate count, so n
 alone does not pull the factor down),
 and never below FLOOR: the estimate is still the best guess there is for that engine.
 
-Pure: numbers in, numbers out; bounded to the engines it is told about (`forget`).
+Pure: numbers in, numbers out. Bounded: an engine that leaves the fleet is forgotten
+(`forget`, wired to the fleet's forget listeners), and at most MAX_ENGINES are kept.
 """
 
 from __future__ import annotations

@@ -285,9 +285,12 @@ class PromptTokenizer:
 
     def text_ids(self, prompt: str) -> list[int]:
         """A completions prompt's ids (special tokens added, as vLLM does by default)."""
-        if self._text_prefix is None:
-            return list(self._tok.encode(prompt, add_special_tokens=True).ids)
-        return [*self._text_prefix, *self.encode(prompt, add_special_tokens=False)]
+        return self.encode_rendered(self._text_rendered(prompt)).tolist()
+
+    def _text_rendered(self, prompt: str) -> RenderedPrompt:
+        if self._text_prefix is None:  # the post-processor adds more than a prefix
+            return RenderedPrompt((), [], len(prompt), whole=prompt, chars=len(prompt))
+        return self._rendered(self._text_prefix, prompt)
 
     def prompt_ids(self, body: Mapping[str, Any]) -> list[int] | None:
         """A chat or completions body's prompt ids; None where not reproducible."""
@@ -303,9 +306,7 @@ class PromptTokenizer:
         prompt = body.get("prompt")
         if (isinstance(prompt, str) and prompt and body.get("add_special_tokens", True) is True
                 and body.get("truncate_prompt_tokens") is None):
-            if self._text_prefix is None:  # the post-processor adds more than a prefix
-                return RenderedPrompt((), [], len(prompt), whole=prompt, chars=len(prompt))
-            return self._rendered(self._text_prefix, prompt)
+            return self._text_rendered(prompt)
         return None
 
     def encode_rendered(self, rendered: RenderedPrompt) -> array[int]:
