@@ -34,6 +34,7 @@ from ..shared.prompt_tokenizer import (
     probe_conversation,
     probe_text,
 )
+from .warmer import PieceWarmer
 
 log = logging.getLogger("deepinfer.prompt_tokens")
 _CONCURRENT_CHECKS = 8  # engines probed at once (two small /tokenize calls each)
@@ -72,6 +73,7 @@ class PromptTokenizers(Periodic):
         # per (model, engine id, instance) checked and found to disagree: when to retry
         self._check_at: dict[tuple[str, str, str], float] = {}
         self._disagreeing: dict[tuple[str, str], str] = {}  # (model, engine) -> why
+        self.warmer = PieceWarmer()  # what a head-first request left unencoded
 
     def get(self, model: str) -> PromptTokenizer | None:
         return self.ready.get(model)
@@ -237,5 +239,6 @@ class PromptTokenizers(Periodic):
 
     async def close(self) -> None:
         await super().close()
+        await self.warmer.close()
         self.ready.clear()
         self.agreeing.clear()

@@ -31,8 +31,8 @@ from .failures import EngineFailure, EngineTimeout, Retryable, UpstreamFailure
 log = logging.getLogger("deepinfer.proxy")
 
 # Prompts with more characters than this left to encode (not in the tokenizer's LRU) are
-# encoded off the event loop (the tokenizer releases the GIL): 8k characters of text never
-# seen before take ~2 ms, more would stall every other request
+# encoded off the event loop (the encoding releases the GIL): 8k characters of text never
+# seen before take ~1.5 ms, more would stall every other request
 # (benchmarks/precise_decision.py). Below it the thread hand-off costs more than it saves
 # (benchmarks/routing.py --indexes approximate,precise: ~1 ms of TTFT on multi-turn chat).
 _INLINE_TOKENIZE_CHARS = 1 << 13
@@ -41,7 +41,8 @@ _INLINE_TOKENIZE_CHARS = 1 << 13
 _MAX_TOKENIZE_CHARS = MAX_TOKEN_IDS * 8
 # A prompt with more new text than this is tokenized head first: its first _HEAD_TOKENS
 # ids, and the rest only if some engine holds every block of that head. A prompt no engine
-# has seen (the common case for new text) costs a few hundred tokens, not all of them.
+# has seen (the common case for new text) costs a few hundred tokens before it is routed;
+# the rest is encoded after, off its path (prompt_tokens/warmer.py), for when it returns.
 _HEAD_FIRST_CHARS = 2048
 _HEAD_TOKENS = 256
 
@@ -105,8 +106,8 @@ class Dispatcher:
 
     async def _tokenize(self, call: Call, parsed: dict[str, Any]) -> None:
         """The prompt as the engine's token ids, for the precise index. A prompt with much
-        text the tokenizer has not seen is encoded in a thread (the tokenizer's Rust code
-        releases the GIL), so other requests go on meanwhile."""
+        text the tokenizer has not seen is encoded in a thread (the encoding releases the
+        GIL), so other requests go on meanwhile."""
         tokenizers = self.state.tokenizers
         assert tokenizers is not None
         if call.features.prompt_chars > _MAX_TOKENIZE_CHARS:
@@ -128,6 +129,8 @@ class Dispatcher:
                     ids = await asyncio.to_thread(tok.encode_rendered, prompt)
                 else:
                     ids = tok.encode_rendered(prompt)
+            elif covered >= 0:  # no engine holds it: the rest after this request's route
+                tokenizers.warmer.offer(tok, prompt)
         except Exception:  # never fail a request over its routing hint
             log.warning("request %s: tokenizing the prompt failed; routing on the estimate",
                         call.rid, exc_info=True)

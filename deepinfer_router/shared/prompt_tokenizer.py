@@ -43,7 +43,10 @@ _CHAT_UNSUPPORTED = ("tools", "documents", "chat_template", "chat_template_kwarg
                      "truncate_prompt_tokens")
 
 
-_HEAD_CHARS_PER_TOKEN = 8  # generous: a head cut by it holds at least the tokens wanted
+# Where a head is cut: about the tokens wanted on prose and code (fewer where tokens are
+# longer, and the head then covers fewer blocks; a generous 8 doubled the encoding work
+# of every new prompt, benchmarks/routing.py --indexes approximate,precise).
+_HEAD_CHARS_PER_TOKEN = 4
 
 
 _CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: where a pre-token starts
@@ -162,8 +165,8 @@ class PromptTokenizer:
         self._heads = self._cuts_exactly()
         # What the post-processor adds to a text prompt: only a fixed prefix (BOS, or
         # nothing) is reproduced piecewise; anything else encodes the whole text.
-        bare = tokenizer.encode("a", add_special_tokens=False).ids
-        full = tokenizer.encode("a", add_special_tokens=True).ids
+        bare = self._ids("a")
+        full = self._ids("a", special=True)
         n = len(full) - len(bare)
         self._text_prefix: tuple[int, ...] | None = (
             tuple(full[:n]) if n >= 0 and full[n:] == bare else None)
@@ -174,7 +177,7 @@ class PromptTokenizer:
         glue = ("Hello", " world ", "\n", "  two spaces", "end.\n\n", " ", "x")
         specials = sorted(self._specials)[:16]
         probe = "".join(g + sp for sp in specials for g in glue) + " tail"
-        whole = self._tok.encode(probe, add_special_tokens=False).ids
+        whole = self._ids(probe)
         return self.encode_rendered(self._rendered((), probe)).tolist() == list(whole)
 
     def _cuts_exactly(self) -> bool:
@@ -186,22 +189,23 @@ class PromptTokenizer:
             "Ünïcödé wörds — and “quotes” … and emoji 🙂 then ASCII again, 3.14159 pi.",
         )
         for text in probes:
-            whole = self._tok.encode(text, add_special_tokens=False).ids
+            whole = self._ids(text)
             for cut in range(1, len(text)):
                 if text[cut] == " " and not text[cut - 1].isspace():
-                    head = self._tok.encode(text[:cut], add_special_tokens=False).ids
+                    head = self._ids(text[:cut])
                     if whole[:len(head)] != head:
                         return False
         return True
 
     def encode_head(self, rendered: RenderedPrompt, min_tokens: int
                     ) -> tuple[array[int], int] | None:
-        """The ids of the prompt's start, exactly: at least about `min_tokens` of them
-        (all, when the prompt is shorter), and how many of the rendered characters they
-        cover (-1: all of them). A long new piece is encoded up to a space after about
-        8 characters a token of what is still wanted; cached and short pieces are taken
-        whole. None where no head comes cheap (this tokenizer cannot cut, or a long new
-        piece has no space to cut at near there): encode the whole prompt instead."""
+        """The ids of the prompt's start, exactly: about `min_tokens` of them (all, when
+        the prompt is shorter; fewer where tokens are longer than 4 characters), and how
+        many of the rendered characters they cover (-1: all of them). A long new piece is
+        encoded up to a space after 4 characters a token of what is still wanted; cached
+        and short pieces are taken whole. None where no head comes cheap (this tokenizer
+        cannot cut, or a long new piece has no space to cut at near there): encode the
+        whole prompt instead."""
         if rendered.whole is not None or not self._heads:
             return None
         out = array("i", rendered.prefix)
@@ -221,7 +225,7 @@ class PromptTokenizer:
             cut = _space_cut(piece, want_chars, want_chars)
             if cut < 0:  # no space near (CJK, minified JSON...): not cheap
                 return None
-            out.extend(self._tok.encode(piece[:cut], add_special_tokens=False).ids)
+            out.extend(self._ids(piece[:cut]))
             return out, covered + cut
         return out, -1
 
@@ -311,9 +315,9 @@ class PromptTokenizer:
 
     def encode_rendered(self, rendered: RenderedPrompt) -> array[int]:
         """The ids of a rendered prompt (a long one: call it off the event loop; the
-        tokenizer's Rust code releases the GIL)."""
+        encoding releases the GIL, see _ids)."""
         if rendered.whole is not None:
-            return array("i", self._tok.encode(rendered.whole, add_special_tokens=True).ids)
+            return array("i", self._ids(rendered.whole, special=True))
         out = array("i", rendered.prefix)
         for piece in rendered.pieces:
             if isinstance(piece, int):
@@ -323,6 +327,12 @@ class PromptTokenizer:
         return out
 
     # --- encoding -----------------------------------------------------------------------
+    def _ids(self, text: str, *, special: bool = False) -> list[int]:
+        """One text's ids. encode_batch_fast computes no offsets (~30% less work than
+        encode for the same ids) and releases the GIL while it runs, which encode does
+        not: a worker thread encoding a long prompt leaves the event loop free."""
+        return self._tok.encode_batch_fast([text], add_special_tokens=special)[0].ids
+
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         if add_special_tokens:
             return self.text_ids(text)
@@ -347,14 +357,14 @@ class PromptTokenizer:
     def _piece(self, text: str) -> array[int]:
         """The ids of text between special tokens (callers only read the array)."""
         if len(text) < _MIN_CACHED_PIECE:
-            return array("i", self._tok.encode(text, add_special_tokens=False).ids)
+            return array("i", self._ids(text))
         cache = self._cache
         with self._lock:  # long prompts are tokenized in worker threads
             hit = cache.get(text)
             if hit is not None:
                 cache.move_to_end(text)
                 return hit
-        ids = array("i", self._tok.encode(text, add_special_tokens=False).ids)
+        ids = array("i", self._ids(text))
         if len(text) <= self._cache_chars // 4:  # one piece never fills the cache
             with self._lock:
                 if text not in cache:

@@ -169,7 +169,8 @@ async def test_a_long_new_prompt_is_tokenized_only_as_far_as_some_engine_holds_i
         fleet: tuple[Any, list[SimServer]]) -> None:
     """A long prompt with much text the router has not tokenized before: its start first;
     where an engine holds all of that start the whole prompt is tokenized (and predicted
-    exactly), where none does the start is enough to know nobody holds more."""
+    exactly), where none does the start is enough to know nobody holds more (and the rest
+    is encoded after the route, for the prompt's next request)."""
     r, sims = fleet
     state = r.app[STATE]
     if sims[0].settings.tokenizer is None:
@@ -206,3 +207,10 @@ async def test_a_long_new_prompt_is_tokenized_only_as_far_as_some_engine_holds_i
     assert d["index"] == "precise" and not d["prompt"]["tokens_exact"], d
     assert all(c["predicted_cached_tokens"] == 0 for c in d["candidates"]), d
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # ... and the rest of the fresh prompt was encoded after, off its path: when it comes
+    # back, it is a cache lookup, not an encoding before routing
+    tok = tokenizers.get(MODEL)
+    assert tok is not None
+    await wait_until(lambda: tokenizers.warmer.warmed >= 1, timeout=10)
+    rendered = tok.render(fresh)
+    assert rendered is not None and rendered.uncached_chars < 100

@@ -17,7 +17,9 @@ from deepinfer_router.kv_events.decode import (
     BlockRemoved,
     BlockStored,
     DecodeError,
+    _decode_typed,
     decode_batch,
+    decode_generic,
     decode_message,
 )
 from deepinfer_router.kv_events.index import EngineBlocks, PreciseIndex, chain
@@ -47,12 +49,14 @@ def test_vllm_032_map_encoding(name: str) -> None:
     assert isinstance(removed, BlockRemoved) and removed.block_hashes == stored_cpu.block_hashes
     assert isinstance(cleared, AllBlocksCleared)
     kind = int if "int" in name else bytes
+    assert _decode_typed(7, frames(name)[2]) == batch  # taken by the fast path
     assert all(isinstance(h, kind) for h in stored.block_hashes)
 
 
 def test_older_positional_encoding() -> None:
     batch = decode_message(frames("positional.bin"))
     assert batch.dp_rank == 0
+    assert _decode_typed(batch.seq, frames("positional.bin")[2]) == batch
     stored, child, removed, cleared = batch.events
     assert isinstance(stored, BlockStored) and stored.block_hashes == (11, 12)
     assert isinstance(child, BlockStored) and child.parent_block_hash == 12
@@ -87,6 +91,57 @@ def test_unknown_event_types_are_skipped_and_frame_count_checked() -> None:
         decode_message([b"", b"\x00" * 8])
     with pytest.raises(DecodeError):
         decode_message([b"", b"\x00" * 7, _enc([1.0, []])])
+
+
+_hash = st.one_of(st.binary(min_size=1, max_size=8), st.integers(-2**63, 2**64 - 1))
+_medium = st.sampled_from([None, "GPU", "cpu", "DISK"])
+
+
+@st.composite
+def _event(draw: st.DrawFn) -> dict[str, object]:
+    kind = draw(st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared",
+                                 "BlockReused"]))
+    hashes = draw(st.lists(_hash, min_size=1, max_size=3))
+    size = draw(st.sampled_from([1, 2, 4]))
+    tokens = draw(st.lists(st.integers(-1, 2**31), min_size=len(hashes) * size,
+                           max_size=len(hashes) * size + draw(st.sampled_from([0, 0, 1]))))
+    if kind == "BlockStored":
+        return {"type": kind, "block_hashes": hashes, "parent_block_hash": draw(
+            st.none() | _hash), "token_ids": tokens, "block_size": size, "lora_id": None,
+            "medium": draw(_medium), "lora_name": draw(st.none() | st.just("ad")),
+            "extra_keys": draw(st.none() | st.just([["s", 1]] + [None] * (len(hashes) - 1))),
+            "group_idx": draw(st.none() | st.integers(0, 2))}
+    if kind == "BlockRemoved":
+        return {"type": kind, "block_hashes": hashes, "medium": draw(_medium)}
+    return {"type": kind}
+
+
+_POSITIONAL_FIELDS = {
+    "BlockStored": ["block_hashes", "parent_block_hash", "token_ids", "block_size",
+                    "lora_id", "medium", "lora_name", "extra_keys", "group_idx"],
+    "BlockRemoved": ["block_hashes", "medium"], "AllBlocksCleared": [], "BlockReused": [],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_event(), max_size=4), st.booleans(), st.none() | st.integers(0, 3))
+def test_the_typed_fast_path_decodes_as_the_generic_path(
+        events: list[dict[str, object]], positional: bool, dp_rank: int | None) -> None:
+    """decode_batch's msgspec fast path gives what the generic path gives, or the same
+    refusal, in both encodings (valid events, bad token ids, unknown types)."""
+    if positional:
+        events = [[e["type"], *(e[k] for k in _POSITIONAL_FIELDS[str(e["type"])])]
+                  for e in events]  # type: ignore[misc]
+    payload = _enc([1.5, events] + ([] if dp_rank is None else [dp_rank]))
+    try:
+        expected: object = decode_generic(4, payload)
+    except DecodeError:
+        expected = DecodeError
+    try:
+        got: object = decode_batch(4, payload)
+    except DecodeError:
+        got = DecodeError
+    assert got == expected
 
 
 # --- the index --------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def test_a_prompts_head_is_exactly_the_start_of_its_ids(
     if covered < 0:
         assert len(head) == len(full)
     else:
-        assert len(head) >= min(want, len(full)) and 0 < covered < rendered.chars
+        # about `want`: cut at 4 characters a token, so fewer where tokens are longer
+        assert len(head) >= min(want, len(full)) // 3 and 0 < covered < rendered.chars
 
 
 def test_a_head_is_cut_short_of_a_long_new_piece(mine: PromptTokenizer) -> None:
@@ -102,7 +103,7 @@ def test_a_head_is_cut_short_of_a_long_new_piece(mine: PromptTokenizer) -> None:
     got = mine.encode_head(rendered, 100)
     assert got is not None
     head, covered = got
-    assert 100 <= len(head) < 2000 and covered < 2000
+    assert 60 <= len(head) <= 200 and covered < 1000  # " word" is one token of 5 chars
     # no space to cut at (CJK, minified JSON): no cheap head, the caller encodes it all
     # (off the event loop when long) instead of this encoding it all inline
     cjk = mine.render({"messages": [{"role": "user", "content": "東京の天気" * 4000}]})
