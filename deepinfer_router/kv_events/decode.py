@@ -14,10 +14,11 @@ Block hashes are bytes, or integers with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES: bo
 kept as they come (hashable either way). The feed is untrusted input: anything malformed
 raises DecodeError, never anything else, and sizes are bounded.
 
-Each message is decoded twice over at most: first by msgspec into typed structs (the
-checks run in C; a stored block's token ids are checked one by one, so this is the
-router's main cost per KV event), and only where that refuses (an unknown event type, a
-malformed field) by the generic path, which says what is wrong or skips the event.
+A message is decoded by msgspec into typed structs first (the checks run in C; a stored
+block's token ids are checked one by one, so this is the router's main cost per KV
+event), as vLLM 0.32's tagged maps, then as older positional arrays; only where both
+refuse (an unknown event type, a malformed field) by the generic path, which says what
+is wrong or skips the event.
 """
 
 from __future__ import annotations
@@ -115,10 +116,15 @@ def _optional_str(value: Any, what: str) -> str | None:
     return value
 
 
-def _freeze(value: Any) -> Any:
-    """extra_keys entries as hashable tuples (msgpack gives lists)."""
+_MAX_EXTRA_DEPTH = 16  # vLLM's extra keys nest two or three deep
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    """extra_keys entries as hashable tuples (msgpack gives lists); bounded nesting."""
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        if depth >= _MAX_EXTRA_DEPTH:
+            raise DecodeError("extra_keys nest too deep")
+        return tuple(_freeze(v, depth + 1) for v in value)
     return value
 
 
@@ -232,7 +238,7 @@ class _PositionalStored(Struct, tag="BlockStored", array_like=True):
     parent_block_hash: _Hash | None
     token_ids: _TokenIds
     block_size: Annotated[int, Meta(gt=0)]
-    lora_id: int | None = None
+    lora_id: Any = None  # not used (the generic path ignores it too)
     medium: _Medium = None
     lora_name: Annotated[str, Meta(max_length=256)] | None = None
     extra_keys: list[Any] | None = None
@@ -249,14 +255,16 @@ class _PositionalCleared(Struct, tag="AllBlocksCleared", array_like=True):
     pass
 
 
-class _TaggedBatch(Struct, array_like=True):
+# Events ignore fields they do not know (newer vLLM adds some), as the generic path
+# does; a batch longer than [ts, events, dp_rank] is refused, as the generic path does.
+class _TaggedBatch(Struct, array_like=True, forbid_unknown_fields=True):
     ts: float
     events: Annotated[list[_TaggedStored | _TaggedRemoved | _TaggedCleared],
                       Meta(max_length=MAX_EVENTS_PER_BATCH)]
     dp_rank: int | None = None
 
 
-class _PositionalBatch(Struct, array_like=True):
+class _PositionalBatch(Struct, array_like=True, forbid_unknown_fields=True):
     ts: float
     events: Annotated[list[_PositionalStored | _PositionalRemoved | _PositionalCleared],
                       Meta(max_length=MAX_EVENTS_PER_BATCH)]
@@ -308,8 +316,11 @@ def _decode_typed(seq: int, payload: bytes) -> EventBatch | None:
 
 def decode_batch(seq: int, payload: bytes) -> EventBatch:
     """The msgpack batch `[ts, events, dp_rank?]` of sequence `seq`."""
-    typed = _decode_typed(seq, payload)
-    return typed if typed is not None else decode_generic(seq, payload)
+    try:
+        typed = _decode_typed(seq, payload)
+        return typed if typed is not None else decode_generic(seq, payload)
+    except RecursionError:  # msgpack nested thousands deep: refused, not a crash
+        raise DecodeError("nested too deep") from None
 
 
 def decode_generic(seq: int, payload: bytes) -> EventBatch:

@@ -1,13 +1,16 @@
-"""Finishes, off every request's path, the encoding of prompts whose head alone was
-encoded (no engine held it, so the rest did not matter for routing that request).
+"""Finishes the encoding of prompts whose head alone was encoded before routing (no
+engine held it, so the rest did not matter for that request), without the request
+waiting for it.
 
 Such a prompt often comes back: a conversation's next turn, a shared system prompt's or
 document's next request. Without this, that next request pays for encoding the whole of
-it before it is routed (several milliseconds for 15k characters, measured on
-benchmarks/routing.py's shared-prefix workload); with it, its pieces are in the
-tokenizer's LRU and the request costs a lookup. One prompt at a time, in one worker
-thread (the encoding releases the GIL), with a bound on the characters waiting: past it
-an offer is dropped and the next request encodes that prompt itself, as before.
+it before it is routed (6-9 ms for 15k characters on benchmarks/routing.py's
+shared-prefix workload, 2-core VM); with it, its pieces are in the tokenizer's LRU and
+the request costs a lookup. The work is started when offered and runs beside the
+request (nothing awaits it), one prompt at a time in one worker thread (the encoding
+releases the GIL), bounded by the characters waiting: past the bound an offer is dropped
+and the next request encodes that prompt itself, as before. The price: every head-only
+prompt is encoded in full after all, on the router's cores, and enters the LRU.
 """
 
 from __future__ import annotations
@@ -25,22 +28,27 @@ DEFAULT_MAX_CHARS = 1 << 20  # waiting at most: ~0.25 s of one core's encoding
 class PieceWarmer:
     def __init__(self, max_chars: int = DEFAULT_MAX_CHARS) -> None:
         self.max_chars = max_chars
-        self._waiting: deque[tuple[PromptTokenizer, RenderedPrompt]] = deque()
-        self._chars = 0  # uncached characters waiting or being encoded
+        self._waiting: deque[tuple[PromptTokenizer, list[str], int]] = deque()
+        self._chars = 0  # characters waiting or being encoded
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.warmed = 0
         self.dropped = 0
 
     def offer(self, tok: PromptTokenizer, rendered: RenderedPrompt) -> bool:
-        """Queue the prompt's pieces for encoding into `tok`'s LRU; False where they
-        would not be cached (a prompt encoded whole) or the queue is full."""
-        chars = rendered.uncached_chars
-        if rendered.whole is not None or chars <= 0:
+        """Queue the prompt's pieces that are not in `tok`'s LRU for encoding into it;
+        False where there are none, the queue is full or the warmer is closed. Only
+        those pieces are held (not the prompt), so the bound is on memory too."""
+        if self._closed:
+            return False
+        pieces = tok.uncached_pieces(rendered)
+        chars = sum(map(len, pieces))
+        if not chars:
             return False
         if self._chars + chars > self.max_chars:
             self.dropped += 1
             return False
-        self._waiting.append((tok, rendered))
+        self._waiting.append((tok, pieces, chars))
         self._chars += chars
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
@@ -53,17 +61,21 @@ class PieceWarmer:
 
     async def _drain(self) -> None:
         while self._waiting:
-            tok, rendered = self._waiting.popleft()
+            tok, pieces, chars = self._waiting.popleft()
             try:
-                await asyncio.to_thread(tok.encode_rendered, rendered)
+                await asyncio.to_thread(tok.warm, pieces)
                 self.warmed += 1
             except Exception:  # a hint cache: never let it stop the next ones
                 log.warning("encoding a prompt's pieces ahead failed", exc_info=True)
             finally:
-                self._chars -= rendered.uncached_chars
+                self._chars -= chars
 
     async def close(self) -> None:
-        self._waiting.clear()
+        """Drop what waits and stop; a piece being encoded in the worker thread finishes
+        there (a thread cannot be interrupted), its result unused."""
+        self._closed = True
+        while self._waiting:
+            self._chars -= self._waiting.popleft()[2]
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -71,4 +83,3 @@ class PieceWarmer:
                 await task
             except asyncio.CancelledError:
                 pass
-        self._chars = 0

@@ -129,7 +129,7 @@ class Dispatcher:
                     ids = await asyncio.to_thread(tok.encode_rendered, prompt)
                 else:
                     ids = tok.encode_rendered(prompt)
-            elif covered >= 0:  # no engine holds it: the rest after this request's route
+            elif covered >= 0:  # no engine holds it: the rest beside it, not awaited
                 tokenizers.warmer.offer(tok, prompt)
         except Exception:  # never fail a request over its routing hint
             log.warning("request %s: tokenizing the prompt failed; routing on the estimate",

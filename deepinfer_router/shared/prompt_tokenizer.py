@@ -131,6 +131,10 @@ class PromptTokenizer:
         cache_entries: int = 4096,
         cache_chars: int = 32 << 20,
     ) -> None:
+        # transformers turns a tokenizer.json's own truncation and padding off on every
+        # call, so vLLM's ids never have them: neither do the router's.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self._tok = tokenizer
         self._template = compile_template(chat_template) if chat_template else None
         self._special_vars = dict(special_tokens)
@@ -218,8 +222,9 @@ class PromptTokenizer:
                 covered += len(self._special_texts.get(piece, ""))
                 continue
             want_chars = (min_tokens - len(out)) * _HEAD_CHARS_PER_TOKEN
-            if len(piece) <= 2 * want_chars or piece in self._cache:
-                out.extend(self._piece(piece))
+            ids = self._cached(piece) if len(piece) > 2 * want_chars else self._piece(piece)
+            if ids is not None:
+                out.extend(ids)
                 covered += len(piece)
                 continue
             cut = _space_cut(piece, want_chars, want_chars)
@@ -354,6 +359,28 @@ class PromptTokenizer:
                        if isinstance(p, str) and (len(p) < _MIN_CACHED_PIECE or p not in cache))
         return RenderedPrompt(prefix, pieces, uncached, chars=len(text))
 
+    def _cached(self, text: str) -> array[int] | None:
+        """A piece's ids if the LRU has them (one locked lookup: another thread may be
+        evicting), else None."""
+        with self._lock:
+            hit = self._cache.get(text)
+            if hit is not None:
+                self._cache.move_to_end(text)
+            return hit
+
+    def uncached_pieces(self, rendered: RenderedPrompt) -> list[str]:
+        """The pieces of a rendered prompt that encoding would add to the LRU."""
+        if rendered.whole is not None:
+            return []
+        cache, longest = self._cache, self._cache_chars // 4
+        return [p for p in rendered.pieces if isinstance(p, str)
+                and _MIN_CACHED_PIECE <= len(p) <= longest and p not in cache]
+
+    def warm(self, pieces: list[str]) -> None:
+        """Encode pieces into the LRU (blocking: call it off the event loop)."""
+        for piece in pieces:
+            self._piece(piece)
+
     def _piece(self, text: str) -> array[int]:
         """The ids of text between special tokens (callers only read the array)."""
         if len(text) < _MIN_CACHED_PIECE:
@@ -366,6 +393,7 @@ class PromptTokenizer:
                 return hit
         ids = array("i", self._ids(text))
         if len(text) <= self._cache_chars // 4:  # one piece never fills the cache
+            # (uncached_pieces skips longer ones alike)
             with self._lock:
                 if text not in cache:
                     cache[text] = ids

@@ -78,6 +78,11 @@ def _enc(value: object) -> bytes:
                  "token_ids": [], "block_size": 0}]]),
     _enc([1.0, [{"type": "BlockRemoved", "block_hashes": [[1]]}]]),
     _enc([1.0, [17]]),
+    _enc([1.0, [], None, "more"]),  # longer than [ts, events, dp_rank]
+    b"\x91" * 5000 + b"\xc0",  # arrays nested 5,000 deep
+    _enc([1.0, [{"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
+                 "token_ids": [1], "block_size": 1, "extra_keys": [
+                     __import__("functools").reduce(lambda a, _: [a], range(600), [])]}]]),
 ])
 def test_hostile_payloads_raise_decode_error_only(payload: bytes) -> None:
     with pytest.raises(DecodeError):
@@ -124,15 +129,19 @@ _POSITIONAL_FIELDS = {
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_event(), max_size=4), st.booleans(), st.none() | st.integers(0, 3))
+@given(st.lists(_event(), max_size=4), st.booleans(),
+       st.sampled_from([[], [None], [2], [True], [0, "more"]]),
+       st.sampled_from([1.5, 7, True]))
 def test_the_typed_fast_path_decodes_as_the_generic_path(
-        events: list[dict[str, object]], positional: bool, dp_rank: int | None) -> None:
+        events: list[dict[str, object]], positional: bool, tail: list[object],
+        ts: object) -> None:
     """decode_batch's msgspec fast path gives what the generic path gives, or the same
-    refusal, in both encodings (valid events, bad token ids, unknown types)."""
+    refusal, in both encodings (valid events, bad token ids, unknown types, odd batch
+    timestamps and ranks, batches too long)."""
     if positional:
         events = [[e["type"], *(e[k] for k in _POSITIONAL_FIELDS[str(e["type"])])]
                   for e in events]  # type: ignore[misc]
-    payload = _enc([1.5, events] + ([] if dp_rank is None else [dp_rank]))
+    payload = _enc([ts, events, *tail])
     try:
         expected: object = decode_generic(4, payload)
     except DecodeError:

@@ -226,3 +226,24 @@ def test_files_that_are_not_regular_are_refused_without_reading(tmp_path: Path,
     for name in os.listdir(tokenizer_dir):
         (linked / name).symlink_to(tokenizer_dir / name)
     assert PromptTokenizer.from_dir(linked).has_chat_template
+
+
+def test_truncation_and_padding_in_tokenizer_json_are_ignored_as_transformers_does(
+        tokenizer_dir: Path, tmp_path: Path, reference: Any) -> None:
+    """transformers turns a tokenizer.json's own truncation and padding off on every call
+    (so vLLM's ids never have them): the router's ids must not have them either."""
+    import json
+    import shutil
+
+    shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst",
+                          "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<pad>", "pad_to_multiple_of": None}
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    tok = PromptTokenizer.from_dir(tmp_path / "tok")
+    text = "a text of more than five tokens, for sure, many more than five"
+    assert tok.text_ids(text) == reference(text)["input_ids"]
+    conv = probe_conversation()
+    assert tok.chat_ids({"messages": conv}) == chat_reference(reference, conv)
