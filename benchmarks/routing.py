@@ -983,7 +983,8 @@ def main() -> None:
     ap.add_argument("--levels", default=",".join(LEVELS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_SCALE * 100:.0f}%% of each workload's duration instead of {SCALE * 100:.0f}%%")
+                    help=f"{QUICK_SCALE * 100:.0f}%% of each workload's duration "
+                    f"instead of {SCALE * 100:.0f}%%")
     ap.add_argument("--speed", type=float, default=SPEED)
     ap.add_argument("--engines", type=int, default=N_ENGINES)
     ap.add_argument("--kv-blocks", type=int, default=KV_BLOCKS)
