@@ -237,6 +237,9 @@ def _prompt_tokenizers(
         lambda: [e.record for e in fleet.engines.values()], feeds.precise, state.client,
         configured=state.settings.tokenizer_dirs(), engine_headers=engine_headers)
     state.tokenizers = tokenizers
+    warmer = tokenizers.warmer
+    state.metrics.watch_prompt_warmer(
+        lambda: {"warmed": warmer.warmed, "dropped": warmer.dropped})
     return [tokenizers]
 
 

@@ -11,7 +11,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -110,6 +115,23 @@ class _KvIndexCollector(Collector):
         for engine, index in self._indexes():
             g.add_metric([engine, index], 1)
         yield g
+
+
+class _PromptWarmerCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        c = CounterMetricFamily(
+            "deepinfer_prompts_encoded_ahead",
+            "Prompts whose head alone was tokenized before routing (no engine held it) and "
+            "whose rest was then encoded beside the request, for when the prompt returns: "
+            "warmed, or dropped (the queue was full; its next request encodes it).",
+            labels=["result"],
+        )
+        for result, n in self._counts().items():
+            c.add_metric([result], n)
+        yield c
 
 
 class _FleetCollector(Collector):
@@ -265,6 +287,10 @@ class RouterMetrics:
 
     def watch_routing(self, sizes: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_RoutingStateCollector(sizes))
+
+    def watch_prompt_warmer(self, counts: Callable[[], dict[str, int]]) -> None:
+        """deepinfer_prompts_encoded_ahead_total{result}: warmed or dropped."""
+        self.registry.register(_PromptWarmerCollector(counts))
 
     def watch_kv_index(self, indexes: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """deepinfer_engine_kv_index{engine,index}: 1 for the index routing uses for each

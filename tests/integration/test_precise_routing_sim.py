@@ -214,3 +214,6 @@ async def test_a_long_new_prompt_is_tokenized_only_as_far_as_some_engine_holds_i
     await wait_until(lambda: tokenizers.warmer.warmed >= 1, timeout=10)
     rendered = tok.render(fresh)
     assert rendered is not None and rendered.uncached_chars < 100
+    async with aiohttp.ClientSession() as s, s.get(f"{r.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'deepinfer_prompts_encoded_ahead_total{result="warmed"} 1.0' in text, text
