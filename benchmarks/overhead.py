@@ -414,16 +414,28 @@ MODES = (("non_streaming", False), ("streaming", True))
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (/proc/PID/stat utime + stime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process `pid` and its live descendants so far
+    (/proc/PID/stat utime + stime, every thread included): a router of several processes
+    (`--workers N`, a peer's helpers) counts whole."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+    return total
 
 
 def measure_target(
     port: int, args: argparse.Namespace, workdir: Path, pid: int | None = None
 ) -> dict[str, Any]:
-    """wrk against `port`; with `pid` (the router's), also its CPU time per request at
-    saturation."""
+    """wrk against `port`; with `pid` (the router's), also its CPU time (its process tree)
+    per request at saturation and at the fixed rate."""
     out: dict[str, Any] = {}
     for mode, stream in MODES:
         if args.warmup > 0:

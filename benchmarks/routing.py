@@ -63,7 +63,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,18 +252,24 @@ def free_port() -> int:
 
 
 class Router:
-    def __init__(self, urls: Sequence[str], policy: str, extra: Sequence[str] = ()) -> None:
+    def __init__(self, urls: Sequence[str], policy: str, extra: Sequence[str] = (),
+                 command: Callable[[Sequence[str], int], list[str]] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # deepinfer-router, from the source tree measured (ROOT)
-        cmd = [sys.executable, "-c",
-               "import sys; from deepinfer_router.cli import main; sys.exit(main())"]
-        for u in urls:  # none: engines register in the router's embedded registry
-            cmd += ["--engine", u]
-        cmd += ["--policy", policy, "--host", "127.0.0.1", "--port", str(self.port),
-                "--log-level", "warning", *extra]
+        if command is not None:  # another router (benchmarks/peers.py): its own argv
+            cmd = command(urls, self.port)
+        else:  # deepinfer-router, from the source tree measured (ROOT)
+            cmd = [sys.executable, "-c",
+                   "import sys; from deepinfer_router.cli import main; sys.exit(main())"]
+            for u in urls:  # none: engines register in the router's embedded registry
+                cmd += ["--engine", u]
+            cmd += ["--policy", policy, "--host", "127.0.0.1", "--port", str(self.port),
+                    "--log-level", "warning", *extra]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=src_env(), start_new_session=True)
+        # a peer's log (its warnings about endpoints vLLM lacks) would bury the report
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=src_env(), start_new_session=True,
+                                     stdout=subprocess.DEVNULL if command else None,
+                                     stderr=subprocess.DEVNULL if command else None)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -472,6 +478,18 @@ async def wait_listening(session: Any, url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"router at {url} not listening")
 
 
+async def wait_serving(session: Any, url: str, timeout: float = 60.0) -> None:
+    """A peer router (no /ready): until it lists a model, i.e. has taken its workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            async with session.get(url + "/v1/models") as r:
+                if r.status == 200 and json.loads(await r.read()).get("data"):
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"router at {url} does not list a model")
+
+
 async def wait_precise(session: Any, url: str, n: int, timeout: float = 60.0) -> None:
     """Until the router follows `n` engines' KV event feeds and has verified their
     tokenizer (chat prompts route on the precise index from then on)."""
@@ -542,8 +560,11 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 
 async def run_one(wkey: str, level: str, policy: str, with_session: bool,
-                  args: argparse.Namespace, rep: int = 0, index: str = "approximate"
+                  args: argparse.Namespace, rep: int = 0, index: str = "approximate",
+                  peer: Callable[[Sequence[str], int], list[str]] | None = None
                   ) -> dict[str, Any]:
+    """One run; with `peer` (argv for engine URLs and a port) that router instead of
+    deepinfer-router, on the static stand-in fleet (`policy` is then only its label)."""
     import aiohttp
 
     from deepinfer_router.shared.engine_record import engine_id_for
@@ -564,7 +585,7 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
             if bpe is None:  # static engines, stand-in tokenizer, no KV events
                 fleet = Fleet(kv_blocks, speed)
                 if policy != "oracle":
-                    router = Router(fleet.urls, policy, extra)
+                    router = Router(fleet.urls, policy, extra, command=peer)
             elif policy == "oracle":
                 fleet = Fleet(kv_blocks, speed, tokenizer=str(bpe.path))
             else:
@@ -577,7 +598,9 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
                 await wait_listening(session, router.url)
                 fleet = Fleet(kv_blocks, speed, registry=router.url, tokenizer=str(bpe.path))
             ids = [engine_id_for(u) for u in fleet.urls]
-            if router is not None:
+            if router is not None and peer is not None:
+                await wait_serving(session, router.url)
+            elif router is not None:
                 await wait_ready(session, router.url, len(kv_blocks))
                 if index == "precise":
                     await wait_precise(session, router.url, len(kv_blocks))
@@ -631,6 +654,8 @@ async def run_one(wkey: str, level: str, policy: str, with_session: bool,
     for r in ok:
         per_engine[r.engine] = per_engine.get(r.engine, 0) + 1
     counts = list(per_engine.values())
+    if peer is not None:  # a peer names no engine: the engines' own request counters
+        counts = [int(m.get("vllm:request_success_total", 0.0)) for m in metrics]
     routes: dict[str, int] = {}
     for r in res:
         routes[r.route] = routes.get(r.route, 0) + 1
