@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -29,6 +30,19 @@ from .scrape import Scraper
 from .service import Closing, Service
 from .settings import RouterSettings
 from .state import STATE, RouterState
+from .workers.siblings import (
+    HINTS_PATH,
+    SIBLINGS,
+    WORKER_SLOT,
+    Handler,
+    SiblingHints,
+    Siblings,
+    ask_siblings_on_404,
+    gather_metrics,
+    receive_hints,
+    replicate_writes,
+)
+from .workers.slot import WorkerSlot, split
 
 log = logging.getLogger("deepinfer.app")
 
@@ -36,7 +50,11 @@ log = logging.getLogger("deepinfer.app")
 VLLM_ROUTES = ("/tokenize", "/detokenize", "/pooling", "/score", "/rerank", "/classify")
 
 
-def build_app(settings: RouterSettings) -> web.Application:
+def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.Application:
+    """The router's app; as one of --workers (`slot`), with its share of the router-wide
+    limits and the routes and services that keep it in step with its siblings."""
+    if slot is not None:
+        settings = worker_settings(settings, slot)
     app = web.Application(client_max_size=max_body_bytes(settings.max_body_mb))
     fleet = Fleet(
         chars_per_token=settings.chars_per_token,
@@ -48,8 +66,9 @@ def build_app(settings: RouterSettings) -> web.Application:
         first_byte_timeout_s=settings.first_byte_timeout_s,
         max_inflight_per_engine=settings.max_inflight_per_engine,
     )
-    # In a shared fleet, the policy keeps its recent placements for the other routers.
-    sharing = bool(settings.redis_url and settings.share_hints)
+    # In a shared fleet, the policy keeps its recent placements for the other routers
+    # (through Redis) or the other workers (through their sockets).
+    sharing = bool(settings.redis_url and settings.share_hints) or slot is not None
     policy = make_policy(settings, hint_outbox=4096 if sharing else 0)
     fleet.on_forget(policy.forget_engine)
     router_metrics = RouterMetrics()
@@ -76,17 +95,28 @@ def build_app(settings: RouterSettings) -> web.Application:
     app[STATE] = state
     proxy = Proxy(state)
 
+    # As one of --workers: writes reach every worker, reads see all of them.
+    write: Callable[[Handler], Handler] = lambda handler: handler  # noqa: E731
+    read_all: Callable[[Handler], Handler] = lambda handler: handler  # noqa: E731
+    gather: Callable[[Handler], Handler] = lambda handler: handler  # noqa: E731
+    if slot is not None:
+        siblings = app[SIBLINGS] = Siblings(slot)
+        app[WORKER_SLOT] = slot
+        write = functools.partial(replicate_writes, siblings)
+        read_all = functools.partial(ask_siblings_on_404, siblings)
+        gather = functools.partial(gather_metrics, siblings)
+        app.router.add_post(HINTS_PATH, receive_hints)
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
-    app.router.add_get("/metrics", metrics.metrics)
+    app.router.add_get("/metrics", gather(metrics.metrics))
     app.router.add_get("/v1/models", models.list_models)
     deployments.add_routes(app)
     app.router.add_get("/admin/engines", admin.list_engines)
-    app.router.add_post("/admin/engines", admin.register_engine)
-    app.router.add_delete("/admin/engines/{id}", admin.delete_engine)
-    app.router.add_post("/admin/engines/{id}/drain", admin.drain_engine)
+    app.router.add_post("/admin/engines", write(admin.register_engine))
+    app.router.add_delete("/admin/engines/{id}", write(admin.delete_engine))
+    app.router.add_post("/admin/engines/{id}/drain", write(admin.drain_engine))
     app.router.add_get("/admin/decisions", admin.list_decisions)
-    app.router.add_get("/admin/decisions/{request_id}", admin.get_decision)
+    app.router.add_get("/admin/decisions/{request_id}", read_all(admin.get_decision))
     # Exact routes first (cheapest lookup), then every other model-carrying route.
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, proxy.handle)
@@ -132,6 +162,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             HealthChecker(state.fleet, state.client(), settings.health_interval_s,
                           settings.health_timeout_s, clients.engine_headers),
             *_hint_sharing(state),
+            *_worker_siblings(app),
             *_deployment_store(state),
             *_kv_event_feeds(state),
             *_prompt_tokenizers(state, clients.engine_headers),
@@ -201,6 +232,30 @@ def _hint_sharing(state: RouterState) -> list[Service]:
 
     return [RedisHints(settings.redis_url, settings.registry_namespace, state.policy,
                        engine_lookup)]
+
+
+def _worker_siblings(app: web.Application) -> list[Service]:
+    """As one of --workers: the clients for the siblings' sockets, and the placements
+    sent to them (unless Redis shares them already, with every other router)."""
+    siblings = app.get(SIBLINGS)
+    if siblings is None:
+        return []
+    state = app[STATE]
+    services: list[Service] = [siblings]
+    if not (state.settings.redis_url and state.settings.share_hints):
+        services.append(SiblingHints(siblings, state.policy.export_hints))
+    return services
+
+
+def worker_settings(settings: RouterSettings, slot: WorkerSlot) -> RouterSettings:
+    """One worker's share of the router-wide limits: the workers' shares add up to each
+    limit (a worker admits its share; see workers/slot.py split)."""
+    return settings.model_copy(update={
+        "max_inflight": split(settings.max_inflight, slot.index, slot.count, minimum=1),
+        "max_inflight_per_engine": split(settings.max_inflight_per_engine, slot.index,
+                                         slot.count, minimum=1),
+        "max_queue": split(settings.max_queue, slot.index, slot.count),
+    })
 
 
 def _kv_indexes(state: RouterState) -> list[tuple[str, str]]:

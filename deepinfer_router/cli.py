@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
 
@@ -19,6 +20,7 @@ from .settings import ENV_PREFIX, RouterSettings
 from .shared.log_setup import configure_logging
 from .shared.settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
 from .state import STATE
+from .workers.slot import WorkerSlot
 
 log = logging.getLogger("deepinfer.router")
 
@@ -49,10 +51,12 @@ def load(argv: list[str] | None = None) -> RouterSettings:
     return parse_or_exit(RouterSettings, ns, config, ENV_PREFIX, "deepinfer-router")
 
 
-async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: RouterSettings, stop: asyncio.Event | None = None,
+                slot: WorkerSlot | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain: refuse new requests, let
-    in-flight ones finish up to --shutdown-grace-s, and close."""
-    app = build_app(settings)
+    in-flight ones finish up to --shutdown-grace-s, and close. As one of --workers
+    (`slot`), on the supervisor's listening socket and its own Unix socket."""
+    app = build_app(settings, slot)
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -64,9 +68,18 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
         shutdown_timeout=max(0.1, min(settings.shutdown_grace_s, 1.0)),
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
-    await site.start()
-    log.info("listening on http://%s:%d", settings.host, settings.port)
+    site: web.BaseSite
+    if slot is None:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=2048,
+                           reuse_address=True)
+        await site.start()
+        log.info("listening on http://%s:%d", settings.host, settings.port)
+    else:
+        # siblings first: the port sends requests whose writes they must see
+        await web.UnixSite(runner, str(slot.own_socket)).start()
+        site = web.SockSite(runner, socket.socket(fileno=slot.fd), backlog=2048)
+        await site.start()
+        log.info("worker %d of %d serving on port %d", slot.index, slot.count, settings.port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,10 +104,16 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     settings = load(argv)
     configure_logging(settings.log_level, settings.log_format)
+    slot = WorkerSlot.from_env()
+    if slot is None and settings.worker_count() > 1:
+        from .workers import supervisor
+
+        return supervisor.run(list(sys.argv[1:] if argv is None else argv), settings.host,
+                              settings.port, settings.worker_count())
     import uvloop
 
     try:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, slot=slot))
     except OSError as exc:
         print(f"deepinfer-router: {exc}", file=sys.stderr)
         return 1

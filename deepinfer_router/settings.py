@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .engine_address import url_problem
 from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
+from .workers.slot import usable_cores
 
 ENV_PREFIX = "DEEPINFER_"
 
@@ -23,6 +24,12 @@ class RouterSettings(BaseSettings):
     # --- serving -------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    workers: str = Field(
+        "1", pattern=r"^(auto|[1-9][0-9]{0,2})$",
+        description="Router processes serving the port (`auto`: one per usable core). "
+        "They share placements, admin writes and /metrics; --max-inflight, "
+        "--max-inflight-per-engine and --max-queue split between them.",
+    )
     engine: CsvList = Field(
         default_factory=list,
         description="Static engine base URL (with or without /v1); repeatable. The models "
@@ -280,6 +287,16 @@ class RouterSettings(BaseSettings):
             problem = url_problem(url, self.allow_private_engine_urls)
             if problem is not None:
                 raise ValueError(f"--engine {url}: {problem.message}")
+        return self
+
+    def worker_count(self) -> int:
+        return usable_cores() if self.workers == "auto" else int(self.workers)
+
+    @model_validator(mode="after")
+    def _workers_without_sims(self) -> RouterSettings:
+        if self.sim_engines and self.workers != "1":
+            # each worker would start engines of its own, and route to its own only
+            raise ValueError("--sim-engines runs in one router process: leave --workers at 1")
         return self
 
     @field_validator("redis_url")

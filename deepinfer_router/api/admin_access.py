@@ -28,7 +28,14 @@ _FORM_TYPES = frozenset(("text/plain", "application/x-www-form-urlencoded", "mul
 
 
 def is_loopback_peer(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+    transport = request.transport
+    if transport is None:
+        return False
+    if isinstance(transport.get_extra_info("sockname"), str):
+        # a sibling worker over its private Unix socket (--workers): a 0700 directory,
+        # so only this user's processes reach it, as local as loopback
+        return True
+    peer = transport.get_extra_info("peername")
     if not peer:
         return False
     try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import orjson
 from aiohttp import web
 
 from ..state import STATE
+from ..workers.siblings import WORKER_SLOT
 
 
 async def health(request: web.Request) -> web.Response:
@@ -31,6 +33,9 @@ async def ready(request: web.Request) -> web.Response:
         "kv_event_feeds": state.kv_feeds.states() if state.kv_feeds is not None else {},
         "prompt_tokenizers": state.tokenizers.states() if state.tokenizers is not None else {},
     }
+    slot = request.app.get(WORKER_SLOT)
+    if slot is not None:  # --workers: which one answered (each answers alike)
+        detail["worker"] = {"index": slot.index, "count": slot.count, "pid": os.getpid()}
     return web.Response(
         status=200 if is_ready else 503,
         body=orjson.dumps(detail),
