@@ -299,6 +299,7 @@ class Result:
     out_tokens: int = 0
     engine: str = ""
     route: str = ""
+    worker: str = ""  # x-deepinfer-worker: which of --workers answered
     text: str = ""
 
 
@@ -353,6 +354,7 @@ class Gen:
                                          headers=headers) as r:
                 res.engine = r.headers.get("x-deepinfer-engine", eid)
                 res.route = r.headers.get("x-deepinfer-route", route)
+                res.worker = r.headers.get("x-deepinfer-worker", "")
                 if r.status != 200:
                     await r.read()
                     return res

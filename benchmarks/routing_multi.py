@@ -12,6 +12,11 @@ each on a fresh fleet (empty caches):
              sim, run by this process); the routers share placements (`--share-hints`,
              the default)
   two-noshare  the same with `--no-share-hints`: each router knows only what it routed
+  workers-N  one router with `--workers N` (static engines, no Redis: the workers share
+             placements and in-flight counts between themselves), every request on a
+             fresh connection (keep-alive would pin a client to one worker); reports the
+             share of turns that reached another worker than the user's previous turn.
+             Target: hit rate >= 0.97x one router's.
 
 The load is split between the two routers (`--split`):
   alternate  (default, the hard case) a user's turns alternate between router A and B:
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -69,6 +75,8 @@ if str(HERE) not in sys.path:
 import routing as rb  # noqa: E402  (benchmarks/routing.py; sets up sys.path for ROOT)
 
 SETUPS = ("one", "two", "two-noshare")
+WORKER_SETUPS = ("workers-1", "workers-2", "workers-4")  # --workers N, one router
+TARGET_WORKERS_RATIO = 0.97
 SPLITS = ("alternate", "random", "sticky")
 WORKLOAD = "1"
 DEFAULT_OUT = HERE / "results" / "routing_multi.json"
@@ -105,6 +113,7 @@ class SplitGen(rb.Gen):
                 "user": user,
                 "round": rnd,
                 "router": idx,
+                "worker": res.worker,
                 "engine": res.engine,
                 "route": res.route,
                 "ok": res.ok,
@@ -141,6 +150,21 @@ def stickiness(turns: list[dict[str, Any]]) -> float:
     return same / n if n else math.nan
 
 
+def worker_switches(turns: list[dict[str, Any]]) -> float:
+    """Share of turns 2..n that another worker answered than the user's previous turn."""
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for t in turns:
+        if t["ok"]:
+            by_user.setdefault(t["user"], []).append(t)
+    moved = total_turns = 0
+    for ts in by_user.values():
+        ts.sort(key=lambda t: t["round"])
+        for prev, cur in itertools.pairwise(ts):
+            total_turns += 1
+            moved += cur["worker"] != prev["worker"]
+    return moved / total_turns if total_turns else 0.0
+
+
 async def hints_on_stream(redis_url: str) -> dict[str, Any]:
     """What the routers published on `{ns}:hints` (batches and hints per router)."""
     import orjson
@@ -170,7 +194,8 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace,
     seed = args.seed * 1000 + int(WORKLOAD)
     scale = 0.4 if args.quick else 1.0
     speed = args.speed
-    n_routers = 1 if setup == "one" else 2
+    workers = int(setup.split("-")[1]) if setup in WORKER_SETUPS else 0
+    n_routers = 1 if setup == "one" or workers else 2
     redis: RedisServer | None = None
     routers: list[rb.Router] = []
     registrars: list[RedisRegistrar] = []
@@ -182,7 +207,9 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace,
     try:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+            # --workers: a new connection per request, so the kernel picks the worker
+            connector=aiohttp.TCPConnector(limit=0, force_close=bool(workers)),
+            timeout=timeout,
         ) as session:
             try:
                 static_urls = fleet.urls if fleet is not None else []
@@ -200,6 +227,10 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace,
                     routers += [rb.Router([], "kv-aware", extra) for _ in range(n_routers)]
                 elif setup == "one":
                     routers.append(rb.Router(static_urls, "kv-aware", args.router_arg or ()))
+                elif workers:
+                    routers.append(rb.Router(static_urls, "kv-aware",
+                                             ["--workers", str(workers),
+                                              *(args.router_arg or ())]))
                 else:
                     redis = RedisServer()
                     for u in static_urls:
@@ -287,6 +318,11 @@ async def run_setup(setup: str, split: str, args: argparse.Namespace,
             "mean": statistics.fmean(ttft) if ttft else math.nan,
         },
         "stickiness": stickiness(gen.turns),
+        "workers": workers or None,
+        "worker_switches": worker_switches(gen.turns) if workers else None,
+        "requests_per_worker": {w: sum(1 for t in gen.turns if t["worker"] == w)
+                                for w in sorted({t["worker"] for t in gen.turns})}
+        if workers else None,
         "routes": routes,
         "hints": hints,
         "wall_s": wall,
@@ -328,11 +364,14 @@ def table(results: list[dict[str, Any]]) -> str:
         "one": "one router",
         "two": "two routers, shared hints",
         "two-noshare": "two routers, --no-share-hints",
+        **{w: f"one router, --workers {w.split('-')[1]} (fresh connections)"
+           for w in WORKER_SETUPS},
     }
     lines = [
         "| setup | index | split | requests | prefix-cache hit rate | vs one router "
-        "| TTFT p50 (ms) | TTFT p90 (ms) | same engine as previous turn |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|",
+        "| TTFT p50 (ms) | TTFT p90 (ms) | same engine as previous turn "
+        "| turns on another worker |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         t = r["ttft_ms"]
@@ -342,7 +381,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {labels[r['setup']]} | {r.get('index', 'approximate')} | {r['split']} "
             f"| {r['ok']}/{r['requests']} | "
             f"{r['hit_rate']:.1%} | {ratio} | {t['p50']:.0f} | {t['p90']:.0f} | "
-            f"{r['stickiness']:.1%} |"
+            f"{r['stickiness']:.1%} | "
+            + (f"{r['worker_switches']:.1%} |" if r.get("worker_switches") is not None
+               else "- |")
         )
     return "\n".join(lines)
 
@@ -376,15 +417,17 @@ def main() -> None:
             raise SystemExit(f"unknown index {x!r} (choose from {', '.join(rb.INDEXES)})")
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     for s in setups:
-        if s not in SETUPS:
-            raise SystemExit(f"unknown setup {s!r} (choose from {', '.join(SETUPS)})")
+        if s not in (*SETUPS, *WORKER_SETUPS):
+            raise SystemExit(f"unknown setup {s!r} (choose from "
+                             f"{', '.join((*SETUPS, *WORKER_SETUPS))})")
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
         if s not in SPLITS:
             raise SystemExit(f"unknown split {s!r} (choose from {', '.join(SPLITS)})")
     runs = [
         (setup, split, index) for setup in setups
-        for split in (splits[:1] if setup == "one" else splits) for index in indexes
+        for split in (splits[:1] if setup == "one" or setup in WORKER_SETUPS else splits)
+        for index in indexes
     ]
     tokenizer_tmp = tempfile.TemporaryDirectory(prefix="routing-multi-bpe-")
     args.bpe = rb.BpeTokenizer.build(Path(tokenizer_tmp.name)) if "precise" in indexes else None
@@ -398,6 +441,9 @@ def main() -> None:
             f"hit {r['hit_rate']:.1%} "
             f"ttft p50/p90 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f} ms "
             f"sticky {r['stickiness']:.1%} routes {r['routes']} hints {r['hints']} "
+            + (f"other worker {r['worker_switches']:.1%} {r['requests_per_worker']} "
+               if r.get("worker_switches") is not None else "")
+            +
             f"({time.monotonic() - t:.0f}s)",
             flush=True,
         )
@@ -417,6 +463,13 @@ def main() -> None:
                     "met": ratio >= TARGET_RATIO,
                 }
             )
+        if one and one["hit_rate"] and r["setup"] in WORKER_SETUPS:
+            ratio = r["hit_rate"] / one["hit_rate"]
+            targets.append({"what": f"hit rate {r['setup']} (fresh connection per "
+                            f"request, {r['index']}) / one router >= {TARGET_WORKERS_RATIO}",
+                            "split": "-", "value": round(ratio, 4),
+                            "limit": TARGET_WORKERS_RATIO,
+                            "met": ratio >= TARGET_WORKERS_RATIO})
         if one and one["hit_rate"]:
             r["hit_rate_vs_one"] = round(r["hit_rate"] / one["hit_rate"], 4)
     targets += index_targets(results)

@@ -31,15 +31,16 @@ from .service import Closing, Service
 from .settings import RouterSettings
 from .state import STATE, RouterState
 from .workers.siblings import (
-    HINTS_PATH,
     SIBLINGS,
+    SYNC_PATH,
     WORKER_SLOT,
     Handler,
-    SiblingHints,
     Siblings,
+    SiblingSync,
     ask_siblings_on_404,
     gather_metrics,
-    receive_hints,
+    name_worker,
+    receive_sync,
     replicate_writes,
 )
 from .workers.slot import WorkerSlot, split
@@ -105,7 +106,8 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         write = functools.partial(replicate_writes, siblings)
         read_all = functools.partial(ask_siblings_on_404, siblings)
         gather = functools.partial(gather_metrics, siblings)
-        app.router.add_post(HINTS_PATH, receive_hints)
+        app.router.add_post(SYNC_PATH, receive_sync)
+        app.on_response_prepare.append(name_worker(slot))
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/metrics", gather(metrics.metrics))
@@ -235,16 +237,16 @@ def _hint_sharing(state: RouterState) -> list[Service]:
 
 
 def _worker_siblings(app: web.Application) -> list[Service]:
-    """As one of --workers: the clients for the siblings' sockets, and the placements
-    sent to them (unless Redis shares them already, with every other router)."""
+    """As one of --workers: the clients for the siblings' sockets, and what is sent to
+    them (placements, unless Redis shares them already; requests in flight)."""
     siblings = app.get(SIBLINGS)
     if siblings is None:
         return []
     state = app[STATE]
-    services: list[Service] = [siblings]
-    if not (state.settings.redis_url and state.settings.share_hints):
-        services.append(SiblingHints(siblings, state.policy.export_hints))
-    return services
+    # with Redis sharing the placements already (with every router), only the counts
+    redis_hints = bool(state.settings.redis_url and state.settings.share_hints)
+    return [siblings, SiblingSync(siblings, state.fleet, (lambda _limit: [])
+                                  if redis_hints else state.policy.export_hints)]
 
 
 def worker_settings(settings: RouterSettings, slot: WorkerSlot) -> RouterSettings:

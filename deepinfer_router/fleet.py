@@ -27,6 +27,11 @@ class Refusal:
     reason: str
 
 
+# How late a --workers sibling may tell of its requests in flight (its sync interval,
+# 20 ms, plus delivery), for what a scrape saw running (Fleet.set_sibling_inflight).
+SIBLING_LAG_S = 0.1
+
+
 @dataclass(slots=True)
 class ScrapedLoad:
     waiting: float = 0.0
@@ -34,6 +39,8 @@ class ScrapedLoad:
     # This router's own in-flight count when the scrape was taken: the engine's running
     # requests beyond it belong to other routers (or to the scrape's past).
     inflight_at_scrape: int = 0
+    # Of which this process's own (the rest: its --workers siblings', as they told).
+    ours_at_scrape: int = 0
     kv_usage: float = 0.0
     num_gpu_blocks: int | None = None
     block_size: int | None = None
@@ -47,6 +54,9 @@ class EngineState:
     record: EngineRecord
     source: str
     inflight: int = 0
+    # --workers: requests in flight to this engine from the other workers, as they last
+    # told (siblings.py); counted with ours in the load terms, not in our own limit.
+    sibling_inflight: int = 0
     load: ScrapedLoad = field(default_factory=ScrapedLoad)
     healthy: bool = True  # last active health check (or passive evidence)
     draining: bool = False
@@ -249,16 +259,17 @@ class Fleet:
     def candidate(self, s: EngineState, now: float) -> Candidate:
         load = s.load
         fresh = load.at and now - load.at <= self._stale_after_s
+        inflight = s.inflight + s.sibling_inflight  # the router's, all workers
         return Candidate(
             id=s.id,
             instance=s.record.instance,
-            inflight=s.inflight,
+            inflight=inflight,
             waiting=load.waiting if fresh else 0.0,
             # Stale-proof: others' share as of the scrape plus ours as of now, so that
             # our requests that finished since the scrape are not counted as load.
-            running=(max(0.0, load.running - load.inflight_at_scrape) + s.inflight)
+            running=(max(0.0, load.running - load.inflight_at_scrape) + inflight)
             if fresh
-            else float(s.inflight),
+            else float(inflight),
             kv_usage=load.kv_usage if fresh else 0.0,
             kv_capacity_chars=self.kv_capacity_chars(s),
             block_size=load.block_size or s.record.capacity.block_size or 0,
@@ -278,6 +289,23 @@ class Fleet:
         return counts
 
     # --- observations ---------------------------------------------------------------
+    def inflight_by_engine(self) -> dict[str, int]:
+        """This process's requests in flight per engine (for its sibling workers)."""
+        return {eid: s.inflight for eid, s in self.engines.items() if s.inflight}
+
+    def set_sibling_inflight(self, counts: dict[str, int], now: float) -> None:
+        """The other workers' requests in flight per engine, summed (siblings.py). A
+        sibling tells of a request some milliseconds after it started: one that a scrape
+        just taken already saw running must not count as another router's load until
+        the next scrape, so the scrape's share of the siblings is raised to what they
+        tell within `SIBLING_LAG_S` of it."""
+        for eid, s in self.engines.items():
+            n = counts.get(eid, 0)
+            s.sibling_inflight = n
+            load = s.load
+            if n and load.at and now - load.at <= SIBLING_LAG_S:
+                load.inflight_at_scrape = max(load.inflight_at_scrape, load.ours_at_scrape + n)
+
     def request_started(self, engine_id: str) -> EngineState | None:
         state = self.engines.get(engine_id)
         if state is not None:

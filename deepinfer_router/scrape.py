@@ -87,5 +87,6 @@ class Scraper(EnginePoller):
         if state is not None:
             # The engine counted ours somewhere between the two readings; the larger one
             # errs towards less foreign load, which keeps conversations where they are.
-            load.inflight_at_scrape = max(ours_before, state.inflight)
+            load.ours_at_scrape = max(ours_before, state.inflight)
+            load.inflight_at_scrape = load.ours_at_scrape + state.sibling_inflight
             state.load = load

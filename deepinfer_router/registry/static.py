@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from ..shared.engine_record import EngineRecord, normalize_engine_url
+from ..shared.engine_record import EngineRecord, engine_id_for, normalize_engine_url
 from ..shared.tasks import cancel_and_wait
 from .base import OnChange
 
@@ -53,8 +53,12 @@ class StaticRegistry:
         self._headers = headers
         now = time.time()
         # Listed at once (state "pending" until their models are known).
+        # The instance is the address's too, not a random one: every router (and every
+        # --workers process) given the same --engine names it alike, so placements
+        # shared between them apply (a static engine's restarts are not told anyway).
         self._records = {
-            r.id: r for r in (EngineRecord(url=u, started_at=now) for u in self._urls)
+            r.id: r for r in (EngineRecord(url=u, instance="static-" + engine_id_for(u),
+                                           started_at=now) for u in self._urls)
         }
         self._tasks: list[asyncio.Task[None]] = []
 

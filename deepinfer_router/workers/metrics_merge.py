@@ -46,7 +46,9 @@ def merge(own: str, others: Sequence[str]) -> bytes:
             slot = values[family.name]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if summed or position == 0:
+                if sample.name.endswith("_created"):  # a time: the first worker's
+                    slot[key] = min(slot.get(key, sample.value), sample.value)
+                elif summed or position == 0:
                     slot[key] = slot.get(key, 0.0) + sample.value
     for name, family in merged.items():
         for (sample_name, labels), value in values[name].items():

@@ -4,9 +4,10 @@ there. A sibling that is restarting is skipped: it starts from the engines' regi
 the next placements, as a new router does.
 
 What crosses it:
-- placements (the kv-aware policy's hints: prefix chains, session bindings), every
-  `interval_s`, so that a conversation's next turn finds its engine whichever worker the
-  kernel hands the connection to (`SiblingHints`);
+- placements (the kv-aware policy's hints: prefix chains, session bindings) and the
+  requests in flight per engine, every 20 ms, so that a conversation's next turn finds
+  its engine whichever worker the kernel hands the connection to, and the load terms
+  count the whole router's requests (`SiblingSync`);
 - admin writes (register, delete, drain an engine): done where they arrive, then
   replayed on every sibling before the answer (`replicate_writes`);
 - reads that one worker cannot answer alone: `/metrics` (every worker's counters added
@@ -26,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import RouterError
+from ..fleet import Fleet
 from ..periodic import Periodic
 from ..routing.base import EngineLookup
 from ..state import STATE
@@ -36,7 +38,9 @@ log = logging.getLogger("deepinfer.workers")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-HINTS_PATH = "/internal/worker-hints"
+SYNC_PATH = "/internal/worker-sync"
+HEARTBEAT_S = 0.25  # in-flight counts are re-sent at least this often
+SILENT_S = 1.0  # a sibling not heard from for this long counts no requests in flight
 # Headers a replayed request keeps: what the handlers and the admin check read.
 _FORWARDED = ("Authorization", "Content-Type", "Host", "X-Admin-Key", "Origin",
               "Sec-Fetch-Site", "User-Agent")
@@ -56,6 +60,23 @@ class Siblings:
     def __init__(self, slot: WorkerSlot) -> None:
         self.slot = slot
         self._sessions: list[aiohttp.ClientSession] = []
+        # per sibling: when it last told, and its requests in flight per engine
+        self._inflight: dict[int, tuple[float, dict[str, int]]] = {}
+
+    def heard(self, index: int, counts: dict[str, int], now: float) -> None:
+        self._inflight[index] = (now, counts)
+
+    def inflight(self, now: float, max_age_s: float) -> dict[str, int]:
+        """The siblings' requests in flight per engine, summed; a sibling silent for
+        `max_age_s` (dead, restarting) counts for nothing."""
+        total: dict[str, int] = {}
+        for index, (at, counts) in list(self._inflight.items()):
+            if now - at > max_age_s:
+                del self._inflight[index]
+                continue
+            for engine_id, n in counts.items():
+                total[engine_id] = total.get(engine_id, 0) + n
+        return total
 
     async def start(self) -> None:
         self._sessions = [
@@ -90,6 +111,18 @@ class Siblings:
 
 SIBLINGS: web.AppKey[Siblings] = web.AppKey("deepinfer_siblings", Siblings)
 WORKER_SLOT: web.AppKey[WorkerSlot] = web.AppKey("deepinfer_worker_slot", WorkerSlot)
+
+
+def name_worker(slot: WorkerSlot) -> Callable[[web.Request, web.StreamResponse],
+                                              Awaitable[None]]:
+    """Every answer says which worker gave it (`x-deepinfer-worker`): to tell how the
+    kernel spreads connections, and where to look in the logs."""
+    index = str(slot.index)
+
+    async def on_prepare(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-deepinfer-worker"] = index
+
+    return on_prepare
 
 
 def forwarded_headers(request: web.Request) -> dict[str, str]:
@@ -145,18 +178,29 @@ def ask_siblings_on_404(siblings: Siblings, handler: Handler) -> Handler:
     return asked
 
 
-async def receive_hints(request: web.Request) -> web.Response:
-    """A sibling's placements (only over the private socket: from TCP it does not exist)."""
+async def receive_sync(request: web.Request) -> web.Response:
+    """A sibling's news (only over the private socket: from TCP it does not exist):
+    {"worker": index, "hints": [placements], "inflight": {engine: count}}."""
     if not via_sibling(request):
         raise RouterError(404, f"No route {request.path}.", "not_found")
-    state = request.app[STATE]
+    app = request.app
     try:
-        hints = orjson.loads(await request.read())
+        news = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        raise RouterError(400, "Malformed hint batch.", "invalid_json") from None
-    if isinstance(hints, list):
-        state.policy.import_hints((h for h in hints if isinstance(h, dict)),
-                                  time.monotonic(), fleet_lookup(request.app))
+        raise RouterError(400, "Malformed sibling news.", "invalid_json") from None
+    if not isinstance(news, dict) or not isinstance(news.get("worker"), int):
+        raise RouterError(400, "Malformed sibling news.", "invalid_body")
+    now = time.monotonic()
+    hints = news.get("hints")
+    if isinstance(hints, list) and hints:
+        app[STATE].policy.import_hints((h for h in hints if isinstance(h, dict)), now,
+                                       fleet_lookup(app))
+    counts = news.get("inflight")
+    if isinstance(counts, dict):
+        siblings = app[SIBLINGS]
+        siblings.heard(news["worker"], {k: v for k, v in counts.items()
+                                        if isinstance(k, str) and type(v) is int}, now)
+        app[STATE].fleet.set_sibling_inflight(siblings.inflight(now, SILENT_S), now)
     return web.Response(status=204)
 
 
@@ -172,20 +216,32 @@ def fleet_lookup(app: web.Application) -> EngineLookup:
     return lookup
 
 
-class SiblingHints(Periodic):
-    """Sends this worker's new placements to every sibling every `interval_s` (the
-    request path only appends them to the policy's outbox)."""
+class SiblingSync(Periodic):
+    """Every `interval_s`, tells every sibling this worker's new placements (the request
+    path only appends them to the policy's outbox) and its requests in flight per engine
+    (when they changed, and at least every `HEARTBEAT_S`), and forgets the counts of a
+    sibling gone silent."""
 
-    def __init__(self, siblings: Siblings, export: Callable[[int], list[dict[str, Any]]],
+    def __init__(self, siblings: Siblings, fleet: Fleet,
+                 export: Callable[[int], list[dict[str, Any]]],
                  interval_s: float = 0.02) -> None:
-        super().__init__(interval_s, "worker-hints")
+        super().__init__(interval_s, "worker-sync")
         self._siblings = siblings
+        self._fleet = fleet
         self._export = export
-        self.sent = 0
+        self._told: dict[str, int] | None = None
+        self._told_at = 0.0
+        self.sent = 0  # hints, for tests
 
     async def run_once(self) -> None:
+        now = time.monotonic()
+        self._fleet.set_sibling_inflight(self._siblings.inflight(now, SILENT_S), now)
         hints = self._export(MAX_HINT_BATCH)
-        if hints:
-            await self._siblings.call("POST", HINTS_PATH, orjson.dumps(hints),
-                                      {"Content-Type": "application/json"})
-            self.sent += len(hints)
+        counts = self._fleet.inflight_by_engine()
+        if not hints and counts == self._told and now - self._told_at < HEARTBEAT_S:
+            return
+        self._told, self._told_at = counts, now
+        news = {"worker": self._siblings.slot.index, "hints": hints, "inflight": counts}
+        await self._siblings.call("POST", SYNC_PATH, orjson.dumps(news),
+                                  {"Content-Type": "application/json"})
+        self.sent += len(hints)

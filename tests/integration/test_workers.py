@@ -1,0 +1,206 @@
+"""`deepinfer-router --workers N`, a real supervisor with real worker processes in front
+of real simulated engines: every worker serves the port, a conversation stays on its
+engine whichever worker takes each turn, /metrics counts the whole router, admin writes
+reach every worker, a killed worker comes back, and SIGTERM drains open streams on every
+worker before the parent exits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.procs import Proc, Procs
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "sim-model"
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+async def fresh() -> AsyncIterator[aiohttp.ClientSession]:
+    """A new connection per request: keep-alive would pin the client to one worker."""
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+async def ready_by_worker(session: aiohttp.ClientSession, url: str, workers: int,
+                          engines: int, timeout: float = 30) -> dict[int, dict[str, Any]]:
+    """/ready from every worker (each answer names its worker), once each sees every
+    engine healthy."""
+    seen: dict[int, dict[str, Any]] = {}
+
+    async def every_worker_ready() -> bool:
+        async with session.get(url + "/ready") as resp:
+            detail = await resp.json()
+        if resp.status == 200 and detail["engines"]["healthy"] >= engines:
+            seen[detail["worker"]["index"]] = detail
+        return len(seen) == workers
+
+    await wait_until(every_worker_ready, timeout=timeout)
+    return seen
+
+
+async def start(procs: Procs, session: aiohttp.ClientSession, *router_args: str,
+                workers: int = 2, sims: int = 2) -> Proc:
+    engines = [procs.sim("--kv-blocks", "8192") for _ in range(sims)]
+    await asyncio.gather(*(e.wait_healthy() for e in engines))
+    args = [a for e in engines for a in ("--engine", e.url)]
+    router = procs.router(*args, "--workers", str(workers), "--health-interval-s", "0.5",
+                          *router_args)
+    await router.wait_healthy()
+    await ready_by_worker(session, router.url, workers, sims)
+    return router
+
+
+async def chat(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]],
+               max_tokens: int = 8) -> tuple[dict[str, Any], str, str, str]:
+    """The answer, its engine, worker and route."""
+    async with session.post(url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_tokens": max_tokens}) as resp:
+        assert resp.status == 200, await resp.text()
+        return (await resp.json(), resp.headers["x-deepinfer-engine"],
+                resp.headers["x-deepinfer-worker"], resp.headers["x-deepinfer-route"])
+
+
+def metric_total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+async def test_conversations_stay_on_their_engine_across_workers(procs, fresh):
+    router = await start(procs, fresh)
+    switches = turns = 0
+    workers_seen: set[str] = set()
+    for conv in range(12):
+        messages = [{"role": "user", "content": f"conversation {conv}: "
+                     + "tell me about routers and caches " * 30}]
+        engines: set[str] = set()
+        trail = []
+        last_worker = None
+        for turn in range(4):
+            body, engine, worker, route = await chat(fresh, router.url, messages)
+            engines.add(engine)
+            trail.append((engine, worker, route))
+            workers_seen.add(worker)
+            if last_worker is not None:
+                turns += 1
+                switches += worker != last_worker
+            last_worker = worker
+            messages += [{"role": "assistant", "content": body["choices"][0]["message"]
+                          ["content"]}, {"role": "user", "content": f"and then {turn}?"}]
+            await asyncio.sleep(0.1)  # think time: longer than the hint interval (20 ms)
+        assert len(engines) == 1, f"conversation {conv} moved between engines: {trail}"
+    assert workers_seen == {"0", "1"}
+    # the kernel handed later turns to the other worker often enough to prove it
+    assert switches >= 2, f"only {switches} of {turns} turns changed worker"
+
+
+async def test_metrics_count_the_whole_router_from_any_worker(procs, fresh):
+    router = await start(procs, fresh)
+    for i in range(20):
+        await chat(fresh, router.url, [{"role": "user", "content": f"count me {i}"}])
+    totals: dict[str, float] = {}
+
+    async def both_workers_scraped() -> bool:
+        async with fresh.get(router.url + "/metrics") as resp:
+            text = await resp.text()
+            worker = resp.headers["x-deepinfer-worker"]
+        assert metric_total(text, "deepinfer_router_workers_reporting") == 2
+        totals[worker] = metric_total(text, "deepinfer_requests_total")
+        return len(totals) == 2
+
+    await wait_until(both_workers_scraped, timeout=20)
+    assert totals == {"0": 20.0, "1": 20.0}
+
+
+async def test_admin_write_reaches_every_worker(procs, fresh):
+    router = await start(procs, fresh)
+    async with fresh.get(router.url + "/admin/engines") as resp:
+        engine_id = (await resp.json())["engines"][0]["id"]
+    async with fresh.post(router.url + f"/admin/engines/{engine_id}/drain") as resp:
+        assert resp.status == 200, await resp.text()
+    views: dict[str, bool] = {}
+
+    async def every_worker_answered() -> bool:
+        async with fresh.get(router.url + "/admin/engines") as resp:
+            engines = {e["id"]: e for e in (await resp.json())["engines"]}
+            views[resp.headers["x-deepinfer-worker"]] = engines[engine_id]["state"] == "draining"
+        return len(views) == 2
+
+    await wait_until(every_worker_answered, timeout=20)
+    assert views == {"0": True, "1": True}
+    # and no worker routes to it any more
+    for i in range(10):
+        _, engine, _, _ = await chat(fresh, router.url, [{"role": "user",
+                                                         "content": f"x{i}"}])
+        assert engine != engine_id
+
+
+async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(procs, fresh):
+    router = await start(procs, fresh)
+    before = await ready_by_worker(fresh, router.url, 2, 2)
+    victim = before[0]["worker"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    for i in range(10):  # the other worker answers meanwhile
+        await chat(fresh, router.url, [{"role": "user", "content": f"still here {i}"}])
+    after = await ready_by_worker(fresh, router.url, 2, 2)
+    assert after[0]["worker"]["pid"] != victim
+    assert after[1]["worker"]["pid"] == before[1]["worker"]["pid"]
+    log = router.log_text()
+    assert f"worker 0 (pid {victim}) exited with -9" in log
+
+
+def refuses_connections(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except (ConnectionRefusedError, TimeoutError, ConnectionResetError):
+            return True
+    return False
+
+
+async def test_sigterm_drains_open_streams_on_every_worker(procs, fresh):
+    router = await start(procs, fresh, "--shutdown-grace-s", "20")
+    body = {"model": MODEL, "max_tokens": 300, "stream": True}
+    responses = []
+    for i in range(16):  # one connection each: spread over both workers
+        resp = await fresh.post(router.url + "/v1/chat/completions",
+                                json={**body, "messages": [{"role": "user",
+                                                            "content": f"stream {i}"}]})
+        assert resp.status == 200
+        responses.append(resp)
+    workers = {resp.headers["x-deepinfer-worker"] for resp in responses}
+    assert workers == {"0", "1"}
+    firsts = [await resp.content.readany() for resp in responses]
+    router.signal(signal.SIGTERM)
+    rest = [asyncio.create_task(resp.read()) for resp in responses]
+    await wait_until(lambda: refuses_connections(router.port), timeout=10)
+    assert not all(t.done() for t in rest), "streams ended before the listener closed"
+    bodies = [first + await t for first, t in zip(firsts, rest, strict=True)]
+    assert await router.wait_exit(30) == 0
+    for data in bodies:
+        assert data.endswith(b"data: [DONE]\n\n"), data[-200:]
+        assert b'"error"' not in data
+    log = router.log_text()
+    assert "Traceback" not in log
+    assert log.count("shutting down") == 2 and "all workers stopped" in log
+    assert "cutting" not in log
