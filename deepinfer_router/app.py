@@ -32,6 +32,7 @@ from .settings import RouterSettings
 from .state import STATE, RouterState
 from .workers.siblings import (
     SIBLINGS,
+    STATE_PATH,
     SYNC_PATH,
     WORKER_SLOT,
     Handler,
@@ -42,6 +43,7 @@ from .workers.siblings import (
     name_worker,
     receive_sync,
     replicate_writes,
+    send_state,
 )
 from .workers.slot import WorkerSlot, split
 
@@ -107,6 +109,7 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         read_all = functools.partial(ask_siblings_on_404, siblings)
         gather = functools.partial(gather_metrics, siblings)
         app.router.add_post(SYNC_PATH, receive_sync)
+        app.router.add_get(STATE_PATH, send_state)
         app.on_response_prepare.append(name_worker(slot))
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
@@ -114,8 +117,10 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
     app.router.add_get("/v1/models", models.list_models)
     deployments.add_routes(app)
     app.router.add_get("/admin/engines", admin.list_engines)
-    app.router.add_post("/admin/engines", write(admin.register_engine))
-    app.router.add_delete("/admin/engines/{id}", write(admin.delete_engine))
+    # Redis is one registry for every worker already; the embedded one is per process
+    write_registry = (lambda handler: handler) if settings.redis_url else write
+    app.router.add_post("/admin/engines", write_registry(admin.register_engine))
+    app.router.add_delete("/admin/engines/{id}", write_registry(admin.delete_engine))
     app.router.add_post("/admin/engines/{id}/drain", write(admin.drain_engine))
     app.router.add_get("/admin/decisions", admin.list_decisions)
     app.router.add_get("/admin/decisions/{request_id}", read_all(admin.get_decision))
@@ -155,7 +160,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         state.upstream, state.session = clients.upstream, clients.session
         sims = await _start_sims(settings, services) if settings.sim_engines else []
         static_urls = [*settings.engine, *sims]
-        state.sources = _registry_sources(state, static_urls, clients.engine_headers)
+        slot = app.get(WORKER_SLOT)
+        state.sources = _registry_sources(state, static_urls, clients.engine_headers,
+                                          slot.epoch if slot is not None else None)
         later: list[Service] = [
             LoopLagProbe(settings.loop_lag_interval_s, state.metrics.event_loop_lag.observe),
             *state.sources,
@@ -185,7 +192,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 def _registry_sources(
-    state: RouterState, static_urls: list[str], engine_headers: dict[str, str] | None
+    state: RouterState, static_urls: list[str], engine_headers: dict[str, str] | None,
+    epoch: str | None = None,
 ) -> list[RegistrySource]:
     """Where engines come from: the static list (--engine, --sim-engines), then the
     writable registry (Redis with --redis-url, else the embedded one). Every change of
@@ -199,7 +207,8 @@ def _registry_sources(
 
     if static_urls:
         sources.append(
-            StaticRegistry(static_urls, resync, state.client(), headers=engine_headers)
+            StaticRegistry(static_urls, resync, state.client(), headers=engine_headers,
+                           epoch=epoch)
         )
     writable: WritableRegistry
     if settings.redis_url:
@@ -250,12 +259,12 @@ def _worker_siblings(app: web.Application) -> list[Service]:
 
 
 def worker_settings(settings: RouterSettings, slot: WorkerSlot) -> RouterSettings:
-    """One worker's share of the router-wide limits: the workers' shares add up to each
-    limit (a worker admits its share; see workers/slot.py split)."""
+    """One worker's share of the router-wide admission limits: the workers' shares add
+    up to each limit (a worker admits its share; workers/slot.py split). The per-engine
+    limit is not split: each worker checks it against the whole router's requests in
+    flight to the engine (its own and what its siblings last told)."""
     return settings.model_copy(update={
         "max_inflight": split(settings.max_inflight, slot.index, slot.count, minimum=1),
-        "max_inflight_per_engine": split(settings.max_inflight_per_engine, slot.index,
-                                         slot.count, minimum=1),
         "max_queue": split(settings.max_queue, slot.index, slot.count),
     })
 

@@ -20,6 +20,7 @@ from .settings import ENV_PREFIX, RouterSettings
 from .shared.log_setup import configure_logging
 from .shared.settings_loader import add_settings_arguments, parse_or_exit, render_example_toml
 from .state import STATE
+from .workers.siblings import SIBLINGS, catch_up
 from .workers.slot import WorkerSlot
 
 log = logging.getLogger("deepinfer.router")
@@ -75,8 +76,11 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None,
         await site.start()
         log.info("listening on http://%s:%d", settings.host, settings.port)
     else:
-        # siblings first: the port sends requests whose writes they must see
+        # siblings first: the port sends requests whose writes they must see; a worker
+        # that starts again takes over their registrations and drains before serving
         await web.UnixSite(runner, str(slot.own_socket)).start()
+        if await catch_up(app, app[SIBLINGS]):
+            log.info("worker %d caught up with its siblings", slot.index)
         site = web.SockSite(runner, socket.socket(fileno=slot.fd), backlog=2048)
         await site.start()
         log.info("worker %d of %d serving on port %d", slot.index, slot.count, settings.port)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         from .workers import supervisor
 
         return supervisor.run(list(sys.argv[1:] if argv is None else argv), settings.host,
-                              settings.port, settings.worker_count())
+                              settings.port, settings.worker_count(), settings.shutdown_grace_s)
     import uvloop
 
     try:

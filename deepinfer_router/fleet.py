@@ -250,7 +250,7 @@ class Fleet:
         for s in states:
             if s.id in excluded or not self.routable(s, now):
                 continue
-            if s.inflight >= limit:
+            if s.inflight + s.sibling_inflight >= limit:  # the router's (all workers)
                 at_limit = True
                 continue
             out.append(self.candidate(s, now))
@@ -301,7 +301,10 @@ class Fleet:
         tell within `SIBLING_LAG_S` of it."""
         for eid, s in self.engines.items():
             n = counts.get(eid, 0)
+            fewer = n < s.sibling_inflight
             s.sibling_inflight = n
+            if fewer:  # requests waiting for room on it look again
+                self._routable(s)
             load = s.load
             if n and load.at and now - load.at <= SIBLING_LAG_S:
                 load.inflight_at_scrape = max(load.inflight_at_scrape, load.ours_at_scrape + n)

@@ -20,6 +20,9 @@ class AccessLogger(AbstractAccessLogger):
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):
             return
+        transport = request.transport
+        if transport is not None and isinstance(transport.get_extra_info("sockname"), str):
+            return  # --workers: a sibling's sync or replay over its Unix socket, not a client
         headers = response.headers
         engine = headers.get("x-deepinfer-engine", "-")
         route = headers.get("x-deepinfer-route", "-")

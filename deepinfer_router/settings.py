@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .engine_address import url_problem
 from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
-from .workers.slot import usable_cores
+from .workers.slot import auto_workers
 
 ENV_PREFIX = "DEEPINFER_"
 
@@ -26,7 +26,8 @@ class RouterSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
     workers: str = Field(
         "1", pattern=r"^(auto|[1-9][0-9]{0,2})$",
-        description="Router processes serving the port (`auto`: one per usable core). "
+        description="Router processes serving the port (`auto`: one per usable core, at "
+        "most 16). "
         "They share placements, admin writes and /metrics; --max-inflight, "
         "--max-inflight-per-engine and --max-queue split between them.",
     )
@@ -290,11 +291,11 @@ class RouterSettings(BaseSettings):
         return self
 
     def worker_count(self) -> int:
-        return usable_cores() if self.workers == "auto" else int(self.workers)
+        return auto_workers() if self.workers == "auto" else int(self.workers)
 
     @model_validator(mode="after")
     def _workers_without_sims(self) -> RouterSettings:
-        if self.sim_engines and self.workers != "1":
+        if self.sim_engines and self.worker_count() > 1:
             # each worker would start engines of its own, and route to its own only
             raise ValueError("--sim-engines runs in one router process: leave --workers at 1")
         return self

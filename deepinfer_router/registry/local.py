@@ -36,6 +36,13 @@ class LocalRegistry(Periodic):
     def snapshot(self) -> dict[str, EngineRecord]:
         return self._records
 
+    def leases(self) -> list[tuple[EngineRecord, float]]:
+        """Every registration with the seconds it has left (for a --workers sibling
+        that starts again and must see the same engines)."""
+        now = self._clock()
+        return [(r, self._expires[eid] - now) for eid, r in self._records.items()
+                if self._expires.get(eid, 0.0) > now]
+
     def status(self) -> dict[str, Any]:
         return {"backend": "local", "up": True, "engines": len(self._records)}
 

@@ -10,7 +10,12 @@ from typing import Any
 
 import aiohttp
 
-from ..shared.engine_record import EngineRecord, engine_id_for, normalize_engine_url
+from ..shared.engine_record import (
+    EngineRecord,
+    engine_id_for,
+    new_instance_id,
+    normalize_engine_url,
+)
 from ..shared.tasks import cancel_and_wait
 from .base import OnChange
 
@@ -45,6 +50,7 @@ class StaticRegistry:
         session: aiohttp.ClientSession,
         refresh_s: float = 10.0,
         headers: dict[str, str] | None = None,
+        epoch: str | None = None,
     ) -> None:
         self._urls = [normalize_engine_url(u) for u in urls]
         self._on_change = on_change
@@ -53,11 +59,12 @@ class StaticRegistry:
         self._headers = headers
         now = time.time()
         # Listed at once (state "pending" until their models are known).
-        # The instance is the address's too, not a random one: every router (and every
-        # --workers process) given the same --engine names it alike, so placements
-        # shared between them apply (a static engine's restarts are not told anyway).
+        # The instance: this launch's epoch (random; shared by the processes of one
+        # --workers router, so that the placements they share apply) and the address.
+        # A new launch is a new instance, as it knows nothing of the engine's cache.
+        epoch = epoch or new_instance_id()
         self._records = {
-            r.id: r for r in (EngineRecord(url=u, instance="static-" + engine_id_for(u),
+            r.id: r for r in (EngineRecord(url=u, instance=f"{epoch}-{engine_id_for(u)}",
                                            started_at=now) for u in self._urls)
         }
         self._tasks: list[asyncio.Task[None]] = []

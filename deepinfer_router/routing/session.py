@@ -5,11 +5,13 @@ or prompts that share nothing. The binding is broken only by the bounded-load gu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import reasons
-from .base import Candidate, Decision, PolicyBase, RequestFeatures
+from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
+from .features import MAX_SESSION_KEY
 from .guard import BoundedLoad
 from .least_conn import least_loaded
 from .session_affinity import SessionAffinity, SessionTable
@@ -29,6 +31,7 @@ class SessionPolicy(PolicyBase):
             max_sessions=settings.max_sessions,
             balance_factor=settings.balance_factor,
             balance_slack=settings.balance_slack,
+            hint_outbox=hint_outbox,
         )
 
     def __init__(
@@ -38,11 +41,15 @@ class SessionPolicy(PolicyBase):
         max_sessions: int = 200_000,
         balance_factor: float = 1.25,
         balance_slack: int = 0,
+        hint_outbox: int = 0,
     ) -> None:
         self.balance_factor = balance_factor
         self.balance_slack = balance_slack
         self._affinity = SessionAffinity(session_ttl_s, max_sessions)
         self._tie = 0
+        # New bindings for the other routers / workers (export_hints); None: not shared.
+        self._outbox: deque[dict[str, Any]] | None = (
+            deque(maxlen=hint_outbox) if hint_outbox > 0 else None)
 
     @property
     def sessions(self) -> SessionTable:
@@ -75,7 +82,41 @@ class SessionPolicy(PolicyBase):
         return least_loaded(candidates, self._tie)
 
     def on_routed(self, request: RequestFeatures, decision: Decision, now: float) -> None:
-        self._affinity.bind(request.session_key, decision.engine_id, now)
+        key = request.session_key
+        self._affinity.bind(key, decision.engine_id, now)
+        if self._outbox is not None and key and decision.reason != reasons.SESSION:
+            instance = self._affinity.instance_of(decision.engine_id)
+            if instance is not None:  # a new or moved binding: the others learn it
+                self._outbox.append({"engine": decision.engine_id, "instance": instance,
+                                     "session": key})
+
+    def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
+        """Bindings made since the last export, in kv-aware's hint shape (no chain)."""
+        out: list[dict[str, Any]] = []
+        box = self._outbox
+        while box and (limit <= 0 or len(out) < limit):
+            out.append(box.popleft())
+        return out
+
+    def import_hints(
+        self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
+    ) -> int:
+        """Bind the other routers' sessions, for engines the fleet has at that instance."""
+        applied = 0
+        for hint in hints:
+            engine_id, instance, key = hint.get("engine"), hint.get("instance"), hint.get(
+                "session")
+            if not (isinstance(engine_id, str) and isinstance(key, str)
+                    and 0 < len(key) <= MAX_SESSION_KEY):
+                continue
+            known = lookup(engine_id)
+            if known is None or known[0] != instance:
+                continue
+            if self._affinity.instance_of(engine_id) != instance:
+                self._affinity.restarted(engine_id, known[0])
+            self._affinity.bind(key, engine_id, now)
+            applied += 1
+        return applied
 
     def forget_engine(self, engine_id: str) -> None:
         self._affinity.forget(engine_id)

@@ -80,6 +80,9 @@ class SessionAffinity:
         self._epochs[engine_id] = self._next_epoch
         self._instances[engine_id] = instance
 
+    def instance_of(self, engine_id: str) -> str | None:
+        return self._instances.get(engine_id)
+
     def forget(self, engine_id: str) -> None:
         """The engine left: bindings to it break (lazily, by epoch)."""
         self._epochs.pop(engine_id, None)

@@ -11,12 +11,27 @@ from pathlib import Path
 SLOT_ENV = "_DEEPINFER_WORKER_SLOT"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, as a container limits it)."""
+MAX_AUTO_WORKERS = 16  # every pair of workers talks: beyond this, more routers instead
+
+
+def usable_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, and a cgroup v2 CPU quota below it
+    (how Kubernetes limits a container: the affinity still lists every core)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def auto_workers() -> int:
+    return min(usable_cores(), MAX_AUTO_WORKERS)
 
 
 def split(total: int, index: int, count: int, minimum: int = 0) -> int:
@@ -31,6 +46,7 @@ class WorkerSlot:
     index: int
     count: int
     fd: int  # the listening socket, inherited from the supervisor
+    epoch: str  # this launch of the router (random): names static engines' instances
     directory: Path  # private (0700): the workers' Unix sockets
 
     def socket_path(self, index: int) -> Path:
@@ -45,12 +61,12 @@ class WorkerSlot:
         return [self.socket_path(i) for i in range(self.count) if i != self.index]
 
     def encode(self) -> str:
-        return f"{self.index},{self.count},{self.fd},{self.directory}"
+        return f"{self.index},{self.count},{self.fd},{self.epoch},{self.directory}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerSlot | None:
         value = (os.environ if environ is None else environ).get(SLOT_ENV)
         if not value:
             return None
-        index, count, fd, directory = value.split(",", 3)
-        return cls(int(index), int(count), int(fd), Path(directory))
+        index, count, fd, epoch, directory = value.split(",", 4)
+        return cls(int(index), int(count), int(fd), epoch, Path(directory))

@@ -154,8 +154,22 @@ async def test_admin_write_reaches_every_worker(procs, fresh):
         assert engine != engine_id
 
 
-async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(procs, fresh):
+async def test_a_killed_worker_comes_back_with_the_routers_registrations_and_drains(
+        procs, fresh):
     router = await start(procs, fresh)
+    # an engine registered in the embedded registry (as an engine manager does), and
+    # one static engine drained: the restarted worker must know both before it serves
+    extra = procs.sim("--kv-blocks", "8192")
+    await extra.wait_healthy()
+    async with fresh.post(router.url + "/admin/engines", json={
+            "url": extra.url, "models": [MODEL], "ttl_s": 600}) as resp:
+        assert resp.status == 200, await resp.text()
+        registered = (await resp.json())["id"]
+    async with fresh.get(router.url + "/admin/engines") as resp:
+        static = next(e["id"] for e in (await resp.json())["engines"]
+                      if e["source"] == "static")
+    async with fresh.post(router.url + f"/admin/engines/{static}/drain") as resp:
+        assert resp.status == 200
     before = await ready_by_worker(fresh, router.url, 2, 2)
     victim = before[0]["worker"]["pid"]
     os.kill(victim, signal.SIGKILL)
@@ -164,8 +178,53 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(procs, fr
     after = await ready_by_worker(fresh, router.url, 2, 2)
     assert after[0]["worker"]["pid"] != victim
     assert after[1]["worker"]["pid"] == before[1]["worker"]["pid"]
+    views: dict[str, dict[str, str]] = {}
+
+    async def every_worker_answered() -> bool:
+        async with fresh.get(router.url + "/admin/engines") as resp:
+            views[resp.headers["x-deepinfer-worker"]] = {
+                e["id"]: e["state"] for e in (await resp.json())["engines"]}
+        return len(views) == 2
+
+    await wait_until(every_worker_answered, timeout=20)
+    for worker, states in views.items():
+        assert registered in states, f"worker {worker} lost the registration: {states}"
+        assert states[static] == "draining", f"worker {worker} lost the drain: {states}"
     log = router.log_text()
     assert f"worker 0 (pid {victim}) exited with -9" in log
+    assert "worker 0 caught up with its siblings" in log
+
+
+async def test_session_policy_keeps_sessions_across_workers(procs, fresh):
+    router = await start(procs, fresh, "--policy", "session")
+    for user in range(8):
+        engines = set()
+        for turn in range(4):
+            async with fresh.post(router.url + "/v1/chat/completions", headers={
+                    "X-Session-ID": f"user-{user}"}, json={
+                    "model": MODEL, "max_tokens": 2,
+                    "messages": [{"role": "user", "content": f"turn {turn}"}]}) as resp:
+                assert resp.status == 200
+                engines.add(resp.headers["x-deepinfer-engine"])
+            await asyncio.sleep(0.1)
+        assert len(engines) == 1, f"user {user} moved: {engines}"
+
+
+async def test_a_parent_killed_outright_takes_its_workers_with_it(procs, fresh):
+    router = await start(procs, fresh)
+    pids = [d["worker"]["pid"] for d in (await ready_by_worker(fresh, router.url, 2,
+                                                                2)).values()]
+    router.signal(signal.SIGKILL)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+    await wait_until(lambda: all(gone(p) for p in pids), timeout=15)
+    await wait_until(lambda: refuses_connections(router.port), timeout=5)
 
 
 def refuses_connections(port: int) -> bool:

@@ -115,3 +115,28 @@ def test_factory_passes_parameters() -> None:
     params = policy.params  # type: ignore[attr-defined]
     assert params.chunk_chars == 256 and params.balance_factor == 2.0
     assert params.default_capacity_chars == 3000
+
+
+def test_bindings_travel_as_hints_to_another_router() -> None:
+    """Several routers (or --workers) with the session policy keep one binding: a new
+    or moved binding is exported, and another router binds the session alike."""
+    a, b = SessionPolicy(hint_outbox=16), SessionPolicy()
+    cands = fleet()
+    d = route(a, req("s1"), cands, 0.0)
+    route(a, req("s1"), cands, 1.0)  # kept: nothing new to tell
+    hints = a.export_hints()
+    assert hints == [{"engine": d.engine_id, "instance": "1", "session": "s1"}]
+    known = {c.id: (c.instance, 0) for c in cands}.get
+    assert b.import_hints(hints, 2.0, known) == 1
+    # an engine the fleet lacks, another instance, or a malformed hint: ignored
+    assert b.import_hints([{"engine": "e9", "instance": "1", "session": "x"},
+                           {"engine": "e0", "instance": "2", "session": "x"},
+                           {"engine": "e0", "instance": "1", "session": 5}], 2.0, known) == 0
+    d2 = b.select(req("s1"), fleet(**{d.engine_id: 0}), 3.0)
+    assert (d2.engine_id, d2.reason) == (d.engine_id, reasons.SESSION)
+
+
+def test_session_hints_off_by_default() -> None:
+    p = SessionPolicy()
+    route(p, req("s1"), fleet(), 0.0)
+    assert p.export_hints() == []

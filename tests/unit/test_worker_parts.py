@@ -3,6 +3,7 @@ workers' expositions add up, and the siblings' in-flight view."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from deepinfer_router.app import worker_settings
 from deepinfer_router.settings import RouterSettings
 from deepinfer_router.workers.metrics_merge import merge
 from deepinfer_router.workers.siblings import Siblings
-from deepinfer_router.workers.slot import WorkerSlot, split
+from deepinfer_router.workers.slot import WorkerSlot, split, usable_cores
 
 
 @given(st.integers(0, 10_000), st.integers(1, 64))
@@ -31,10 +32,11 @@ def test_a_limit_below_the_worker_count_gives_each_at_least_the_minimum():
 def test_worker_settings_split_the_admission_limits():
     settings = RouterSettings(max_inflight=10, max_inflight_per_engine=5, max_queue=3,
                               workers="2")
-    first = worker_settings(settings, WorkerSlot(0, 2, 3, Path("/tmp/x")))
-    second = worker_settings(settings, WorkerSlot(1, 2, 3, Path("/tmp/x")))
+    first = worker_settings(settings, WorkerSlot(0, 2, 3, "ep", Path("/tmp/x")))
+    second = worker_settings(settings, WorkerSlot(1, 2, 3, "ep", Path("/tmp/x")))
     assert (first.max_inflight, second.max_inflight) == (5, 5)
-    assert (first.max_inflight_per_engine, second.max_inflight_per_engine) == (3, 2)
+    # not split: each worker checks the whole router's in flight (siblings' included)
+    assert (first.max_inflight_per_engine, second.max_inflight_per_engine) == (5, 5)
     assert (first.max_queue, second.max_queue) == (2, 1)
 
 
@@ -43,8 +45,17 @@ def test_sim_engines_refuse_several_workers():
         RouterSettings(sim_engines=2, workers="2")
 
 
+def test_a_cgroup_quota_below_the_affinity_limits_the_usable_cores(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path / "absent") == len(os.sched_getaffinity(0))
+
+
 def test_a_slot_travels_through_the_environment():
-    slot = WorkerSlot(1, 4, 7, Path("/tmp/deepinfer-workers-x"))
+    slot = WorkerSlot(1, 4, 7, "ep0", Path("/tmp/deepinfer-workers-x"))
     again = WorkerSlot.from_env({"_DEEPINFER_WORKER_SLOT": slot.encode()})
     assert again == slot
     assert again.sibling_sockets == [Path("/tmp/deepinfer-workers-x/worker-0.sock"),
@@ -114,7 +125,7 @@ def test_counters_and_histograms_add_up_in_flight_sums_views_are_the_scraped_wor
 
 
 def test_a_silent_sibling_counts_no_requests_in_flight():
-    siblings = Siblings(WorkerSlot(0, 3, 3, Path("/tmp/x")))
+    siblings = Siblings(WorkerSlot(0, 3, 3, "ep", Path("/tmp/x")))
     siblings.heard(1, {"a": 2, "b": 1}, now=10.0)
     siblings.heard(2, {"a": 3}, now=10.5)
     assert siblings.inflight(now=10.9, max_age_s=1.0) == {"a": 5, "b": 1}
