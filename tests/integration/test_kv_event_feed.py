@@ -312,9 +312,21 @@ async def test_router_feeds_follow_the_fleet(publishers: list[Publisher],
             feeds.annotate(asked, cands, agreeing)
             assert cands[0].precise_cached_chars == want, agreeing
         # A restarted engine (new instance): its feed starts over, the index forgets.
+        # (Recorded as it happens: the new feed then replays from this test's publisher,
+        # which, unlike a restarted engine's, still holds the blocks.)
+        forgotten: list[tuple[str, int]] = []
+        forget = feeds.index.forget
+
+        def recording_forget(engine_id: str) -> None:
+            forget(engine_id)
+            forgotten.append((engine_id, len(feeds.index.match(prompt(2), [engine_id]))))
+
+        feeds.index.forget = recording_forget  # type: ignore[method-assign]
+        old_feed = feeds.feeds[record.id][1]
         records[0] = restarted = record.model_copy(update={"instance": "i-2"})
         await until(lambda: feeds.feeds.get(restarted.id, ("", None))[0] == "i-2")
-        assert feeds.index.match(prompt(2), [record.id]) == {}
+        assert forgotten[0] == (record.id, 0)  # forgotten: nothing matched right after
+        assert feeds.feeds[record.id][1] is not old_feed
         records.pop(0)  # gone from the fleet: no feed
         await until(lambda: not feeds.feeds)
     finally:
