@@ -30,7 +30,6 @@ from yarl import URL
 from ..errors import error_response
 from ..fleet import Fleet
 from ..periodic import Periodic
-from ..registry.local import LocalRegistry
 from ..routing.base import EngineLookup
 from ..shared.engine_record import EngineRecord
 from ..state import STATE
@@ -260,8 +259,9 @@ async def send_state(request: web.Request) -> web.Response:
     if not via_sibling(request):
         return error_response(404, f"No route {request.path[:200]}.", "not_found")
     state = request.app[STATE]
-    writable = state.writable
-    leases = writable.leases() if isinstance(writable, LocalRegistry) else []
+    # the embedded registry's (registry/local.py; Redis is every worker's already)
+    leases_of = getattr(state.writable, "leases", None)
+    leases = leases_of() if callable(leases_of) else []
     return web.Response(body=orjson.dumps({
         "engines": [{"record": r.model_dump(mode="json"), "ttl_s": ttl} for r, ttl in leases],
         "draining": [eid for eid, s in state.fleet.engines.items() if s.draining],
@@ -277,7 +277,7 @@ async def catch_up(app: web.Application, siblings: Siblings) -> bool:
             continue
         try:
             news = orjson.loads(answer[1])
-            if isinstance(state.writable, LocalRegistry):
+            if state.writable is not None and hasattr(state.writable, "leases"):
                 for lease in news["engines"]:
                     record = EngineRecord.model_validate(lease["record"])
                     await state.writable.register(record, float(lease["ttl_s"]))
