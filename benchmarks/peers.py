@@ -300,32 +300,48 @@ REUSE_FREE = {"3"}  # routing_workloads: the workload with no prefix reuse
 
 
 def routing_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    rows = ["| workload | level | router | TTFT p50 | p90 | p99 | tokens/s | hit rate | "
-            "imbalance |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    """The table, and the cells where deepinfer misses the TTFT p90 target, judged on
+    both figures: TTFT in model ms (every router's own time inflated by the engines'
+    speed-up, as routing.py reports it) and with the routers' time at wall-clock speed
+    (`at 1x`, what a deployment sees: routing.py's ttft_ms_router_1x)."""
+    rows = ["| workload | level | router | TTFT p50 | p90 | p99 | p90 at 1x | tokens/s | "
+            "hit rate | imbalance |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     misses: list[str] = []
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         cells.setdefault((r["workload"], r["level"]), []).append(r)
+    counted = {"model": 0, "1x": 0}
+    total = 0
     for (wk, level), rs in cells.items():
         for r in rs:
             t = r["ttft_ms"]
             rows.append(f"| {wk} | {level} | {r['router']} | {t['p50']:.0f} | {t['p90']:.0f} | "
-                        f"{t['p99']:.0f} | {r['output_tokens_per_s']:,.0f} | "
-                        f"{r['hit_rate']:.2f} | {r['imbalance']:.2f} |")
+                        f"{t['p99']:.0f} | {r['ttft_ms_router_1x']['p90']:.0f} | "
+                        f"{r['output_tokens_per_s']:,.0f} | {r['hit_rate']:.2f} | "
+                        f"{r['imbalance']:.2f} |")
         ours = [r for r in rs if r["router"].startswith(DEEPINFER)]
         peers = [r for r in rs if not r["router"].startswith(DEEPINFER)]
         if not ours or not peers:
             continue
+        total += 1
         # like for like: the peers see no session header, so neither does this figure
         mine = next((r for r in ours if "no header" in r["router"]), ours[0])
-        best = min(peers, key=lambda r: r["ttft_ms"]["p90"])
-        p90, peer_p90 = mine["ttft_ms"]["p90"], best["ttft_ms"]["p90"]
         reuse = wk not in REUSE_FREE
-        if (reuse and p90 >= peer_p90) or (not reuse and p90 > 1.05 * peer_p90):
-            misses.append(
-                f"workload {wk} {level}: TTFT p90 {p90:.0f} ms against {best['router']}'s "
-                f"{peer_p90:.0f} ms (target: {'better than' if reuse else '≤ 1.05x'} "
-                "every peer)")
+        missed = []
+        for figure, key in (("model", "ttft_ms"), ("1x", "ttft_ms_router_1x")):
+            best = min(peers, key=lambda r, key=key: r[key]["p90"])
+            p90, peer_p90 = mine[key]["p90"], best[key]["p90"]
+            if (reuse and p90 >= peer_p90) or (not reuse and p90 > 1.05 * peer_p90):
+                counted[figure] += 1
+                missed.append(f"{p90:.0f} ms against {best['router']}'s {peer_p90:.0f}"
+                              + (" at 1x" if figure == "1x" else " (model ms)"))
+        if missed:
+            misses.append(f"workload {wk} {level}: TTFT p90 " + "; ".join(missed)
+                          + f" (target: {'better than' if reuse else '≤ 1.05x'} every peer)")
+    if total:
+        misses.insert(0, f"TTFT p90 target missed in {counted['model']} of {total} cells "
+                      f"on model-ms TTFT and in {counted['1x']} of {total} with the "
+                      "routers' time at 1x:")
     return rows, misses
 
 
@@ -350,7 +366,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [*rows, ""]
         misses += miss
     if report.get("routing"):
-        lines += ["Routing quality (simulated engines, TTFT in model ms; peers and "
+        lines += ["Routing quality (simulated engines, 5x faster than the modelled GPU; "
+                  "TTFT in model ms, so each router's own time counts 5x, and p90 with "
+                  "the routers' time at wall-clock speed, `p90 at 1x`; peers and "
                   "`no header` see the same requests):", ""]
         rows, miss = routing_rows(report["routing"])
         lines += [*rows, ""]
