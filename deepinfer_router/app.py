@@ -95,6 +95,8 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
     router_metrics.watch_kv_index(lambda: _kv_indexes(state))
     policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)
+    state.tenant_keys = settings.tenant_keys()
+    state.tenants = frozenset(k.tenant for k in state.tenant_keys)
     app[STATE] = state
     proxy = Proxy(state)
 

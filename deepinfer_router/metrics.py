@@ -270,8 +270,16 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.tenant_requests = Counter(
+            "deepinfer_tenant_requests_total",
+            "Requests answered, by tenant (configured names; others `other`), class and "
+            "HTTP status.",
+            ["tenant", "class", "status"],
+            registry=r,
+        )
         # Memoised children of the metrics the proxy touches on every request.
         self.requests_by = LabelCache(self.requests)
+        self.tenant_requests_by = LabelCache(self.tenant_requests)
         self.request_duration_by = LabelCache(self.request_duration)
         self.ttft_by = LabelCache(self.ttft)
         self.itl_by = LabelCache(self.itl)

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_address import url_problem
+from .fairness.tenants import TenantKey, parse_api_key
 from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
 from .workers.slot import auto_workers
@@ -207,8 +208,14 @@ class RouterSettings(BaseSettings):
     # --- security --------------------------------------------------------------------
     api_key: CsvList = Field(
         default_factory=list,
-        description="Accepted client API key (Authorization: Bearer); repeatable. None: open. "
-        "An empty key is refused at start-up.",
+        description="Accepted client API key (Authorization: Bearer) as NAME:KEY, NAME being "
+        "the tenant (1-64 of A-Z a-z 0-9 _ . -), or a plain KEY of tenant `default` (a key "
+        "containing ':' needs a name); repeatable. None: "
+        "open. An empty key is refused at start-up.",
+    )
+    tenant_header: str | None = Field(
+        None, description="With API keys off: the request header that names the tenant "
+        "(trusted: set it only behind a proxy that sets the header). Else tenant `default`.",
     )
     admin_key: str | None = Field(
         None, description="Key for /admin routes. Without it they answer loopback clients "
@@ -279,6 +286,16 @@ class RouterSettings(BaseSettings):
                 "an empty key is refused (an unset variable?); leave the option out instead"
             )
         return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _tenant_keys(cls, keys: list[str]) -> list[str]:
+        for spec in keys:
+            parse_api_key(spec)  # raises with what is wrong (never the key itself)
+        return keys
+
+    def tenant_keys(self) -> list[TenantKey]:
+        return [parse_api_key(spec) for spec in self.api_key]
 
     @model_validator(mode="after")
     def _engine_addresses(self) -> RouterSettings:

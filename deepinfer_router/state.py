@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .decision_log import DecisionLog
+from .fairness.tenants import TenantKey
 from .fleet import Fleet
 from .metrics import RouterMetrics
 from .routing.base import RoutingPolicy
@@ -43,6 +44,8 @@ class RouterState:
     estimate_correction: EstimateCorrection | None = None
     tokenizers: PromptTokenizers | None = None  # with --kv-events auto --tokenize auto
     shutting_down: bool = False
+    tenant_keys: list[TenantKey] = field(default_factory=list)  # --api-key NAME:KEY
+    tenants: frozenset[str] = frozenset()  # configured tenant names (metric labels)
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "router not started"

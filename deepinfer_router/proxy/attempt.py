@@ -83,6 +83,8 @@ class Attempts:
         state.policy.on_complete(call.features, engine.id, engine_ok, end)
         if failure is None:  # a failure is counted once the dispatcher gives up
             state.metrics.requests_by(call.model, engine.id, call.route, str(call.status)).inc()
+            state.metrics.tenant_requests_by(call.tenant_label, call.klass,
+                                             str(call.status)).inc()
             state.metrics.request_duration_by(call.model).observe(end - call.started)
             if call.cached_tokens is not None and call.decision is not None \
                     and call.status == 200:

@@ -30,3 +30,6 @@ class Call:
     decision: DecisionRecord | None = None  # this attempt's, while decisions are logged
     cached_tokens: int | None = None  # what this attempt's engine reported cached
     tokenized: bool = False  # the prompt ids are the router's own tokenization
+    tenant: str = "default"  # whose request (fairness/tenants.py)
+    klass: str = "standard"  # its class (the tenant's, lowered by X-Priority)
+    tenant_label: str = "default"  # the tenant as metrics name it (bounded)

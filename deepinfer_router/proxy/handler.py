@@ -9,6 +9,13 @@ import time
 from aiohttp import web
 
 from ..errors import RouterError
+from ..fairness.tenants import (
+    DEFAULT_CLASS,
+    DEFAULT_TENANT,
+    header_tenant,
+    lower_class,
+    metric_tenant,
+)
 from ..routing.base import RequestFeatures
 from ..state import REQUEST_ID, REQUEST_MODEL, RouterState
 from .auth import check_api_key
@@ -37,7 +44,9 @@ class Proxy:
         self._ids = RequestIds()
         # Fixed for the router's life: computed once, not per request.
         settings = state.settings
-        self._api_keys = settings.api_key
+        self._tenant_keys = state.tenant_keys
+        self._tenant_header = settings.tenant_header
+        self._tenants = state.tenants
         self._max_body = max_body_bytes(settings.max_body_mb)
         fleet = state.fleet
         self._served_models = lambda: fleet.models(time.monotonic())
@@ -50,9 +59,17 @@ class Proxy:
         try:
             if state.shutting_down:
                 raise RouterError(503, "The router is shutting down.", "shutting_down")
-            if self._api_keys:
-                check_api_key(self._api_keys, request.headers.get("Authorization", ""))
+            headers = request.headers
+            if self._tenant_keys:
+                tenant = check_api_key(self._tenant_keys, headers.get("Authorization", ""))
+            elif self._tenant_header:
+                tenant = header_tenant(headers.get(self._tenant_header))
+            else:
+                tenant = DEFAULT_TENANT
             call = await self._read(request, rid, started)
+            call.tenant = tenant
+            call.tenant_label = metric_tenant(tenant, self._tenants)
+            call.klass = lower_class(DEFAULT_CLASS, headers.get("X-Priority"))
             return await self.dispatcher.dispatch(call)
         except RouterError as exc:
             if not isinstance(exc, UpstreamFailure):  # those count as upstream errors
@@ -64,6 +81,9 @@ class Proxy:
                 model, call.engine if call else "", call.route if call else "none",
                 str(exc.status),
             ).inc()
+            if call is not None:  # (a request refused before it was read has no tenant)
+                state.metrics.tenant_requests_by(call.tenant_label, call.klass,
+                                                 str(exc.status)).inc()
             resp = exc.response()
             resp.headers["X-Request-Id"] = rid
             return resp

@@ -22,6 +22,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from deepinfer_router.engine_address import AddressRefusedError, GuardedResolver
 from deepinfer_router.errors import RouterError
+from deepinfer_router.fairness.tenants import TenantKey
 from deepinfer_router.proxy import check_api_key
 from deepinfer_router.proxy.request_ids import RequestIds
 from deepinfer_router.settings import RouterSettings
@@ -69,11 +70,11 @@ def test_toml_list_with_an_empty_key_is_refused(tmp_path):
 @pytest.mark.parametrize("authorization", [None, "", "Bearer ", "Bearer", "bearer  "])
 def test_an_empty_token_never_matches(authorization):
     # Even with an empty key that got past the settings (built without validation).
-    settings = RouterSettings.model_construct(api_key=["k1", ""])
+    keys = [TenantKey("default", "k1"), TenantKey("default", "")]
     headers = {} if authorization is None else {"Authorization": authorization}
     request = make_mocked_request("POST", "/v1/completions", headers=headers)
     with pytest.raises(RouterError) as info:
-        check_api_key(settings.api_key, request.headers.get("Authorization", ""))
+        check_api_key(keys, request.headers.get("Authorization", ""))
     assert info.value.status == 401
 
 

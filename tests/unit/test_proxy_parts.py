@@ -8,6 +8,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from deepinfer_router.errors import RouterError
+from deepinfer_router.fairness.tenants import TenantKey
 from deepinfer_router.proxy.auth import check_api_key
 from deepinfer_router.proxy.failures import EngineTimeout, Retryable, timeout_kind
 from deepinfer_router.proxy.headers import EngineHeaders, client_headers
@@ -120,12 +121,13 @@ def test_declared_length_over_the_limit_refused_before_reading() -> None:
 
 # --- auth -----------------------------------------------------------------------------------
 def test_api_keys() -> None:
+    k1, k2 = TenantKey("default", "k1"), TenantKey("default", "k2")
     check_api_key([], "")  # no keys: open
-    check_api_key(["k1", "k2"], "Bearer k2")
-    check_api_key(["k1"], "bearer k1")
+    check_api_key([k1, k2], "Bearer k2")
+    check_api_key([k1], "bearer k1")
     for header in ("", "Bearer", "Bearer k3", "k1", "Basic k1", "Bearer k1 "):
         with pytest.raises(RouterError) as info:
-            check_api_key(["k1"], header)
+            check_api_key([k1], header)
         assert (info.value.status, info.value.code) == (401, "invalid_api_key")
 
 

@@ -1,0 +1,70 @@
+"""Who a request is for (its tenant) and at what priority (its class): pure parsing.
+
+A tenant is the name of the API key a request used: `--api-key NAME:KEY` (a value
+without `:` is a plain key of tenant `default`; a key that contains `:` is given with a
+name). With API keys off, `--tenant-header` (trusted only when set) names it; otherwise
+it is `default`. A request's class is its tenant's default class, which `X-Priority` may
+lower and never raise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from .queue import DEFAULT_CLASSES
+
+DEFAULT_TENANT = "default"
+OTHER_TENANT = "other"  # the metric label of every tenant not configured by name
+DEFAULT_CLASS = "standard"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKey:
+    tenant: str
+    key: str
+
+
+def valid_tenant_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def parse_api_key(spec: str) -> TenantKey:
+    """`NAME:KEY` or a plain `KEY` (tenant `default`); ValueError says what is wrong."""
+    name, sep, key = spec.partition(":")
+    if not sep:
+        if not spec:
+            raise ValueError("an empty key is refused")
+        return TenantKey(DEFAULT_TENANT, spec)
+    if not valid_tenant_name(name):
+        # (the value is not repeated: it may be a key that contains ':')
+        raise ValueError("an --api-key NAME:KEY needs a NAME of 1-64 of A-Z a-z 0-9 _ . - "
+                         "(a key that contains ':' is given as NAME:KEY)")
+    if not key:
+        raise ValueError(f"tenant {name}: the key after ':' is empty")
+    return TenantKey(name, key)
+
+
+def header_tenant(value: str | None) -> str:
+    """The tenant named by --tenant-header's value: a valid name, else `default`."""
+    return value if value and valid_tenant_name(value) else DEFAULT_TENANT
+
+
+def lower_class(default: str, x_priority: str | None,
+                classes: Sequence[str] = DEFAULT_CLASSES) -> str:
+    """The request's class: `default`, or the class `X-Priority` names when it is lower
+    (later in `classes`); a higher or unknown one is ignored."""
+    if not x_priority:
+        return default
+    wanted = x_priority.strip().lower()
+    if wanted in classes and default in classes and classes.index(wanted) > classes.index(
+            default):
+        return wanted
+    return default
+
+
+def metric_tenant(tenant: str, configured: Collection[str]) -> str:
+    """Metric labels stay bounded: configured names only, everything else `other`."""
+    return tenant if tenant in configured or tenant == DEFAULT_TENANT else OTHER_TENANT
