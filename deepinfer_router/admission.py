@@ -1,11 +1,14 @@
 """Admission control: a router-wide concurrency limit and a per-engine one, sharing one
 bounded wait queue.
 
-A request first takes a router-wide slot (FIFO waiters, woken one at a time as slots
-free up). Then, when every engine that serves its model is at --max-inflight-per-engine,
-it waits for an engine slot in the same queue (per model, in arrival order, woken when a
-request to an engine serving that model finishes, or when such an engine joins, comes
-back or is un-drained). A request that finds the queue full, or waits longer than
+A request first takes a router-wide slot; when none is free it waits in the fair queue
+(fairness/queue.py: classes by priority with aging, weighted fair queueing across
+tenants, each request charged the prompt tokens it is expected not to find cached), and
+waiters are woken one at a time, in that order, as slots free up. Then, when every
+engine that serves its model is at --max-inflight-per-engine, it waits for an engine
+slot in the same queue (per model, in arrival order, woken when a request to an engine
+serving that model finishes, or when such an engine joins, comes back or is
+un-drained). A request that finds the queue full, or waits longer than
 --queue-timeout-s in all, is refused (429 with Retry-After). Neither wait costs anything
 while there is room."""
 
@@ -14,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections import deque
+import time
+from collections.abc import Callable
+
+from .fairness.queue import FairQueue
 
 
 class AdmissionRejected(Exception):
@@ -24,12 +30,15 @@ class AdmissionRejected(Exception):
 
 
 class Admission:
-    def __init__(self, max_inflight: int, max_queue: int, queue_timeout_s: float) -> None:
+    def __init__(self, max_inflight: int, max_queue: int, queue_timeout_s: float,
+                 fair: FairQueue | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = fair or FairQueue()
+        self._clock = clock
         # model -> (ticket, future) of the requests waiting for a slot on an engine
         # serving it, in ticket order (at most max_queue entries in all)
         self._engine_waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
@@ -47,14 +56,16 @@ class Admission:
             return True
         return False
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line if needed. Raises AdmissionRejected."""
+    async def acquire(self, tenant: str = "default", klass: str = "standard",
+                      cost: float = 1.0) -> None:
+        """Take a slot, waiting in the fair queue if needed (as `tenant`'s request of
+        class `klass`, charged `cost`). Raises AdmissionRejected."""
         if self.try_acquire():
             return
         if self.queued >= self.max_queue:
             raise AdmissionRejected("queue_full")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        item = self._waiters.push(fut, tenant, klass, cost, self._clock())
         try:
             await _wait(fut, self.queue_timeout_s)
         except BaseException:
@@ -63,14 +74,17 @@ class Admission:
                 # left): give it back, to the next waiter.
                 self.release()
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+                self._waiters.remove(item)
             raise
 
     def release(self) -> None:
         # Hand the slot straight to the next live waiter, so it cannot be stolen.
         while self._waiters:
-            fut = self._waiters.popleft()
+            item = self._waiters.pop(self._clock())
+            if item is None:
+                break
+            fut = item.key
+            assert isinstance(fut, asyncio.Future)
             if not fut.done():
                 fut.set_result(None)
                 return

@@ -243,6 +243,14 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.tenant_queue_wait = Histogram(
+            "deepinfer_tenant_queue_wait_seconds",
+            "Time requests that waited for a router slot waited, by tenant (configured "
+            "names; others `other`) and class.",
+            ["tenant", "class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.registry_up = Gauge(
             "deepinfer_registry_up", "1 when the engine registry backend is reachable.",
             registry=r,

@@ -52,6 +52,7 @@ class Dispatcher:
         self.state = state
         self.attempts = Attempts(state)
         self._policy_needs_prompt = state.policy.needs_prompt
+        self._chars_per_token = state.settings.chars_per_token
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -72,13 +73,15 @@ class Dispatcher:
         if not admission.try_acquire():
             wait_started = time.monotonic()
             try:
-                await admission.acquire()
+                await admission.acquire(call.tenant, call.klass, self._cost(call))
             except AdmissionRejected as exc:
                 raise RouterError(
                     429, "The router is at capacity; retry shortly.", exc.reason,
                     headers={"Retry-After": "1"},
                 ) from None
-            state.metrics.queue_wait.observe(time.monotonic() - wait_started)
+            waited = time.monotonic() - wait_started
+            state.metrics.queue_wait.observe(waited)
+            state.metrics.tenant_queue_wait.labels(call.tenant_label, call.klass).observe(waited)
         try:
             if parsed is not None:  # with a slot: tokenizing is work admission bounds
                 await self._tokenize(call, parsed)
@@ -86,6 +89,15 @@ class Dispatcher:
             return await self._route_with_retries(call)
         finally:
             admission.release()
+
+    def _cost(self, call: Call) -> float:
+        """What a waiting request is charged in the fair queue: the prompt tokens it is
+        expected not to find cached on any engine (the routing index's best match), so
+        a tenant whose prompts are reused gets more through for the same share."""
+        features = call.features
+        prompt_chars = features.prompt_chars or len(call.body)
+        uncached = prompt_chars - self.state.policy.expected_cached_chars(features)
+        return max(uncached, 0) / self._chars_per_token + 1.0  # +1: every request costs
 
     def _take_features(self, call: Call) -> dict[str, Any] | None:
         """Prompt features for the routing policy, once the model is known to be served

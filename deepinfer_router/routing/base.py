@@ -117,6 +117,8 @@ class RoutingPolicy(Protocol):
 
     def state_sizes(self) -> dict[str, int]: ...
 
+    def expected_cached_chars(self, request: RequestFeatures) -> int: ...
+
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]: ...
 
     def import_hints(
@@ -160,6 +162,11 @@ class PolicyBase:
         """Entries in each bounded table the policy keeps (for
         deepinfer_routing_state_entries): none for a stateless policy."""
         return {}
+
+    def expected_cached_chars(self, request: RequestFeatures) -> int:
+        """The most prompt chars any engine is expected to hold already (what a request
+        is not charged for when it waits: fairness/queue.py). Unknown: 0."""
+        return 0
 
     # Multi-router sharing (kv-aware overrides them): placements made here, as plain
     # JSON-able dicts, for other routers to import. No-ops for policies without state.

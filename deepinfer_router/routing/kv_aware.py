@@ -525,6 +525,13 @@ class KvAwarePolicy(PolicyBase):
         self._index.forget(engine_id)
         self._affinity.forget(engine_id)
 
+    def expected_cached_chars(self, request: RequestFeatures) -> int:
+        hashes = request.chunk_hashes
+        if not hashes:
+            return 0
+        matched = self._index.match(hashes)
+        return max(matched.values(), default=0) * self.params.chunk_chars
+
     # --- multi-router sharing -----------------------------------------------------------------
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
         """Placements made since the last export (oldest first, at most `hint_outbox`

@@ -126,3 +126,47 @@ async def test_timeouts_leave_nothing_queued() -> None:
     with pytest.raises(AdmissionRejected) as info:
         await adm.wait_engine_slot("m", 0.05, adm.engine_ticket())
     assert info.value.reason == "queue_timeout" and adm.engine_waiting == 0
+
+
+async def _queue_and_release(adm: Admission, requests: list[tuple[str, str, float]]
+                             ) -> list[str]:
+    """With the one slot held, queue `requests` (tenant, class, cost) in that order,
+    then release slots one by one: the order in which the waiters got one."""
+    await adm.acquire()
+    served: list[str] = []
+
+    async def wait(i: int, tenant: str, klass: str, cost: float) -> None:
+        await adm.acquire(tenant, klass, cost)
+        served.append(f"{tenant}/{klass}/{i}")
+
+    tasks = [asyncio.create_task(wait(i, *r)) for i, r in enumerate(requests)]
+    await wait_until(lambda: adm.queued == len(requests), timeout=2)
+    for k in range(len(requests)):
+        adm.release()
+        await wait_until(lambda k=k: len(served) == k + 1, timeout=2)
+    await asyncio.gather(*tasks)
+    return served
+
+
+async def test_waiting_tenants_share_slots_instead_of_first_come_first_served() -> None:
+    adm = Admission(max_inflight=1, max_queue=100, queue_timeout_s=30.0)
+    # one tenant's batch of 6 arrives first, another's 2 requests just after
+    served = await _queue_and_release(adm, [("a", "standard", 10.0)] * 6
+                                      + [("b", "standard", 10.0)] * 2)
+    tenants = [s.split("/")[0] for s in served]
+    assert tenants[:4].count("b") == 2  # b is not stuck behind a's whole batch
+
+
+async def test_a_lowered_class_waits_behind_the_standard_one() -> None:
+    adm = Admission(max_inflight=1, max_queue=100, queue_timeout_s=30.0)
+    served = await _queue_and_release(adm, [("a", "batch", 1.0)] * 3
+                                      + [("b", "standard", 1.0)] * 2)
+    assert [s.split("/")[1] for s in served] == ["standard"] * 2 + ["batch"] * 3
+
+
+async def test_cached_prompts_cost_less_so_their_tenant_gets_more_through() -> None:
+    adm = Admission(max_inflight=1, max_queue=100, queue_timeout_s=30.0)
+    served = await _queue_and_release(adm, [("reuse", "standard", 10.0),
+                                            ("cold", "standard", 100.0)] * 6)
+    first_half = [s.split("/")[0] for s in served[:6]]
+    assert first_half.count("reuse") >= 5

@@ -350,3 +350,15 @@ def test_token_id_prompts_carry_their_ids() -> None:
         f = request_features({"prompt": prompt}, MODEL, None, with_prompt=True,
                              chunk_chars=CHUNK, max_chars=0)
         assert f.prompt_token_ids is None, prompt
+
+
+def test_expected_cached_chars_is_the_best_engines_match() -> None:
+    """What a waiting request is not charged for (fairness): the longest prefix any
+    engine is expected to hold."""
+    p = policy()
+    cands = fleet()
+    assert p.expected_cached_chars(feats(SYSTEM + "first question")) == 0
+    route(p, feats(SYSTEM + "first question"), cands)
+    held = p.expected_cached_chars(feats(SYSTEM + "another question"))
+    assert held >= len(SYSTEM) - CHUNK and held % CHUNK == 0
+    assert p.expected_cached_chars(feats("unrelated " * 100)) == 0
