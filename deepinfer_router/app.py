@@ -16,6 +16,7 @@ from .api import admin, deployments, health, metrics, models
 from .decision_log import DecisionLog
 from .engine_clients import EngineClients
 from .errors import error_response
+from .fairness.queue import DEFAULT_CLASSES, FairQueue
 from .fleet import Fleet
 from .health_checks import HealthChecker
 from .loop_lag import LoopLagProbe
@@ -85,7 +86,10 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         fleet=fleet,
         policy=policy,
         metrics=router_metrics,
-        admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s),
+        # Aging fast enough that the lowest class is served before --queue-timeout-s.
+        admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s,
+                            FairQueue(DEFAULT_CLASSES, aging_s=max(
+                                0.1, settings.queue_timeout_s / (2 * len(DEFAULT_CLASSES))))),
         decisions=DecisionLog(settings.decision_log_size, settings.chars_per_token)
         if settings.decision_log_size else None,
     )

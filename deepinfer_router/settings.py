@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_address import url_problem
-from .fairness.tenants import TenantKey, parse_api_key
+from .fairness.tenants import TenantKey, check_unique, parse_api_key
 from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
 from .workers.slot import auto_workers
@@ -290,8 +290,8 @@ class RouterSettings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _tenant_keys(cls, keys: list[str]) -> list[str]:
-        for spec in keys:
-            parse_api_key(spec)  # raises with what is wrong (never the key itself)
+        # raises with what is wrong (never the key itself)
+        check_unique([parse_api_key(spec) for spec in keys])
         return keys
 
     def tenant_keys(self) -> list[TenantKey]:

@@ -4,23 +4,26 @@ Waiting requests are ordered in two steps:
 
 1. class: `interactive` before `standard` before `batch` (names and order configurable),
    with aging: a class whose oldest request has waited `aging_s` counts as one class
-   higher, two classes higher after twice that, and so on (a tie goes to the higher
-   class). So a batch request under a steady interactive load waits at most
-   (its rank - the top rank + 1) x `aging_s` before its class is served, plus the
-   service time of what is ahead of it in its own class: nothing is starved.
-2. tenant, within the class: weighted fair queueing on a virtual clock per class
-   (start-time fair queueing). A request's virtual finish is its start (the later of the
-   class clock and its tenant's last finish) plus its cost / the tenant's weight; the
-   request with the smallest finish goes first, and the class clock moves to its start.
-   Over a backlog each tenant gets work in proportion to its weight. The cost is what
-   the request will cost the fleet (uncached prompt tokens plus weighted output tokens,
-   estimated at admission); `correct` moves the tenant's clock by the difference once
-   the real cost is known, so an estimate that was off is paid for by that tenant's
-   next requests, not by the others.
+   higher, two classes higher after twice that, and so on; between classes that count
+   as equal, the one whose oldest request has waited longer goes first. So a batch
+   request under a steady interactive load waits at most about
+   (its rank - the top rank) x `aging_s` before its class is served, plus the service
+   time of what is ahead of it in its own class: nothing is starved.
+2. tenant, within the class: start-time fair queueing on a virtual clock per class. A
+   tenant's first waiting request gets its tags when it reaches the head of its
+   tenant's line: start = the later of the class clock and the finish of the tenant's
+   last *served* request, finish = start + cost / the tenant's weight. The head with the
+   smallest start goes first and the class clock moves to it. Over a backlog each tenant
+   gets work in proportion to its weight; a request that leaves unserved (timeout,
+   client gone) costs its tenant nothing. The cost is what the request will cost the
+   fleet (estimated uncached prompt tokens); `correct` moves the tenant's finish by the
+   difference once the real cost is known, so its next requests pay for an estimate
+   that was off.
 
 One FIFO per (class, tenant) and a heap of tenant heads per class: push and pop are
-O(log tenants); a request that leaves the queue early (timeout, client gone) is
-dropped lazily.
+O(log tenants). A request that leaves early is dropped lazily, its handle released at
+once; a class that empties starts a new busy period (clock and per-tenant state reset),
+so nothing of an idle class's past is kept.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ DEFAULT_CLASSES = ("interactive", "standard", "batch")
 
 @dataclass(slots=True)
 class Waiting:
-    """One queued request (`key`: the caller's handle for it)."""
+    """One queued request (`key`: the caller's handle for it, dropped once it leaves)."""
 
     key: object
     tenant: str
     klass: str
     cost: float
     arrived: float
-    start: float = 0.0  # virtual start and finish in its class
+    start: float = 0.0  # virtual tags, given when it reaches its tenant's head
     finish: float = 0.0
     gone: bool = False  # left the queue (timed out, cancelled): skipped when reached
     served: bool = False
@@ -53,11 +56,21 @@ class Waiting:
 class _Class:
     rank: int
     clock: float = 0.0  # virtual time
-    last_finish: dict[str, float] = field(default_factory=dict)  # per tenant
+    served_finish: dict[str, float] = field(default_factory=dict)  # per tenant
     fifos: dict[str, deque[Waiting]] = field(default_factory=dict)  # per tenant
-    heads: list[tuple[float, int, str]] = field(default_factory=list)  # (finish, seq, tenant)
+    heads: list[tuple[float, int, str]] = field(default_factory=list)  # (start, seq, tenant)
     arrivals: deque[Waiting] = field(default_factory=deque)  # oldest first (for aging)
-    size: int = 0
+    size: int = 0  # live requests
+    dead: int = 0  # left early, not yet dropped
+
+    def reset(self) -> None:
+        """Empty: a new busy period (nothing of the past carries over)."""
+        self.clock = 0.0
+        self.served_finish.clear()
+        self.fifos.clear()
+        self.heads.clear()
+        self.arrivals.clear()
+        self.dead = 0
 
 
 class FairQueue:
@@ -91,15 +104,12 @@ class FairQueue:
     def push(self, key: object, tenant: str, klass: str, cost: float, now: float) -> Waiting:
         c = self._classes[klass]
         item = Waiting(key, tenant, klass, max(cost, 0.0), now)
-        item.start = max(c.clock, c.last_finish.get(tenant, 0.0))
-        item.finish = item.start + item.cost / self.weight(tenant)
-        c.last_finish[tenant] = item.finish
         fifo = c.fifos.get(tenant)
         if fifo is None:
             fifo = c.fifos[tenant] = deque()
         fifo.append(item)
         if len(fifo) == 1:
-            heapq.heappush(c.heads, (item.finish, next(self._seq), tenant))
+            self._head(c, tenant, item)
         c.arrivals.append(item)
         c.size += 1
         self._size += 1
@@ -107,50 +117,65 @@ class FairQueue:
 
     def remove(self, item: Waiting) -> None:
         """`item` leaves without being served (its tenant is not charged for it)."""
-        if item.gone:
+        if item.gone or item.served:
             return
         item.gone = True
+        item.key = None  # the caller's handle (and what it holds) is not kept
         c = self._classes[item.klass]
         c.size -= 1
+        c.dead += 1
         self._size -= 1
-        # Its virtual time is given back when it is the tenant's last request.
-        if c.last_finish.get(item.tenant) == item.finish:
-            c.last_finish[item.tenant] = item.start
+        if c.size == 0:
+            c.reset()
+        elif c.dead > 2 * c.size + 64:
+            self._compact(c)
 
     def pop(self, now: float) -> Waiting | None:
         """The next request to serve, or None when nothing waits."""
         best: _Class | None = None
-        best_rank = 0.0
+        best_key = (0, 0.0)
         for c in self._classes.values():
             oldest = self._oldest(c)
             if oldest is None:
                 continue
-            rank = c.rank - int((now - oldest.arrived) / self._aging_s)
-            if best is None or rank < best_rank or (rank == best_rank and c.rank < best.rank):
-                best, best_rank = c, rank
+            waited = now - oldest.arrived
+            key = (c.rank - int(waited / self._aging_s), -waited)
+            if best is None or key < best_key:
+                best, best_key = c, key
         if best is None:
             return None
         item = self._pop_class(best)
         best.size -= 1
         self._size -= 1
-        best.clock = max(best.clock, item.start)
+        if best.size == 0:
+            best.reset()
         return item
 
     def correct(self, tenant: str, klass: str, estimated: float, actual: float) -> None:
-        """The request cost `actual`, not the `estimated` it was charged: the tenant's
-        clock in the class moves by the difference (its later requests pay for it)."""
+        """A served request cost `actual`, not the `estimated` it was charged: the
+        tenant's finish in the class moves by the difference (its next requests pay)."""
         c = self._classes[klass]
-        if tenant in c.last_finish:
-            c.last_finish[tenant] = max(
-                c.clock, c.last_finish[tenant] + (actual - estimated) / self.weight(tenant))
+        if tenant in c.served_finish:
+            c.served_finish[tenant] = max(
+                c.clock, c.served_finish[tenant] + (actual - estimated) / self.weight(tenant))
 
     def waiting(self) -> dict[tuple[str, str], int]:
         """Requests waiting per (class, tenant)."""
-        return {(name, tenant): sum(1 for w in fifo if not w.gone)
-                for name, c in self._classes.items() for tenant, fifo in c.fifos.items()
-                if fifo}
+        out: dict[tuple[str, str], int] = {}
+        for name, c in self._classes.items():
+            for tenant, fifo in c.fifos.items():
+                n = sum(1 for w in fifo if not w.gone)
+                if n:
+                    out[(name, tenant)] = n
+        return out
 
     # --- internals -------------------------------------------------------------------
+    def _head(self, c: _Class, tenant: str, item: Waiting) -> None:
+        """`item` is its tenant's head now: its tags, and its place among the heads."""
+        item.start = max(c.clock, c.served_finish.get(tenant, 0.0))
+        item.finish = item.start + item.cost / self.weight(tenant)
+        heapq.heappush(c.heads, (item.start, next(self._seq), tenant))
+
     @staticmethod
     def _oldest(c: _Class) -> Waiting | None:
         arrivals = c.arrivals
@@ -164,12 +189,40 @@ class FairQueue:
             _, _, tenant = heapq.heappop(c.heads)
             fifo = c.fifos[tenant]
             item = fifo.popleft()
+            if item.gone:
+                c.dead -= 1
+            else:
+                item.served = True
+                c.clock = max(c.clock, item.start)
+                c.served_finish[tenant] = item.finish
             while fifo and fifo[0].gone:
                 fifo.popleft()
+                c.dead -= 1
             if fifo:  # the tenant's next request is its head now
-                heapq.heappush(c.heads, (fifo[0].finish, next(self._seq), tenant))
+                self._head(c, tenant, fifo[0])
             else:
                 del c.fifos[tenant]
-            if not item.gone:
-                item.served = True
+            if item.served:
                 return item
+
+    def _compact(self, c: _Class) -> None:
+        """Many left early (a burst that timed out): drop them now, not when reached;
+        every tenant keeps exactly one place among the heads."""
+        heads: list[tuple[float, int, str]] = []
+        for tenant in list(c.fifos):
+            fifo = c.fifos[tenant]
+            old_head = fifo[0] if fifo else None
+            live = deque(w for w in fifo if not w.gone)
+            if not live:
+                del c.fifos[tenant]
+                continue
+            c.fifos[tenant] = live
+            head = live[0]
+            if head is not old_head:  # the head left: its successor takes its tags
+                head.start = max(c.clock, c.served_finish.get(tenant, 0.0))
+                head.finish = head.start + head.cost / self.weight(tenant)
+            heads.append((head.start, next(self._seq), tenant))
+        heapq.heapify(heads)
+        c.heads = heads
+        c.arrivals = deque(w for w in c.arrivals if not (w.gone or w.served))
+        c.dead = 0

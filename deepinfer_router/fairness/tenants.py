@@ -35,16 +35,28 @@ def parse_api_key(spec: str) -> TenantKey:
     """`NAME:KEY` or a plain `KEY` (tenant `default`); ValueError says what is wrong."""
     name, sep, key = spec.partition(":")
     if not sep:
-        if not spec:
+        if not spec.strip():
             raise ValueError("an empty key is refused")
         return TenantKey(DEFAULT_TENANT, spec)
     if not valid_tenant_name(name):
         # (the value is not repeated: it may be a key that contains ':')
         raise ValueError("an --api-key NAME:KEY needs a NAME of 1-64 of A-Z a-z 0-9 _ . - "
                          "(a key that contains ':' is given as NAME:KEY)")
-    if not key:
+    if not key.strip():
         raise ValueError(f"tenant {name}: the key after ':' is empty")
+    if name == OTHER_TENANT:
+        raise ValueError(f"tenant name {OTHER_TENANT!r} is reserved (it labels every tenant "
+                         "not configured by name)")
     return TenantKey(name, key)
+
+
+def check_unique(keys: Sequence[TenantKey]) -> None:
+    """One key, one tenant: a key given twice is refused (which would it name?)."""
+    seen: set[str] = set()
+    for k in keys:
+        if k.key in seen:
+            raise ValueError("the same key is given more than once")
+        seen.add(k.key)
 
 
 def header_tenant(value: str | None) -> str:

@@ -75,6 +75,9 @@ class Dispatcher:
             try:
                 await admission.acquire(call.tenant, call.klass, self._cost(call))
             except AdmissionRejected as exc:
+                # the waits that ended in a 429 count too: they are the starved ones
+                state.metrics.tenant_queue_wait.labels(call.tenant_label, call.klass).observe(
+                    time.monotonic() - wait_started)
                 raise RouterError(
                     429, "The router is at capacity; retry shortly.", exc.reason,
                     headers={"Retry-After": "1"},

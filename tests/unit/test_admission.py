@@ -170,3 +170,20 @@ async def test_cached_prompts_cost_less_so_their_tenant_gets_more_through() -> N
                                             ("cold", "standard", 100.0)] * 6)
     first_half = [s.split("/")[0] for s in served[:6]]
     assert first_half.count("reuse") >= 5
+
+
+async def test_a_waiter_that_leaves_as_the_slot_comes_leaves_the_queue_consistent() -> None:
+    """Cancelled, then handed a slot in the same loop turn (the slot goes on to the next
+    waiter): the queue's count stays right and the router keeps serving."""
+    adm = Admission(max_inflight=1, max_queue=10, queue_timeout_s=30.0)
+    await adm.acquire()
+    first = asyncio.create_task(adm.acquire("a"))
+    second = asyncio.create_task(adm.acquire("b"))
+    await _spin()
+    first.cancel()  # the client leaves ...
+    adm.release()  # ... as a slot frees up
+    await _spin()
+    assert first.cancelled() and second.done() and second.exception() is None
+    assert adm.queued == 0 and adm.inflight == 1
+    adm.release()
+    assert adm.inflight == 0 and adm.try_acquire()

@@ -23,9 +23,9 @@ def test_classes_are_served_by_priority():
 
 
 def test_a_waiting_batch_request_ages_past_a_steady_interactive_load():
-    """Bound: a batch request's class is served once its oldest has waited
-    (2 - 0 + 1) x aging_s, however many interactive requests keep arriving (at (2 - 0)
-    x aging_s it ties with them, and a tie goes to the higher class)."""
+    """Bound: a batch request's class is served once its oldest has waited (2 - 0) x
+    aging_s, however many interactive requests keep arriving (classes that count as
+    equal: the one that waited longer goes first)."""
     q = FairQueue(aging_s=1.0)
     q.push("batch", "t", "batch", 1.0, 0.0)
     served_at = None
@@ -37,7 +37,7 @@ def test_a_waiting_batch_request_ages_past_a_steady_interactive_load():
         if item.key == "batch":
             served_at = now
             break
-    assert served_at is not None and 2.9 <= served_at <= 3.1
+    assert served_at is not None and 2.0 <= served_at <= 2.15
 
 
 def test_backlogged_tenants_share_by_weight():
@@ -46,7 +46,7 @@ def test_backlogged_tenants_share_by_weight():
         q.push(("a", i), "a", "batch", 100.0, 0.0)
         q.push(("b", i), "b", "batch", 100.0, 0.0)
     served = Counter(q.pop(1.0).tenant for _ in range(300))  # type: ignore[union-attr]
-    assert served["a"] == 200 and served["b"] == 100
+    assert abs(served["a"] - 200) <= 2 and abs(served["b"] - 100) <= 2
 
 
 def test_cheaper_requests_get_more_through_for_the_same_share():
@@ -56,7 +56,7 @@ def test_cheaper_requests_get_more_through_for_the_same_share():
         q.push(("reuse", i), "reuse", "standard", 50.0, 0.0)
         q.push(("cold", i), "cold", "standard", 200.0, 0.0)
     served = Counter(q.pop(1.0).tenant for _ in range(250))  # type: ignore[union-attr]
-    assert served["reuse"] == 200 and served["cold"] == 50
+    assert abs(served["reuse"] - 200) <= 2 and abs(served["cold"] - 50) <= 2
 
 
 def test_a_charge_corrected_upwards_is_paid_by_that_tenants_next_requests():
@@ -81,6 +81,43 @@ def test_a_request_that_leaves_is_never_served_and_not_counted():
     assert len(q) == 1
     assert q.pop(1.0) is keep
     assert q.pop(1.0) is None and len(q) == 0
+
+
+def test_requests_that_leave_unserved_cost_their_tenant_nothing():
+    q = FairQueue()
+    gone = [q.push(("a", i), "a", "standard", 100.0, 0.0) for i in range(100)]
+    q.push("b-first", "b", "standard", 100.0, 0.0)
+    for item in gone:  # a's burst times out
+        q.remove(item)
+    for i in range(20):
+        q.push(("a", i), "a", "standard", 100.0, 1.0)
+        q.push(("b", i), "b", "standard", 100.0, 1.0)
+    served = Counter(q.pop(2.0).tenant for _ in range(20))  # type: ignore[union-attr]
+    assert abs(served["a"] - served["b"]) <= 2  # a is not locked out
+
+
+def test_a_request_served_then_removed_is_not_counted_twice():
+    """A waiter whose future failed as its slot was handed over: remove() after pop()
+    must not count it again (the queue's size would go negative)."""
+    q = FairQueue()
+    first = q.push("first", "a", "standard", 1.0, 0.0)
+    q.push("second", "a", "standard", 1.0, 0.0)
+    assert q.pop(1.0) is first
+    q.remove(first)
+    assert len(q) == 1
+    assert q.pop(1.0).key == "second"  # type: ignore[union-attr]
+    assert len(q) == 0
+
+
+def test_a_burst_that_left_is_not_kept():
+    q = FairQueue()
+    keep = q.push("keep", "x", "standard", 1.0, 0.0)
+    for i in range(1000):
+        q.remove(q.push(("gone", i), f"t{i}", "standard", 1.0, 0.0))
+    c = q._classes["standard"]  # the internals, to check what is held
+    assert len(c.fifos) <= 100 and len(c.arrivals) <= 100
+    assert q.pop(1.0) is keep
+    assert not c.fifos and not c.arrivals and not c.heads and not c.served_finish
 
 
 def test_bad_settings_are_refused():

@@ -71,3 +71,11 @@ def test_header_tenants_and_metric_labels_stay_bounded():
     assert metric_tenant("team-a", {"team-a"}) == "team-a"
     assert metric_tenant("default", set()) == "default"
     assert metric_tenant("anyone", {"team-a"}) == "other"
+
+
+def test_whitespace_keys_duplicates_and_the_reserved_name_are_refused():
+    for spec in ("team: ", "   ", "other:k1"):
+        with pytest.raises(ValueError):
+            parse_api_key(spec)
+    with pytest.raises(ValueError, match="more than once"):
+        RouterSettings(api_key=["a:same-key", "b:same-key"])
