@@ -92,6 +92,10 @@ class Admission:
         if self._idle is not None and self.inflight == 0:
             self._idle.set()
 
+    def correct(self, tenant: str, klass: str, charged: float, actual: float) -> None:
+        """A request that waited was charged `charged` and cost `actual` (FairQueue)."""
+        self._waiters.correct(tenant, klass, charged, actual)
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request holds a slot (graceful shutdown); False on timeout."""
         if self.inflight == 0:

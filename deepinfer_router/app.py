@@ -13,10 +13,12 @@ from aiohttp import web
 
 from .admission import Admission
 from .api import admin, deployments, health, metrics, models
+from .budgets.factory import make_budget_gate
+from .budgets.owner import BUDGET_PATH, receive_budget
 from .decision_log import DecisionLog
 from .engine_clients import EngineClients
 from .errors import error_response
-from .fairness.queue import DEFAULT_CLASSES, FairQueue
+from .fairness.queue import FairQueue
 from .fleet import Fleet
 from .health_checks import HealthChecker
 from .loop_lag import LoopLagProbe
@@ -81,6 +83,8 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         lambda: fleet.state_counts(time.monotonic()),
     )
     router_metrics.watch_routing(policy.state_sizes)
+    tenant_table = settings.tenant_table()
+    classes = tenant_table.classes
     state = RouterState(
         settings=settings,
         fleet=fleet,
@@ -88,8 +92,9 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         metrics=router_metrics,
         # Aging fast enough that the lowest class is served before --queue-timeout-s.
         admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s,
-                            FairQueue(DEFAULT_CLASSES, aging_s=max(
-                                0.1, settings.queue_timeout_s / (2 * len(DEFAULT_CLASSES))))),
+                            FairQueue(classes, tenant_table.weights(), aging_s=max(
+                                0.1, settings.queue_timeout_s / (2 * len(classes))),
+                                      order=settings.queue_order)),
         decisions=DecisionLog(settings.decision_log_size, settings.chars_per_token)
         if settings.decision_log_size else None,
     )
@@ -99,8 +104,9 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
     router_metrics.watch_kv_index(lambda: _kv_indexes(state))
     policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)
-    state.tenant_keys = settings.tenant_keys()
-    state.tenants = frozenset(k.tenant for k in state.tenant_keys)
+    state.tenant_table = tenant_table
+    state.tenant_keys = tenant_table.keys
+    state.tenants = tenant_table.names
     app[STATE] = state
     proxy = Proxy(state)
 
@@ -116,7 +122,10 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         gather = functools.partial(gather_metrics, siblings)
         app.router.add_post(SYNC_PATH, receive_sync)
         app.router.add_get(STATE_PATH, send_state)
+        app.router.add_post(BUDGET_PATH, receive_budget)
         app.on_response_prepare.append(name_worker(slot))
+    if tenant_table.limits():
+        state.budgets = make_budget_gate(settings, tenant_table.limits(), app.get(SIBLINGS))
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/metrics", gather(metrics.metrics))
@@ -178,6 +187,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                           settings.health_timeout_s, clients.engine_headers),
             *_hint_sharing(state),
             *_worker_siblings(app),
+            *([state.budgets] if state.budgets is not None else []),
             *_deployment_store(state),
             *_kv_event_feeds(state),
             *_prompt_tokenizers(state, clients.engine_headers),

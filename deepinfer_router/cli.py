@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepinfer-router",
         description="OpenAI-compatible router in front of a fleet of vLLM engines. "
         f"Every option can also be set as {ENV_PREFIX}<FLAG> or in the --config TOML file.",
+        epilog="Tenants (their keys, weight, default class and budgets) are `[tenants.NAME]` "
+        f"tables of the --config file, or JSON in {ENV_PREFIX}TENANTS; --api-key NAME:KEY "
+        "flags and variables add keys to the file's (for repeatable options a flag replaces "
+        "the file's list; a tenant's keys are a list of their own). See "
+        "--print-config-example.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML settings file.")
     parser.add_argument("--version", action="version", version=f"deepinfer {__version__}")

@@ -285,6 +285,13 @@ class RouterMetrics:
             ["tenant", "class", "status"],
             registry=r,
         )
+        self.budget_refusals = Counter(
+            "deepinfer_tenant_budget_rejected_total",
+            "Requests refused with 429 because their tenant was over a budget, by tenant and "
+            "limit (max_concurrency, requests_per_minute, tokens_per_minute).",
+            ["tenant", "limit"],
+            registry=r,
+        )
         # Memoised children of the metrics the proxy touches on every request.
         self.requests_by = LabelCache(self.requests)
         self.tenant_requests_by = LabelCache(self.tenant_requests)
@@ -293,6 +300,7 @@ class RouterMetrics:
         self.itl_by = LabelCache(self.itl)
         self.routing_decisions_by = LabelCache(self.routing_decisions)
         self.misroutes_by = LabelCache(self.misroutes)
+        self.budget_refusals_by = LabelCache(self.budget_refusals)
 
     def watch_fleet(
         self,

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_address import url_problem
-from .fairness.tenants import TenantKey, check_unique, parse_api_key
+from .fairness.queue import DEFAULT_CLASSES
+from .fairness.tenants import (
+    Tenant,
+    TenantKey,
+    TenantLimits,
+    TenantTable,
+    check_tenant_name,
+    check_unique,
+    parse_api_key,
+    valid_class_name,
+)
 from .shared.registry_url import check_redis_url
 from .shared.settings_loader import CsvList
 from .workers.slot import auto_workers
@@ -17,6 +27,42 @@ from .workers.slot import auto_workers
 ENV_PREFIX = "DEEPINFER_"
 
 PolicyName = Literal["kv-aware", "session", "least-conn", "round-robin"]
+
+
+class TenantSettings(BaseModel):
+    """One `[tenants.NAME]` table of the TOML file."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    keys: list[str] = Field(default_factory=list, description="API keys naming this tenant.")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Share of a saturated fleet.")
+    class_: str | None = Field(None, alias="class", description="Default priority class.")
+    max_concurrency: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        if any(not k.strip() for k in keys):
+            raise ValueError("an empty key is refused")
+        return keys
+
+
+_TENANTS_EXAMPLE = """\
+# (TOML tables go after every top-level key of the file)
+[tenants.chat]            # a tenant: the name of its API keys
+keys = ["sk-chat-1"]      # requests with these keys are the tenant's
+class = "interactive"     # its default class (X-Priority may lower it per request)
+weight = 2                # its share of a saturated fleet against others of its class
+max_concurrency = 64      # budgets (429 + Retry-After + x-ratelimit-* beyond them)
+requests_per_minute = 600
+tokens_per_minute = 400000
+[tenants.etl]
+keys = ["sk-etl-1"]
+class = "batch"
+"""
 
 
 class RouterSettings(BaseSettings):
@@ -217,6 +263,37 @@ class RouterSettings(BaseSettings):
         None, description="With API keys off: the request header that names the tenant "
         "(trusted: set it only behind a proxy that sets the header). Else tenant `default`.",
     )
+    # --- tenants and priorities ------------------------------------------------------
+    tenants: dict[str, TenantSettings] = Field(
+        default_factory=dict,
+        description="Tenants, in the TOML file as `[tenants.NAME]` tables (keys, weight, "
+        "class, max_concurrency, requests_per_minute, tokens_per_minute) or as JSON in "
+        "DEEPINFER_TENANTS; no flag. Their keys add to --api-key's. `[tenants.default]` "
+        "sets the tenant of plain keys (and of every request when keys are off).",
+        json_schema_extra={"toml_example": _TENANTS_EXAMPLE},
+    )
+    priority_classes: CsvList = Field(
+        default_factory=lambda: list(DEFAULT_CLASSES),
+        description="Priority classes, highest first; a waiting request of a lower class "
+        "is served after higher ones, gaining one class per --queue-timeout-s / (2 x "
+        "classes) of waiting (so none is starved).",
+    )
+    default_class: str = Field(
+        "standard", description="Class of a tenant that names none.")
+    queue_order: Literal["fair", "round-robin", "fifo"] = Field(
+        "fair", description="Order of requests waiting for a router slot (--max-inflight): "
+        "fair (classes by priority with aging, then weighted fair shares across tenants "
+        "charged the tokens each request costs the fleet), round-robin (tenants in turn, "
+        "classes and cost ignored) or fifo.",
+    )
+    output_token_cost: float = Field(
+        1.0, ge=0, le=1000, description="What an output token costs in the fair queue, "
+        "against an uncached prompt token.",
+    )
+    expected_output_tokens: int = Field(
+        256, ge=1, description="Output tokens assumed for a request that sets no max_tokens "
+        "(its fair-queue charge and token budget, corrected by the answer's usage).",
+    )
     admin_key: str | None = Field(
         None, description="Key for /admin routes. Without it they answer loopback clients "
         "(with a loopback Host) only."
@@ -295,7 +372,28 @@ class RouterSettings(BaseSettings):
         return keys
 
     def tenant_keys(self) -> list[TenantKey]:
-        return [parse_api_key(spec) for spec in self.api_key]
+        """--api-key's keys, then the keys of the `[tenants.NAME]` tables."""
+        keys = [parse_api_key(spec) for spec in self.api_key]
+        keys += [TenantKey(name, key) for name, t in self.tenants.items() for key in t.keys]
+        return keys
+
+    def tenant_table(self) -> TenantTable:
+        return TenantTable(
+            [Tenant(name, t.weight, t.class_,
+                    TenantLimits(t.max_concurrency, t.requests_per_minute, t.tokens_per_minute))
+             for name, t in self.tenants.items()],
+            self.tenant_keys(), self.priority_classes, self.default_class)
+
+    @model_validator(mode="after")
+    def _tenants(self) -> RouterSettings:
+        for name in self.tenants:
+            check_tenant_name(name)
+        if len(set(self.priority_classes)) != len(self.priority_classes) or not all(
+                valid_class_name(c) for c in self.priority_classes):
+            raise ValueError("--priority-classes: distinct names of 1-32 of a-z 0-9 _ - expected")
+        check_unique(self.tenant_keys())  # raises with what is wrong (never the key)
+        self.tenant_table()  # classes known
+        return self
 
     @model_validator(mode="after")
     def _engine_addresses(self) -> RouterSettings:

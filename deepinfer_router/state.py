@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .decision_log import DecisionLog
-from .fairness.tenants import TenantKey
+from .fairness.tenants import TenantKey, TenantTable
 from .fleet import Fleet
 from .metrics import RouterMetrics
 from .routing.base import RoutingPolicy
@@ -19,6 +19,7 @@ from .settings import RouterSettings
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:  # annotations only: the registry sits above this module
+    from .budgets.gate import BudgetGate
     from .kv_events.feeds import KvEventFeeds  # zmq only when feeds are followed
     from .prompt_tokens.service import PromptTokenizers  # tokenizers, jinja2 likewise
     from .registry.base import RegistrySource, WritableRegistry
@@ -46,6 +47,8 @@ class RouterState:
     shutting_down: bool = False
     tenant_keys: list[TenantKey] = field(default_factory=list)  # --api-key NAME:KEY
     tenants: frozenset[str] = frozenset()  # configured tenant names (metric labels)
+    tenant_table: TenantTable = field(default_factory=TenantTable)
+    budgets: BudgetGate | None = None  # when some tenant has budgets
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "router not started"

@@ -23,9 +23,10 @@ def flag_table(cls: type[BaseSettings], env_prefix: str) -> str:
     rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
     for name, info in cls.model_fields.items():
         default = info.get_default(call_default_factory=True)
-        shown = "" if default in (None, [], "") else f"`{default}`"
+        shown = "" if default in (None, [], "", {}) else f"`{default}`"
         desc = (info.description or "").replace("|", "/").replace("\n", " ")
-        rows.append(f"| `{flag_name(name)}` | `{env_prefix}{name.upper()}` | {shown} | {desc} |")
+        flag = f"`{flag_name(name)}`" if default != {} else f"TOML `[{name}.NAME]`"
+        rows.append(f"| {flag} | `{env_prefix}{name.upper()}` | {shown} | {desc} |")
     return "\n".join(rows)
 
 

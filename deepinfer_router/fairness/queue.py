@@ -20,6 +20,10 @@ Waiting requests are ordered in two steps:
    difference once the real cost is known, so its next requests pay for an estimate
    that was off.
 
+`order` can also be "round-robin" (tenants in turn: one class, every request costs 1,
+equal weights) or "fifo" (one line), the orders the fair one is measured against
+(benchmarks/fairness.py).
+
 One FIFO per (class, tenant) and a heap of tenant heads per class: push and pop are
 O(log tenants). A request that leaves early is dropped lazily, its handle released at
 once; a class that empties starts a new busy period (clock and per-tenant state reset),
@@ -33,8 +37,10 @@ import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 DEFAULT_CLASSES = ("interactive", "standard", "batch")
+QueueOrder = Literal["fair", "round-robin", "fifo"]
 
 
 @dataclass(slots=True)
@@ -81,13 +87,16 @@ class FairQueue:
         *,
         aging_s: float = 10.0,
         default_weight: float = 1.0,
+        order: QueueOrder = "fair",
     ) -> None:
         if not classes or len(set(classes)) != len(classes):
             raise ValueError("classes must be distinct and at least one")
         if aging_s <= 0 or default_weight <= 0:
             raise ValueError("aging_s and default_weight must be positive")
         self._classes = {name: _Class(rank) for rank, name in enumerate(classes)}
-        self._weights = dict(weights or {})
+        self._order = order
+        self._top = classes[0]
+        self._weights = dict(weights or {}) if order == "fair" else {}
         if any(w <= 0 for w in self._weights.values()):
             raise ValueError("weights must be positive")
         self._default_weight = default_weight
@@ -102,6 +111,10 @@ class FairQueue:
         return self._weights.get(tenant, self._default_weight)
 
     def push(self, key: object, tenant: str, klass: str, cost: float, now: float) -> Waiting:
+        if self._order != "fair":
+            klass, cost = self._top, 1.0
+            if self._order == "fifo":
+                tenant = ""
         c = self._classes[klass]
         item = Waiting(key, tenant, klass, max(cost, 0.0), now)
         fifo = c.fifos.get(tenant)
@@ -154,6 +167,8 @@ class FairQueue:
     def correct(self, tenant: str, klass: str, estimated: float, actual: float) -> None:
         """A served request cost `actual`, not the `estimated` it was charged: the
         tenant's finish in the class moves by the difference (its next requests pay)."""
+        if self._order != "fair":
+            return
         c = self._classes[klass]
         if tenant in c.served_finish:
             c.served_finish[tenant] = max(

@@ -10,8 +10,8 @@ lower and never raise.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from .queue import DEFAULT_CLASSES
 
@@ -19,6 +19,7 @@ DEFAULT_TENANT = "default"
 OTHER_TENANT = "other"  # the metric label of every tenant not configured by name
 DEFAULT_CLASS = "standard"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_CLASS = re.compile(r"[a-z0-9_-]{1,32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +28,77 @@ class TenantKey:
     key: str
 
 
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """A tenant's budgets (None: no limit)."""
+
+    max_concurrency: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.max_concurrency, self.requests_per_minute,
+                                           self.tokens_per_minute))
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A configured tenant: its share weight, default class and budgets."""
+
+    name: str
+    weight: float = 1.0
+    klass: str | None = None  # None: the router's default class
+    limits: TenantLimits = field(default_factory=TenantLimits)
+
+
+class TenantTable:
+    """Every configured tenant (the TOML `[tenants.NAME]` tables and the names
+    `--api-key NAME:KEY` gives), the classes in priority order and the default class.
+    A tenant not configured (named by --tenant-header) has weight 1, the default class and
+    no budgets."""
+
+    def __init__(self, tenants: Iterable[Tenant] = (), keys: Sequence[TenantKey] = (),
+                 classes: Sequence[str] = DEFAULT_CLASSES,
+                 default_class: str = DEFAULT_CLASS) -> None:
+        self.classes = tuple(classes)
+        if default_class not in self.classes:
+            raise ValueError(f"the default class {default_class!r} is not one of "
+                             f"{', '.join(self.classes)}")
+        self.default_class = default_class
+        self.keys = list(keys)
+        self._tenants = {t.name: t for t in tenants}
+        for t in self._tenants.values():
+            if t.klass is not None and t.klass not in self.classes:
+                raise ValueError(f"tenant {t.name}: class {t.klass!r} is not one of "
+                                 f"{', '.join(self.classes)}")
+        self.names = frozenset(self._tenants) | {k.tenant for k in self.keys}
+
+    def klass(self, tenant: str) -> str:
+        t = self._tenants.get(tenant)
+        return t.klass if t is not None and t.klass is not None else self.default_class
+
+    def weights(self) -> dict[str, float]:
+        return {name: t.weight for name, t in self._tenants.items() if t.weight != 1.0}
+
+    def limits(self) -> dict[str, TenantLimits]:
+        return {name: t.limits for name, t in self._tenants.items() if t.limits}
+
+
 def valid_tenant_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
+
+
+def valid_class_name(name: str) -> bool:
+    return _CLASS.fullmatch(name) is not None
+
+
+def check_tenant_name(name: str) -> None:
+    """ValueError unless `name` may name a tenant."""
+    if not valid_tenant_name(name):
+        raise ValueError(f"tenant name {name[:70]!r}: 1-64 of A-Z a-z 0-9 _ . - expected")
+    if name == OTHER_TENANT:
+        raise ValueError(f"tenant name {OTHER_TENANT!r} is reserved (it labels every tenant "
+                         "not configured by name)")
 
 
 def parse_api_key(spec: str) -> TenantKey:

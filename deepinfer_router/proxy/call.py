@@ -8,8 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ..budgets.gate import Finish
 from ..decision_log import DecisionRecord
 from ..routing.base import RequestFeatures
+from .usage import Usage
 
 
 @dataclass(slots=True)
@@ -33,3 +35,9 @@ class Call:
     tenant: str = "default"  # whose request (fairness/tenants.py)
     klass: str = "standard"  # its class (the tenant's, lowered by X-Priority)
     tenant_label: str = "default"  # the tenant as metrics name it (bounded)
+    output_tokens: int = 0  # expected: max_tokens, or --expected-output-tokens
+    queue_charge: float | None = None  # what the fair queue charged it (if it waited)
+    budget_finish: Finish | None = None  # its tenant's budgets were charged: settle them
+    extra_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the client
+    wants_usage: bool = False  # a charge to correct by the answer's usage
+    usage: Usage | None = None  # the answer's, when wanted and reported

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ from typing import Any
 from aiohttp import web
 
 from ..admission import AdmissionRejected
+from ..budgets.gate import BudgetGate
 from ..errors import RouterError
+from ..fairness.budgets import ratelimit_headers, refusal_message
 from ..routing.base import Candidate
 from ..routing.features import MAX_TOKEN_IDS
 from ..state import REQUEST_MODEL, RouterState
@@ -53,6 +56,8 @@ class Dispatcher:
         self.attempts = Attempts(state)
         self._policy_needs_prompt = state.policy.needs_prompt
         self._chars_per_token = state.settings.chars_per_token
+        self._output_cost = state.settings.output_token_cost
+        self._expected_output = state.settings.expected_output_tokens
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -69,11 +74,23 @@ class Dispatcher:
                 available_models=served,
             )
         parsed = self._take_features(call)
+        gate = state.budgets
+        if gate is not None and gate.limited(call.tenant):
+            await self._take_budget(call, gate)
+        try:
+            return await self._admitted(call, parsed)
+        finally:
+            self._settle(call)
+
+    async def _admitted(self, call: Call, parsed: dict[str, Any] | None
+                        ) -> web.StreamResponse:
+        state = self.state
         admission = state.admission
         if not admission.try_acquire():
             wait_started = time.monotonic()
+            charge = self._cost(call)
             try:
-                await admission.acquire(call.tenant, call.klass, self._cost(call))
+                await admission.acquire(call.tenant, call.klass, charge)
             except AdmissionRejected as exc:
                 # the waits that ended in a 429 count too: they are the starved ones
                 state.metrics.tenant_queue_wait.labels(call.tenant_label, call.klass).observe(
@@ -82,6 +99,8 @@ class Dispatcher:
                     429, "The router is at capacity; retry shortly.", exc.reason,
                     headers={"Retry-After": "1"},
                 ) from None
+            call.queue_charge = charge
+            call.wants_usage = True
             waited = time.monotonic() - wait_started
             state.metrics.queue_wait.observe(waited)
             state.metrics.tenant_queue_wait.labels(call.tenant_label, call.klass).observe(waited)
@@ -93,14 +112,52 @@ class Dispatcher:
         finally:
             admission.release()
 
+    async def _take_budget(self, call: Call, gate: BudgetGate) -> None:
+        """A place in the tenant's budgets, or 429 naming the limit it is over (with
+        Retry-After and OpenAI's x-ratelimit-* headers)."""
+        tokens = round(self._prompt_tokens(call) + call.output_tokens)
+        verdict = await gate.admit(call.tenant, tokens)
+        refusal = verdict.refusal
+        headers = ratelimit_headers(verdict.room)
+        if refusal is not None:
+            self.state.metrics.budget_refusals_by(call.tenant_label, refusal.limit).inc()
+            headers["Retry-After"] = str(max(math.ceil(refusal.retry_after_s), 1))
+            raise RouterError(429, refusal_message(call.tenant, refusal), refusal.limit,
+                              headers=headers)
+        call.budget_finish = verdict.finish
+        call.wants_usage = True
+        call.extra_headers = list(headers.items())
+
+    def _settle(self, call: Call) -> None:
+        """The request is over: its tenant's budget gets back what it did not use, and
+        its fair-queue charge is corrected, by the answer's usage where it came."""
+        usage = call.usage
+        if call.budget_finish is not None:
+            call.budget_finish(usage.prompt + usage.completion if usage is not None else None)
+        charge = call.queue_charge
+        if charge is not None and usage is not None:
+            output_cost = self._output_cost
+            prompt = (max(usage.prompt - usage.cached, 0) if usage.cached is not None
+                      else charge - 1.0 - output_cost * call.output_tokens)  # the estimate's
+            actual = prompt + output_cost * usage.completion + 1.0
+            self.state.admission.correct(call.tenant, call.klass, charge, actual)
+
     def _cost(self, call: Call) -> float:
         """What a waiting request is charged in the fair queue: the prompt tokens it is
         expected not to find cached on any engine (the routing index's best match), so
-        a tenant whose prompts are reused gets more through for the same share."""
+        a tenant whose prompts are reused gets more through for the same share, and its
+        expected output tokens (weighted by --output-token-cost)."""
         features = call.features
         prompt_chars = features.prompt_chars or len(call.body)
         uncached = prompt_chars - self.state.policy.expected_cached_chars(features)
-        return max(uncached, 0) / self._chars_per_token + 1.0  # +1: every request costs
+        return (max(uncached, 0) / self._chars_per_token
+                + self._output_cost * call.output_tokens + 1.0)  # +1: every request costs
+
+    def _prompt_tokens(self, call: Call) -> float:
+        features = call.features
+        if features.prompt_tokens:
+            return features.prompt_tokens
+        return (features.prompt_chars or len(call.body)) / self._chars_per_token
 
     def _take_features(self, call: Call) -> dict[str, Any] | None:
         """Prompt features for the routing policy, once the model is known to be served
@@ -108,6 +165,11 @@ class Dispatcher:
         only when the router tokenizes this model's prompts and the request gave no token
         ids."""
         parsed, call.parsed = call.parsed, None
+        call.output_tokens = self._expected_output
+        if parsed is not None:
+            wanted = parsed.get("max_completion_tokens") or parsed.get("max_tokens")
+            if isinstance(wanted, int) and 0 < wanted < self._expected_output * 64:
+                call.output_tokens = wanted  # (a cap far above it says little)
         if self._policy_needs_prompt and parsed is not None:
             call.features = self.state.policy.prompt_features(
                 parsed, call.model, call.features.session_key

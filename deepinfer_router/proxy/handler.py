@@ -10,7 +10,6 @@ from aiohttp import web
 
 from ..errors import RouterError
 from ..fairness.tenants import (
-    DEFAULT_CLASS,
     DEFAULT_TENANT,
     header_tenant,
     lower_class,
@@ -47,6 +46,7 @@ class Proxy:
         self._tenant_keys = state.tenant_keys
         self._tenant_header = settings.tenant_header
         self._tenants = state.tenants
+        self._tenant_table = state.tenant_table
         self._max_body = max_body_bytes(settings.max_body_mb)
         fleet = state.fleet
         self._served_models = lambda: fleet.models(time.monotonic())
@@ -69,7 +69,9 @@ class Proxy:
             call = await self._read(request, rid, started)
             call.tenant = tenant
             call.tenant_label = metric_tenant(tenant, self._tenants)
-            call.klass = lower_class(DEFAULT_CLASS, headers.get("X-Priority"))
+            table = self._tenant_table
+            call.klass = lower_class(table.klass(tenant), headers.get("X-Priority"),
+                                     table.classes)
             return await self.dispatcher.dispatch(call)
         except RouterError as exc:
             if not isinstance(exc, UpstreamFailure):  # those count as upstream errors

@@ -62,7 +62,8 @@ class EngineHeaders:
 
 
 def client_headers(
-    engine_headers: Iterable[tuple[str, str]], engine_id: str, route: str, request_id: str
+    engine_headers: Iterable[tuple[str, str]], engine_id: str, route: str, request_id: str,
+    extra: Iterable[tuple[str, str]] = (),
 ) -> list[tuple[str, str]]:
     # A list, not a dict: repeated headers (Set-Cookie, ...) all reach the client.
     headers = [(k, v) for k, v in engine_headers if k.lower() not in _NOT_RELAYED]
@@ -71,4 +72,5 @@ def client_headers(
         ("x-deepinfer-route", route),
         ("X-Request-Id", request_id),
     )
+    headers += extra  # the tenant's x-ratelimit-* headers
     return headers

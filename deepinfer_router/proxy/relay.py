@@ -34,7 +34,7 @@ from ..upstream import (
 from .call import Call
 from .failures import TIMEOUT_MESSAGES, ClientGone, EngineTimeout, Retryable, timeout_kind
 from .headers import EngineHeaders, client_headers
-from .usage import cached_tokens_in
+from .usage import cached_tokens_in, usage_in
 
 log = logging.getLogger("deepinfer.proxy")
 
@@ -124,12 +124,16 @@ class Relay:
         except UpstreamError as exc:
             raise Retryable("reset", 502, f"engine response broke off: {exc}") from None
         call.status = upstream.status
-        if call.decision is not None and upstream.status == 200:
-            call.cached_tokens = cached_tokens_in(payload)
+        if upstream.status == 200:
+            if call.wants_usage:
+                call.usage = usage_in(payload)
+            if call.decision is not None:
+                call.cached_tokens = cached_tokens_in(payload)
         response = web.Response(
             status=upstream.status,
             body=payload,
-            headers=client_headers(upstream.headers, call.engine, call.route, call.rid),
+            headers=client_headers(upstream.headers, call.engine, call.route, call.rid,
+                                   call.extra_headers or ()),
         )
         if len(payload) > _UNTIMED_WRITE:
             # aiohttp would write it after the handler, with no time limit: a client that
@@ -208,17 +212,19 @@ class Relay:
             raise Retryable("reset", 502, "engine closed the stream before any data")
         response = _StreamResponse(
             status=upstream.status,
-            headers=client_headers(upstream.headers, call.engine, call.route, call.rid),
+            headers=client_headers(upstream.headers, call.engine, call.route, call.rid,
+                                   call.extra_headers or ()),
         )
         await response.prepare(call.request)
         last = time.monotonic()
         self._on_first_token(call, engine.id, last)
         itl = self.state.metrics.itl_by(call.model)
         # Usage comes in the last chunk, only when the client asked for it (never added).
-        usage = call.stream_usage and call.decision is not None and upstream.status == 200
+        usage = call.stream_usage and upstream.status == 200 and (
+            call.decision is not None or call.wants_usage)
         chunk = first
         if usage:
-            call.cached_tokens = cached_tokens_in(first)
+            self._take_usage(call, first)
         try:
             # When the engine's stream has already ended with this chunk, the chunk and the
             # end of the chunked body leave in one send() (and, for the first chunk, the
@@ -242,8 +248,8 @@ class Relay:
                 now = time.monotonic()
                 itl.observe(now - last)
                 last = now
-                if usage and (found := cached_tokens_in(chunk)) is not None:
-                    call.cached_tokens = found
+                if usage:
+                    self._take_usage(call, chunk)
                 if content.at_eof():
                     await self._write(call, response, chunk, deadline, eof=True)
                     break
@@ -255,6 +261,13 @@ class Relay:
             return response
         call.status = upstream.status
         return response
+
+    @staticmethod
+    def _take_usage(call: Call, chunk: bytes) -> None:
+        if call.decision is not None and (found := cached_tokens_in(chunk)) is not None:
+            call.cached_tokens = found
+        if call.wants_usage and (got := usage_in(chunk)) is not None:
+            call.usage = got
 
     async def _fail_stream(
         self,

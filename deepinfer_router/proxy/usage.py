@@ -1,6 +1,8 @@
-"""The cached prompt tokens an engine reports in an answer's usage
-(`usage.prompt_tokens_details.cached_tokens`), read without parsing the answer: the
-router grades its routing decisions by it and never changes what the client receives.
+"""The token counts an engine reports in an answer's usage (`prompt_tokens`,
+`completion_tokens`, `prompt_tokens_details.cached_tokens`), read without parsing the
+answer: the router grades its routing decisions by the cached tokens and corrects
+tenants' charges and token budgets by the rest, and never changes what the client
+receives.
 
 A byte search is enough and safe: inside a JSON string a quote is escaped, so the bytes
 `"cached_tokens":` can only be the key itself, and the last one is the usage's (a
@@ -8,18 +10,45 @@ stream's usage chunk comes last)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 _KEY = b'"cached_tokens"'
+_PROMPT = b'"prompt_tokens"'
+_COMPLETION = b'"completion_tokens"'
 _MAX_DIGITS = 12
+
+
+class Usage(NamedTuple):
+    prompt: int
+    completion: int
+    cached: int | None  # None: the engine does not report it (vLLM without
+    # --enable-prompt-tokens-details)
+
+
+def usage_in(data: bytes) -> Usage | None:
+    """The answer's usage, when `data` holds all of it (a non-streamed answer, or a
+    stream's usage chunk); None otherwise."""
+    completion = _last_int(data, _COMPLETION)
+    if completion is None:
+        return None
+    prompt = _last_int(data, _PROMPT)
+    if prompt is None:
+        return None
+    return Usage(prompt, completion, cached_tokens_in(data))
 
 
 def cached_tokens_in(data: bytes) -> int | None:
     """The last `"cached_tokens": N` in `data`, or None (absent, null, malformed, or cut
     by the end of `data`: a stream's chunk boundary can fall inside the usage, and then
     the answer is not graded rather than graded wrongly)."""
-    at = data.rfind(_KEY)
+    return _last_int(data, _KEY)
+
+
+def _last_int(data: bytes, key: bytes) -> int | None:
+    at = data.rfind(key)
     if at < 0:
         return None
-    i = at + len(_KEY)
+    i = at + len(key)
     n = len(data)
     while i < n and data[i] in b" \t\r\n":
         i += 1

@@ -63,6 +63,14 @@ def _is_bool(annotation: Any) -> bool:
     return False
 
 
+def _is_table(annotation: Any) -> bool:
+    """A dict of tables: TOML (or JSON in the environment) only, no flag."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_table(typing.get_args(annotation)[0])
+    return origin is dict
+
+
 def _choices(annotation: Any) -> list[str] | None:
     if typing.get_origin(annotation) is typing.Literal:
         return [str(a) for a in typing.get_args(annotation)]
@@ -83,9 +91,9 @@ def add_settings_arguments(
     """Add one flag per settings field. Defaults are suppressed so that only flags the
     user typed override the environment and the file."""
     for name, info in cls.model_fields.items():
-        if name in skip:
-            continue
         ann = info.annotation
+        if name in skip or _is_table(ann):
+            continue
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(info)}
         if _is_bool(ann):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -175,7 +183,13 @@ def render_example_toml(cls: type[BaseSettings], title: str, env_prefix: str) ->
             lines.append(f"# {desc_line}")
         lines.append(f"# flag {flag_name(name)}, env {env_prefix}{name.upper()}")
         default = info.get_default(call_default_factory=True)
-        if default is None:
+        example = (info.json_schema_extra or {}).get("toml_example") if isinstance(
+            info.json_schema_extra, dict) else None
+        lines[-1] = lines[-1] if not _is_table(info.annotation) else (
+            f"# TOML or env {env_prefix}{name.upper()} (JSON) only")
+        if isinstance(example, str):
+            lines.extend("# " + line if line else "#" for line in example.splitlines())
+        elif default is None:
             lines.append(f"# {name} =")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

@@ -120,6 +120,12 @@ class Siblings:
               for s in self._sessions))
         return [a for a in answers if a is not None]
 
+    async def call_one(self, index: int, method: str, path: str, body: bytes | None,
+                       timeout_s: float) -> tuple[int, bytes] | None:
+        """One request to worker `index` (not this one); None when it does not answer."""
+        session = self._sessions[index if index < self.slot.index else index - 1]
+        return await self._one(session, method, path, body, {}, timeout_s)
+
     async def call_each(self, method: str, path: str, headers: dict[str, str] | None = None,
                         timeout_s: float = 2.0) -> list[tuple[int, bytes] | None]:
         """As `call`, one answer (or None) per sibling, in sibling order."""

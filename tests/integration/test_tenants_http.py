@@ -70,3 +70,22 @@ async def test_the_tenant_header_names_tenants_when_keys_are_off(echo_engines, r
             counts = tenant_counts(await resp.text())
     # no tenant is configured by name: labels stay `default` and `other`
     assert counts == {("other", "standard", "200"): 2.0, ("default", "standard", "200"): 2.0}
+
+
+async def test_the_tenants_table_sets_keys_and_default_classes(echo_engines, router):
+    a = await echo_engines("a")
+    r = await router(engine=[a.url], api_key=["key-plain-77c2"], tenants={
+        "chat": {"keys": ["key-chat-9a1b"], "class": "interactive", "weight": 3},
+        "etl": {"keys": ["key-etl-44d0"], "class": "batch"}})
+    await ready(r)
+    async with aiohttp.ClientSession() as s:
+        assert await chat(s, r.url, Authorization="Bearer key-chat-9a1b") == 200
+        assert await chat(s, r.url, Authorization="Bearer key-chat-9a1b",
+                          **{"X-Priority": "standard"}) == 200
+        assert await chat(s, r.url, Authorization="Bearer key-etl-44d0",
+                          **{"X-Priority": "interactive"}) == 200  # cannot raise
+        assert await chat(s, r.url, Authorization="Bearer key-plain-77c2") == 200
+        async with s.get(r.url + "/metrics") as resp:
+            counts = tenant_counts(await resp.text())
+    assert counts == {("chat", "interactive", "200"): 1.0, ("chat", "standard", "200"): 1.0,
+                      ("etl", "batch", "200"): 1.0, ("default", "standard", "200"): 1.0}

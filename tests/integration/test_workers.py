@@ -263,3 +263,31 @@ async def test_sigterm_drains_open_streams_on_every_worker(procs, fresh):
     assert "Traceback" not in log
     assert log.count("shutting down") == 2 and "all workers stopped" in log
     assert "cutting" not in log
+
+
+async def test_a_tenants_budget_holds_for_the_whole_router(procs, fresh, tmp_path):
+    """Each tenant's budgets live in one worker; the others ask it, so a limit holds
+    router-wide, whichever worker the kernel hands each connection to."""
+    config = tmp_path / "router.toml"
+    config.write_text('[tenants.team]\nkeys = ["key-team-5c1d"]\nrequests_per_minute = 6\n'
+                      '[tenants.free]\nkeys = ["key-free-0a9e"]\n')
+    router = await start(procs, fresh, "--config", str(config))
+    statuses: list[int] = []
+    workers: set[str] = set()
+    for i in range(16):
+        async with fresh.post(router.url + "/v1/chat/completions", headers={
+                "Authorization": "Bearer key-team-5c1d"}, json={
+                "model": MODEL, "max_tokens": 1,
+                "messages": [{"role": "user", "content": f"q{i}"}]}) as resp:
+            await resp.read()
+            statuses.append(resp.status)
+            workers.add(resp.headers["x-deepinfer-worker"])
+            if resp.status == 429:
+                assert resp.headers["x-ratelimit-limit-requests"] == "6"
+    assert len(workers) == 2  # both workers took some
+    assert statuses.count(200) == 6 and statuses[:6] == [200] * 6
+    async with fresh.post(router.url + "/v1/chat/completions", headers={
+            "Authorization": "Bearer key-free-0a9e"}, json={
+            "model": MODEL, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "x"}]}) as resp:
+        assert resp.status == 200  # another tenant is not held by it

@@ -171,3 +171,17 @@ def test_every_request_is_served_once_or_leaves(ops):
     keys = [i.key for i in served]
     assert len(keys) == len(set(keys))
     assert not {i.key for i in removed} & set(keys)
+
+
+@pytest.mark.parametrize("order", ["fifo", "round-robin"])
+def test_the_orders_it_is_measured_against(order):
+    q = FairQueue(weights={"a": 5.0}, order=order)
+    for i in range(3):
+        q.push(("a", i), "a", "batch", 1000.0, float(i))
+    q.push(("b", 0), "b", "batch", 1.0, 3.0)
+    q.push(("c", 0), "c", "interactive", 1.0, 4.0)
+    got = [q.pop(5.0).key for _ in range(5)]
+    if order == "fifo":  # arrival order, class and tenant ignored
+        assert got == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("c", 0)]
+    else:  # tenants in turn (cost, weight and class ignored)
+        assert got == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("a", 2)]

@@ -79,3 +79,58 @@ def test_whitespace_keys_duplicates_and_the_reserved_name_are_refused():
             parse_api_key(spec)
     with pytest.raises(ValueError, match="more than once"):
         RouterSettings(api_key=["a:same-key", "b:same-key"])
+
+
+def test_the_tenants_table_of_the_toml_file_adds_to_the_flags(tmp_path):
+    from deepinfer_router.shared.settings_loader import load_settings
+    config = tmp_path / "router.toml"
+    config.write_text('api_key = ["x:kx"]\n'
+                      '[tenants.chat]\nkeys = ["sk-chat", "sk:with:colon"]\n'
+                      'class = "interactive"\nweight = 2\n'
+                      '[tenants.etl]\nkeys = ["sk-etl"]\nclass = "batch"\n'
+                      'tokens_per_minute = 1000\n')
+    s = load_settings(RouterSettings, {"api_key": ["y:ky"]}, config, "DEEPINFER_")
+    table = s.tenant_table()
+    assert [(k.tenant, k.key) for k in table.keys] == [
+        ("y", "ky"), ("chat", "sk-chat"), ("chat", "sk:with:colon"), ("etl", "sk-etl")]
+    assert table.klass("chat") == "interactive" and table.klass("etl") == "batch"
+    assert table.klass("y") == table.klass("unknown") == "standard"
+    assert table.weights() == {"chat": 2.0}
+    assert table.limits()["etl"].tokens_per_minute == 1000 and "chat" not in table.limits()
+    assert table.names == {"y", "chat", "etl"}
+
+
+@pytest.mark.parametrize("tenants", [
+    {"bad name": {}},
+    {"other": {}},
+    {"a": {"class": "urgent"}},
+    {"a": {"keys": [""]}},
+    {"a": {"keys": ["k"]}, "b": {"keys": ["k"]}},
+    {"a": {"weight": 0}},
+    {"a": {"max_concurrency": 0}},
+    {"a": {"rpm": 5}},  # a misspelt budget is an error, not no budget
+])
+def test_bad_tenant_tables_are_refused(tenants):
+    with pytest.raises(ValueError):
+        RouterSettings(tenants=tenants)
+
+
+def test_classes_are_configurable_and_x_priority_follows_them():
+    s = RouterSettings(priority_classes=["gold", "silver"], default_class="gold",
+                       tenants={"a": {"class": "silver"}})
+    table = s.tenant_table()
+    assert table.klass("a") == "silver" and table.klass("b") == "gold"
+    assert lower_class("gold", "Silver", table.classes) == "silver"
+    assert lower_class("silver", "gold", table.classes) == "silver"
+    with pytest.raises(ValueError):
+        RouterSettings(default_class="standard", priority_classes=["gold"])
+    with pytest.raises(ValueError):
+        RouterSettings(priority_classes=["gold", "gold"])
+
+
+def test_the_tenants_table_from_the_environment_as_json(monkeypatch):
+    from deepinfer_router.shared.settings_loader import load_settings
+    monkeypatch.setenv("DEEPINFER_TENANTS",
+                       '{"etl": {"keys": ["sk-etl"], "class": "batch", "weight": 0.5}}')
+    table = load_settings(RouterSettings, {}, None, "DEEPINFER_").tenant_table()
+    assert table.klass("etl") == "batch" and table.weights() == {"etl": 0.5}

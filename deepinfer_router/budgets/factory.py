@@ -1,0 +1,26 @@
+"""Which budget gate a router part uses: Redis with --redis-url (every router sharing
+it), the owner worker's with --workers, else this process's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..fairness.tenants import TenantLimits
+from ..settings import RouterSettings
+from ..workers.siblings import Siblings
+from .gate import BudgetGate, LocalGate
+
+
+def make_budget_gate(settings: RouterSettings, limits: Mapping[str, TenantLimits],
+                     siblings: Siblings | None) -> BudgetGate:
+    if settings.redis_url:
+        from .redis_gate import RedisGate  # redis only when asked for
+
+        return RedisGate(settings.redis_url, settings.registry_namespace, limits,
+                         settings.request_timeout_s,
+                         siblings.slot.count if siblings is not None else 1)
+    if siblings is not None:
+        from .owner import OwnerGate
+
+        return OwnerGate(limits, siblings)
+    return LocalGate(limits)

@@ -1,0 +1,207 @@
+"""Budgets in Redis (--redis-url): every router sharing it, and all their workers, take
+from the same buckets, so a tenant's limits hold across the fleet. One script call per
+request of a tenant with budgets, atomic in Redis, timed by Redis's own clock (the
+routers' clocks do not matter); one more when it ends.
+
+Keys, under `{ns}:budget:{tenant}` (a hash tag, so a cluster keeps a tenant's keys on
+one node): `:running` a sorted set of the requests running (scored by when they expire:
+a router that dies frees its places within --request-timeout-s), `:rpm` and `:tpm` the
+buckets (hashes `level`, `at`; expiring once full again).
+
+Accuracy: exact while Redis answers. While it does not (down, or slower than 0.25 s),
+each router part admits on its own within its share of each limit (one worker's share
+of the whole limit: with R routers sharing Redis, up to R times the limit in all), logs
+a warning once, and goes back to Redis as soon as it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+from ..fairness.budgets import Headroom, Refusal
+from ..fairness.tenants import TenantLimits
+from ..shared.redis_store import connect
+from .gate import LocalGate, Verdict, share
+
+log = logging.getLogger("deepinfer.budgets")
+
+_TIMEOUT_S = 0.25
+
+# ARGV: max_concurrency, rpm, tpm (0: none), tokens, request id, expiry in seconds.
+# Returns {refused limit or '', limit, retry after s, requests level, tokens level, now};
+# numbers as strings (Redis would truncate Lua numbers to integers).
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local conc, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, ttl = tonumber(ARGV[4]), tonumber(ARGV[6])
+local function level(key, cap)
+  local v = redis.call('HMGET', key, 'level', 'at')
+  local lv, at = tonumber(v[1]), tonumber(v[2])
+  if lv == nil or at == nil then return cap end
+  if now > at then lv = math.min(cap, lv + (now - at) * cap / 60) end
+  return lv
+end
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= conc then
+    return {'max_concurrency', tostring(conc), '1', '', '', tostring(now)}
+  end
+end
+local rl, tl = -1, -1
+if rpm > 0 then
+  rl = level(KEYS[2], rpm)
+  if rl < 1 then
+    return {'requests_per_minute', tostring(rpm), tostring((1 - rl) * 60 / rpm), '', '',
+            tostring(now)}
+  end
+end
+if tpm > 0 then
+  tl = level(KEYS[3], tpm)
+  local need = math.min(tokens, tpm)
+  if tl < need then
+    return {'tokens_per_minute', tostring(tpm), tostring((need - tl) * 60 / tpm), '', '',
+            tostring(now)}
+  end
+end
+if conc > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
+end
+if rpm > 0 then
+  rl = rl - 1
+  redis.call('HSET', KEYS[2], 'level', tostring(rl), 'at', tostring(now))
+  redis.call('PEXPIRE', KEYS[2], math.ceil((rpm - rl) * 60000 / rpm) + 1000)
+end
+if tpm > 0 then
+  tl = tl - tokens
+  redis.call('HSET', KEYS[3], 'level', tostring(tl), 'at', tostring(now))
+  redis.call('PEXPIRE', KEYS[3], math.ceil((tpm - tl) * 60000 / tpm) + 1000)
+end
+return {'', '', '', tostring(rl), tostring(tl), tostring(now)}
+"""
+
+# ARGV: request id, tpm (0: none), tokens charged, tokens used (-1: not reported).
+_FINISH_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local tpm, charged, used = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tpm > 0 and used >= 0 and used ~= charged then
+  local v = redis.call('HMGET', KEYS[2], 'level', 'at')
+  local lv, at = tonumber(v[1]), tonumber(v[2])
+  if lv ~= nil and at ~= nil then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    if now > at then lv = math.min(tpm, lv + (now - at) * tpm / 60) end
+    lv = math.min(tpm, lv + charged - used)
+    redis.call('HSET', KEYS[2], 'level', tostring(lv), 'at', tostring(now))
+    redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - lv) * 60000 / tpm) + 1000)
+  end
+end
+return 0
+"""
+
+
+class RedisGate:
+    def __init__(self, url: str, namespace: str, limits: Mapping[str, TenantLimits],
+                 request_timeout_s: float = 600.0, parts: int = 1) -> None:
+        self._url = url
+        self._ns = namespace
+        self._limits = dict(limits)
+        self._expiry_s = request_timeout_s + 5.0
+        # while Redis does not answer: this part's share of each limit
+        self._alone = LocalGate({t: share(lim, parts) for t, lim in limits.items()})
+        self._ids = itertools.count()
+        self._prefix = os.urandom(6).hex()  # request ids unique across routers
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._down = False
+        self._r = connect(url, socket_timeout=_TIMEOUT_S)
+        # EVALSHA, loading the script again after a Redis restart (redis-py's Script)
+        self._admit_script = self._r.register_script(_ADMIT_LUA)
+        self._finish_script = self._r.register_script(_FINISH_LUA)
+
+    def limited(self, tenant: str) -> bool:
+        return tenant in self._limits
+
+    def _keys(self, tenant: str) -> list[str]:
+        base = f"{self._ns}:budget:{{{tenant}}}"
+        return [base + ":running", base + ":rpm", base + ":tpm"]
+
+    async def admit(self, tenant: str, tokens: int) -> Verdict:
+        limits = self._limits[tenant]
+        rid = f"{self._prefix}-{next(self._ids)}"
+        keys = self._keys(tenant)
+        call = asyncio.ensure_future(self._admit_script(keys=keys, args=[
+            limits.max_concurrency or 0, limits.requests_per_minute or 0,
+            limits.tokens_per_minute or 0, tokens, rid, self._expiry_s]))
+        try:
+            # shielded: a client that leaves while Redis answers gives its place back
+            answer = await asyncio.wait_for(asyncio.shield(call), _TIMEOUT_S)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda t: self._give_back(t, tenant, rid, tokens))
+            raise
+        except Exception as exc:  # down, slow, refused: admit alone
+            call.add_done_callback(lambda t: self._give_back(t, tenant, rid, tokens))
+            self._went_down(exc)
+            return self._alone.admit_now(tenant, tokens)
+        if self._down:
+            self._down = False
+            log.warning("budgets: Redis answers again; tenants' budgets are shared again")
+        refused, limit, retry, requests, tokens_left, _ = answer
+        if refused:
+            return Verdict(Refusal(refused, int(limit), float(retry)),
+                           self._room(limits, None, None))
+        room = self._room(limits, float(requests), float(tokens_left))
+        return Verdict(None, room, lambda used: self._finish(tenant, rid, tokens, used))
+
+    @staticmethod
+    def _room(limits: TenantLimits, requests: float | None, tokens: float | None
+              ) -> Headroom:
+        def one(cap: int | None, level: float | None) -> tuple[int, int, float] | None:
+            if cap is None or level is None:
+                return None
+            return cap, max(math.floor(level), 0), (cap - level) * 60 / cap
+
+        return Headroom(one(limits.requests_per_minute, requests),
+                        one(limits.tokens_per_minute, tokens))
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("budgets: Redis does not answer (%s); each router part admits "
+                        "alone within its share of each limit until it does",
+                        type(exc).__name__)
+
+    def _give_back(self, task: asyncio.Future[list[str]], tenant: str, rid: str,
+                   tokens: int) -> None:
+        """An admission that came back after its requester stopped waiting: undo it."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        if not task.result()[0]:
+            self._finish(tenant, rid, tokens, None)
+
+    def _finish(self, tenant: str, rid: str, tokens: int, used: int | None) -> None:
+        task = asyncio.ensure_future(self._tell_finish(tenant, rid, tokens, used))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell_finish(self, tenant: str, rid: str, tokens: int, used: int | None) -> None:
+        keys = self._keys(tenant)
+        tpm = self._limits[tenant].tokens_per_minute or 0
+        try:
+            await self._finish_script(keys=[keys[0], keys[2]], args=[
+                rid, tpm, tokens, -1 if used is None else used])
+        except Exception as exc:  # its place expires with the request timeout
+            self._went_down(exc)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        await self._r.aclose()
