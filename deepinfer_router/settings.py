@@ -286,6 +286,14 @@ class RouterSettings(BaseSettings):
         "charged the tokens each request costs the fleet), round-robin (tenants in turn, "
         "classes and cost ignored) or fifo.",
     )
+    engine_priority: Literal["labelled", "all", "off"] = Field(
+        "labelled", description="Pass a request's class to the engine as vLLM's `priority` "
+        "(the class's place in --priority-classes: 0 for the highest), so the engine's own "
+        "queue honours it too: to engines registered with the label "
+        "scheduling-policy=priority (`deepinfer-engine launch --scheduling-policy priority` "
+        "sets it), to all (every engine runs vLLM with --scheduling-policy priority; vLLM "
+        "refuses a priority otherwise), or off. A client's own `priority` is overridden.",
+    )
     output_token_cost: float = Field(
         1.0, ge=0, le=1000, description="What an output token costs in the fair queue, "
         "against an uncached prompt token.",

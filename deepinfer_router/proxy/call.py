@@ -35,6 +35,7 @@ class Call:
     tenant: str = "default"  # whose request (fairness/tenants.py)
     klass: str = "standard"  # its class (the tenant's, lowered by X-Priority)
     tenant_label: str = "default"  # the tenant as metrics name it (bounded)
+    priority: int | None = None  # its class's rank, for engines that take vLLM's priority
     output_tokens: int = 0  # expected: max_tokens, or --expected-output-tokens
     queue_charge: float | None = None  # what the fair queue charged it (if it waited)
     budget_finish: Finish | None = None  # its tenant's budgets were charged: settle them

@@ -47,6 +47,7 @@ class Proxy:
         self._tenant_header = settings.tenant_header
         self._tenants = state.tenants
         self._tenant_table = state.tenant_table
+        self._engine_priority = settings.engine_priority != "off"
         self._max_body = max_body_bytes(settings.max_body_mb)
         fleet = state.fleet
         self._served_models = lambda: fleet.models(time.monotonic())
@@ -72,6 +73,8 @@ class Proxy:
             table = self._tenant_table
             call.klass = lower_class(table.klass(tenant), headers.get("X-Priority"),
                                      table.classes)
+            if self._engine_priority and call.parsed is not None:  # a JSON body
+                call.priority = table.classes.index(call.klass)
             return await self.dispatcher.dispatch(call)
         except RouterError as exc:
             if not isinstance(exc, UpstreamFailure):  # those count as upstream errors

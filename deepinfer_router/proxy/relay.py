@@ -34,6 +34,7 @@ from ..upstream import (
 from .call import Call
 from .failures import TIMEOUT_MESSAGES, ClientGone, EngineTimeout, Retryable, timeout_kind
 from .headers import EngineHeaders, client_headers
+from .priority import SCHEDULING_LABEL, with_priority
 from .usage import cached_tokens_in, usage_in
 
 log = logging.getLogger("deepinfer.proxy")
@@ -64,6 +65,7 @@ class Relay:
         self._first_byte_timeout = s.first_byte_timeout_s
         self._idle_timeout = s.stream_idle_timeout_s
         self._total_timeout = s.request_timeout_s
+        self._priority_to_all = s.engine_priority == "all"
 
     async def exchange(self, call: Call, engine: EngineState) -> web.StreamResponse:
         """Send the request to `engine` and relay the answer, setting `call.status`;
@@ -77,7 +79,7 @@ class Relay:
                 engine.record.url,
                 request.path_qs,
                 self._headers.build(request.headers, call.rid, request.remote),
-                call.body,
+                self._body(call, engine),
                 head_by=min(first_byte_by, deadline),
             )
         except UpstreamConnectTimeout as exc:
@@ -105,6 +107,15 @@ class Relay:
             return await self._relay_whole(call, upstream, deadline)
         finally:
             upstream.close()  # pools the connection only if the response came in whole
+
+    def _body(self, call: Call, engine: EngineState) -> bytes:
+        """The body as the client sent it, or with the request's class as vLLM's
+        `priority` for an engine that schedules by it."""
+        if call.priority is None or not (
+                self._priority_to_all or engine.record.labels.get(
+                    SCHEDULING_LABEL) == "priority"):
+            return call.body
+        return with_priority(call.body, call.priority)
 
     async def _relay_whole(
         self, call: Call, upstream: UpstreamResponse, deadline: float

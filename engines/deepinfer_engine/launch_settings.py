@@ -132,6 +132,13 @@ class LaunchSettings(BaseSettings, RegistrationOptions, EngineHostOptions):
         description="Extra `vllm serve` arguments (on the command line: after `--`).",
     )
 
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        None, description="vLLM's --scheduling-policy. With priority the engine is "
+        "registered with the label scheduling-policy=priority, and routers pass each "
+        "request's class as vLLM's request priority (router --engine-priority). Also "
+        "read from the extra vLLM arguments."
+    )
+
     # --- placement ------------------------------------------------------------------
     tp: int | None = Field(
         None, ge=1, description="Tensor-parallel size (default: the number of --gpus named, "

@@ -59,6 +59,11 @@ def extra_flag(args: Sequence[str], *names: str) -> str | None:
     return found
 
 
+def scheduling_policy(s: LaunchSettings) -> str:
+    """The engine's vLLM --scheduling-policy (the extra arguments win, as they come last)."""
+    return extra_flag(s.extra_args, "--scheduling-policy") or s.scheduling_policy or "fcfs"
+
+
 def pipeline_parallel_size(args: Sequence[str]) -> int:
     value = extra_flag(args, "--pipeline-parallel-size", "-pp")
     try:
@@ -136,6 +141,8 @@ def build_command(
         argv += ["--gpu-memory-utilization", f"{mem_util:g}"]
     if extra_flag(s.extra_args, "--served-model-name") is None:
         argv += ["--served-model-name", served]
+    if s.scheduling_policy and extra_flag(s.extra_args, "--scheduling-policy") is None:
+        argv += ["--scheduling-policy", s.scheduling_policy]
     argv += list(s.extra_args)
 
     env = dict(os.environ if base_env is None else base_env)

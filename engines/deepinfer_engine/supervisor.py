@@ -55,6 +55,7 @@ from .launcher import (
     port_free,
     read_capacity,
     run_bounded,
+    scheduling_policy,
     spawn,
     stop_group,
     wait_ready,
@@ -508,6 +509,8 @@ class Supervisor:
                   else "gpu", **self.s.label_dict()}
         if self.s.gpus == "none":
             labels["gpus"] = "none"
+        if scheduling_policy(self.s) == "priority":  # routers then pass request priorities
+            labels["scheduling-policy"] = "priority"
         record = EngineRecord(
             url=p.advertise_url, models=[p.command.served_name], capacity=capacity,
             labels=labels, gpus=p.entry.gpus, version=info.version, started_at=time.time(),

@@ -95,6 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", "-q")
     p.add_argument("--kv-events-config")  # accepted like vLLM's; this fake publishes none
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     args = p.parse_args(argv)
     args.model = args.model or args.model_tag or "facebook/opt-125m"
     args.served = (args.served_model_name or [args.model])

@@ -163,7 +163,8 @@ async def test_launch_registers_survives_crash_and_stops(
     launches: Callable[..., Launch], router: Callable[..., Awaitable[Any]]
 ) -> None:
     r = await router()
-    launch = launches("--registry", r.url, "--", "--max-num-seqs", "64",
+    launch = launches("--registry", r.url, "--scheduling-policy", "priority", "--",
+                      "--max-num-seqs", "64",
                       env={"FAKE_VLLM_STARTUP_S": "1.5", "FAKE_VLLM_WORKERS": "1"})
     # Slow start: recorded as starting, not registered before it is ready.
     entries = await until(launch.entries, 5, "the state entry", launch)
@@ -180,6 +181,8 @@ async def test_launch_registers_survives_crash_and_stops(
                                "max_num_seqs": 64}
     assert rec["gpus"] == [] and rec["labels"]["device"] == "cpu"
     assert rec["labels"]["gpus"] == "none" and rec["version"] == "0.0.0-fake"
+    # vLLM schedules by priority: routers are told to pass each request's class
+    assert rec["labels"]["scheduling-policy"] == "priority"
     # The KV event feed: on the advertised address (never every interface), vLLM told
     # to publish on a private ipc socket that the engine manager relays.
     kv = rec["kv_events"]

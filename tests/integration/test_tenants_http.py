@@ -89,3 +89,44 @@ async def test_the_tenants_table_sets_keys_and_default_classes(echo_engines, rou
             counts = tenant_counts(await resp.text())
     assert counts == {("chat", "interactive", "200"): 1.0, ("chat", "standard", "200"): 1.0,
                       ("etl", "batch", "200"): 1.0, ("default", "standard", "200"): 1.0}
+
+
+async def test_the_class_reaches_engines_that_schedule_by_priority(echo_engines, router):
+    """--engine-priority labelled: only an engine registered with the label
+    scheduling-policy=priority gets vLLM's `priority` (vLLM refuses one otherwise); the
+    client's own priority is overridden."""
+    plain, prio = await echo_engines("plain"), await echo_engines("prio")
+    r = await router(policy="round-robin", tenants={
+        "etl": {"keys": ["key-etl-44d0"], "class": "batch"}})
+    async with aiohttp.ClientSession() as s:
+        for engine, labels in ((plain, {}), (prio, {"scheduling-policy": "priority"})):
+            async with s.post(r.url + "/admin/engines", json={
+                    "url": engine.url, "models": ["m1"], "labels": labels,
+                    "ttl_s": 60}) as resp:
+                assert resp.status in (200, 201), await resp.text()
+        await wait_until(lambda: len(r.app[STATE].fleet.candidates(
+            "m1", time.monotonic())) == 2)
+        for _ in range(4):
+            async with s.post(r.url + "/v1/chat/completions",
+                              headers={"Authorization": "Bearer key-etl-44d0"},
+                              json={"model": "m1", "max_tokens": 1, "priority": -10,
+                                    "messages": [{"role": "user", "content": "x"}]}) as resp:
+                assert resp.status == 200
+    from tests.support.echo_engine import STATE as ECHO
+    assert [b["priority"] for b in prio.app[ECHO].received] == [2, 2]  # batch: third class
+    assert [b["priority"] for b in plain.app[ECHO].received] == [-10, -10]  # as sent
+
+
+async def test_engine_priority_all_and_off(echo_engines, router):
+    from tests.support.echo_engine import STATE as ECHO
+    a = await echo_engines("a")
+    for mode, want in (("all", [0, 2]), ("off", [None, None])):
+        r = await router(engine=[a.url], engine_priority=mode, api_key=["chat:key-c-1d2e"],
+                         tenants={"chat": {"class": "interactive"}})
+        await ready(r)
+        a.app[ECHO].received.clear()
+        async with aiohttp.ClientSession() as s:
+            assert await chat(s, r.url, Authorization="Bearer key-c-1d2e") == 200
+            assert await chat(s, r.url, Authorization="Bearer key-c-1d2e",
+                              **{"X-Priority": "batch"}) == 200
+        assert [b.get("priority") for b in a.app[ECHO].received] == want

@@ -102,3 +102,17 @@ def test_parse_cache_config() -> None:
     labels = parse_cache_config(text)
     assert labels["num_gpu_blocks"] == "12345" and labels["block_size"] == "16"
     assert parse_cache_config("nothing") == {}
+
+
+def test_scheduling_policy_is_passed_unless_the_extra_arguments_give_it() -> None:
+    from deepinfer_engine.launcher import scheduling_policy
+
+    s = settings(gpus="none", scheduling_policy="priority")
+    argv = build_command(s, None, 1, base_env={}).argv
+    assert argv[argv.index("--scheduling-policy") + 1] == "priority"
+    s = settings(gpus="none", scheduling_policy="priority",
+                 extra_args=["--scheduling-policy=fcfs"])
+    argv = build_command(s, None, 1, base_env={}).argv
+    assert "--scheduling-policy" not in argv and scheduling_policy(s) == "fcfs"
+    assert scheduling_policy(settings(extra_args=["--scheduling-policy", "priority"])) == (
+        "priority")

@@ -213,3 +213,40 @@ def test_block_accounting_invariants(ops: list[tuple[int, int, int, bool]], bloc
     e.run_until_idle(now)
     assert all(r.finished for r in live)
     assert e.kv.num_free == blocks
+
+
+def test_priority_scheduling_serves_lower_priority_values_first() -> None:
+    e = engine(max_num_seqs=1, scheduling_policy="priority")
+    batch = [e.new_request(f"b{i}", toks(f"b{i}", 8), 2, now=0.0, priority=2)
+             for i in range(3)]
+    urgent = e.new_request("i", toks("i", 8), 2, now=0.5, priority=0)
+    order = []
+    now = 1.0
+    while e.has_work:
+        step = e.schedule(now)
+        assert step is not None
+        order += [r.id for r, _ in step.scheduled if r.id not in order]
+        now = step.end
+        e.finish_step(step)
+    assert order == ["i", "b0", "b1", "b2"]  # later but higher: first; ties by arrival
+    assert urgent.finished and all(r.finished for r in batch)
+
+
+def test_priority_preemption_takes_the_lowest_priority() -> None:
+    e = engine(num_blocks=8, scheduling_policy="priority", max_num_batched_tokens=64)
+    low = e.new_request("low", toks("l", 12), 12, now=0.0, priority=5)
+    high = e.new_request("high", toks("h", 12), 12, now=0.1, priority=0)
+    now = 0.0
+    while not high.finished:
+        step = e.schedule(now)
+        assert step is not None
+        now = step.end
+        e.finish_step(step)
+    assert high.num_preemptions == 0 and low.num_preemptions >= 1
+    e.run_until_idle(now)
+    assert low.finished
+
+
+def test_fcfs_refuses_a_priority_as_vllm_does() -> None:
+    with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
+        engine().new_request("a", toks("a", 4), 1, now=0.0, priority=1)

@@ -10,11 +10,13 @@ One engine step, as in vLLM V1 (`Scheduler.schedule`), with a token budget of
    request cannot get a block, the most recently admitted running request is preempted
    (its blocks freed, its computed tokens forgotten, back to the front of the queue), as
    vLLM does in recompute mode;
-2. then waiting requests, first come first served, while the budget lasts and fewer than
-   `max_num_seqs` run: each reuses its longest cached prefix (at most all its tokens but
-   one: the last token must be computed to produce logits) and gets blocks for the chunk
-   it computes now; a request that cannot get blocks waits, and so does everyone behind
-   it (no skipping ahead, like vLLM's FCFS policy).
+2. then waiting requests, first come first served (with `scheduling_policy="priority"`:
+   by the request's `priority`, lower first, then arrival; and a block shortage preempts
+   the running request of the lowest priority, as vLLM's priority policy), while the
+   budget lasts and fewer than `max_num_seqs` run: each reuses its longest cached prefix
+   (at most all its tokens but one: the last token must be computed to produce logits)
+   and gets blocks for the chunk it computes now; a request that cannot get blocks
+   waits, and so does everyone behind it (no skipping ahead, like vLLM's policies).
 The step lasts `CostModel.step_time`; when it ends (`finish_step`), computed full blocks
 become cached, each request whose tokens are all computed samples one new token, and
 finished requests free their blocks.
@@ -22,6 +24,7 @@ finished requests free their blocks.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import deque
@@ -65,6 +68,7 @@ class Request:
         "num_prompt",
         "on_limit",
         "output_offset",
+        "priority",
         "scheduled_time",
         "status",
         "user_data",
@@ -78,8 +82,10 @@ class Request:
         block_size: int,
         on_limit: FinishReason = "length",
         arrival_time: float = 0.0,
+        priority: int = 0,
     ) -> None:
         self.id = request_id
+        self.priority = priority
         self.all_tokens: list[str] = list(prompt_tokens)
         self.num_prompt = len(self.all_tokens)
         self.max_tokens = max_tokens
@@ -169,8 +175,10 @@ class SimEngine:
         max_num_batched_tokens: int = 8192,
         max_model_len: int | None = None,
         cost: CostModel | None = None,
+        scheduling_policy: Literal["fcfs", "priority"] = "fcfs",
     ) -> None:
         self.kv = KVCache(num_blocks, block_size)
+        self.by_priority = scheduling_policy == "priority"
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -198,16 +206,31 @@ class SimEngine:
         max_tokens: int,
         now: float,
         on_limit: FinishReason = "length",
+        priority: int = 0,
     ) -> Request:
         """Validate and queue a request. Raises RequestTooLong, ValueError."""
+        if priority != 0 and not self.by_priority:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not "
+                             "enabled.")  # vLLM's words
         if not prompt_tokens:
             raise ValueError("The prompt must contain at least one token.")
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1.")
         self.check_length(len(prompt_tokens), max_tokens)
-        req = Request(request_id, prompt_tokens, max_tokens, self.block_size, on_limit, now)
-        self.waiting.append(req)
+        req = Request(request_id, prompt_tokens, max_tokens, self.block_size, on_limit, now,
+                      priority)
+        self._enqueue(req)
         return req
+
+    def _enqueue(self, req: Request, front: bool = False) -> None:
+        if self.by_priority:  # kept sorted by (priority, arrival)
+            key = (req.priority, req.arrival_time)
+            at = bisect.bisect_right(self.waiting, key, key=_priority_key)
+            self.waiting.insert(at, req)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def abort(self, req: Request, now: float) -> None:
         """The client went away: free the sequence and its blocks at once."""
@@ -280,9 +303,15 @@ class SimEngine:
         req.num_cached_blocks = 0
         req.num_preemptions += 1
         req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
         self.stats.preemptions += 1
         step.preempted.append(req)
+
+    def _victim(self, first: int) -> int:
+        if not self.by_priority:
+            return -1
+        running = self.running
+        return max(range(first, len(running)), key=lambda i: _priority_key(running[i]))
 
     def schedule(self, now: float) -> Step | None:
         """Choose the work of the step starting at `now`; None when there is nothing to do."""
@@ -302,7 +331,9 @@ class SimEngine:
             num_new = min(req.num_tokens - req.num_computed, budget)
             need = self._blocks_needed(req, num_new, len(req.blocks))
             while need > kv.num_free:
-                victim = running.pop()  # the most recently admitted one
+                # the most recently admitted one (priority: the lowest priority's of those
+                # not scheduled yet in this step; vLLM also takes back a scheduled one)
+                victim = running.pop(self._victim(i))
                 self._preempt(victim, step)
                 if victim is req:
                     break
@@ -435,3 +466,7 @@ def draw_output_len(
     else:
         raise ValueError(f"unknown output length distribution {dist!r}")
     return max(1, min(cap, round(value)))
+
+
+def _priority_key(req: Request) -> tuple[int, float]:
+    return req.priority, req.arrival_time

@@ -70,6 +70,7 @@ class _Common(_Lenient):
     top_p: float | None = None
     seed: int | None = None
     ignore_eos: bool | None = False
+    priority: int = 0  # vLLM's: lower is served first (--scheduling-policy priority)
 
 
 class ChatRequest(_Common):
@@ -104,6 +105,7 @@ class Generation:
     max_tokens: int | None
     stream: bool
     include_usage: bool
+    priority: int = 0
 
 
 def _validate(cls: type[_Lenient], body: Any) -> Any:
@@ -129,7 +131,7 @@ def parse_chat(body: Any) -> Generation:
     opts = req.stream_options
     return Generation(
         "chat", req.model, tokenize(text), max_tokens, bool(req.stream),
-        bool(opts and opts.include_usage),
+        bool(opts and opts.include_usage), req.priority,
     )
 
 
@@ -156,7 +158,7 @@ def parse_completion(body: Any) -> Generation:
     opts = req.stream_options
     return Generation(
         "completion", req.model, prompt_tokens(req.prompt), req.max_tokens, bool(req.stream),
-        bool(opts and opts.include_usage),
+        bool(opts and opts.include_usage), req.priority,
     )
 
 

@@ -100,6 +100,7 @@ class SimState:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=settings.effective_max_model_len(), cost=cost,
+            scheduling_policy=settings.scheduling_policy,
         )
         self.metrics = SimMetrics(self.engine, settings.model)
         self.kv_events = settings.kv_events()
@@ -201,8 +202,8 @@ class SimState:
                 flow.event.set()
 
     # --- requests ------------------------------------------------------------------------
-    def submit(self, req_id: str, tokens: list[str], max_tokens: int | None, stream: bool
-               ) -> Request:
+    def submit(self, req_id: str, tokens: list[str], max_tokens: int | None, stream: bool,
+               priority: int = 0) -> Request:
         """Queue a request; raises ApiError for what vLLM rejects."""
         engine = self.engine
         on_limit: Any = "length"
@@ -216,7 +217,7 @@ class SimState:
             on_limit = "stop"
         now = self.clock()
         try:
-            req = engine.new_request(req_id, tokens, max_tokens, now, on_limit)
+            req = engine.new_request(req_id, tokens, max_tokens, now, on_limit, priority)
         except ValueError as exc:  # RequestTooLong included
             raise ApiError(str(exc)) from None
         req.user_data = _Flow(stream)
@@ -347,7 +348,7 @@ async def _generate(request: web.Request, state: SimState, gen: Generation, pref
         await asyncio.Event().wait()  # until the client goes away (handler cancelled)
 
     try:
-        req = state.submit(req_id, gen.tokens, gen.max_tokens, gen.stream)
+        req = state.submit(req_id, gen.tokens, gen.max_tokens, gen.stream, gen.priority)
     except ApiError as exc:
         if resp is None:
             return _error(exc)

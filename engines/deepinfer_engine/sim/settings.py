@@ -46,6 +46,11 @@ class SimSettings(BaseSettings, RegistrationOptions):
     )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running in one step.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="vLLM's --scheduling-policy: fcfs (a request's `priority` other "
+        "than 0 is refused, as vLLM does) or priority (waiting requests by `priority`, lower "
+        "first, then arrival; a block shortage preempts the lowest-priority request).",
+    )
     max_num_batched_tokens: int = Field(
         8192, ge=1, description="Token budget of one step (chunked prefill)."
     )

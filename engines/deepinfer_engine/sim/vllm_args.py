@@ -20,6 +20,7 @@ MAPPED = {
     "--max-num-batched-tokens": "--max-num-batched-tokens",
     "--block-size": "--block-size",
     "--kv-events-config": "--kv-events-config",
+    "--scheduling-policy": "--scheduling-policy",
 }
 # Accepted for compatibility; meaningless without a GPU.
 IGNORED_WITH_VALUE = ("--tensor-parallel-size", "--pipeline-parallel-size",
