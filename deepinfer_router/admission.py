@@ -37,7 +37,7 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
-        self._waiters = fair or FairQueue()
+        self._waiters = fair if fair is not None else FairQueue()  # (an empty one is falsy)
         self._clock = clock
         # model -> (ticket, future) of the requests waiting for a slot on an engine
         # serving it, in ticket order (at most max_queue entries in all)

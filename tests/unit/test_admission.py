@@ -187,3 +187,20 @@ async def test_a_waiter_that_leaves_as_the_slot_comes_leaves_the_queue_consisten
     assert adm.queued == 0 and adm.inflight == 1
     adm.release()
     assert adm.inflight == 0 and adm.try_acquire()
+
+
+async def test_the_configured_queue_is_the_one_used() -> None:
+    """An empty FairQueue is falsy (it has a length): the one given must still be used,
+    with its order and weights."""
+    from deepinfer_router.fairness.queue import FairQueue
+
+    adm = Admission(max_inflight=1, max_queue=100, queue_timeout_s=30.0,
+                    fair=FairQueue(order="fifo"))
+    served = await _queue_and_release(adm, [("a", "batch", 1.0)] * 3
+                                      + [("b", "interactive", 1.0)] * 2)
+    assert [s.split("/")[0] for s in served] == ["a"] * 3 + ["b"] * 2
+    adm = Admission(max_inflight=1, max_queue=100, queue_timeout_s=30.0,
+                    fair=FairQueue(weights={"gold": 3.0}))
+    served = await _queue_and_release(adm, [("bronze", "standard", 10.0)] * 8
+                                      + [("gold", "standard", 10.0)] * 8)
+    assert [s.split("/")[0] for s in served[:8]].count("gold") == 6
