@@ -19,8 +19,11 @@ def make_budget_gate(settings: RouterSettings, limits: Mapping[str, TenantLimits
         return RedisGate(settings.redis_url, settings.registry_namespace, limits,
                          settings.request_timeout_s,
                          siblings.slot.count if siblings is not None else 1)
+    # a place whose end was never told (its process died) is freed when the request
+    # would have timed out anyway
+    hold_s = settings.request_timeout_s + 5.0
     if siblings is not None:
         from .owner import OwnerGate
 
-        return OwnerGate(limits, siblings)
-    return LocalGate(limits)
+        return OwnerGate(limits, siblings, hold_s)
+    return LocalGate(limits, hold_s)

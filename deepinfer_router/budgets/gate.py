@@ -3,6 +3,7 @@ keeps the budgets in this process."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,30 +42,34 @@ class BudgetGate(Protocol):
 
 
 class LocalGate:
-    """Budgets kept in this process: exact for a router of one worker."""
+    """Budgets kept in this process: exact for a router of one worker. A place is held
+    at most `hold_s` (a request that has not ended by then has timed out)."""
 
-    def __init__(self, limits: Mapping[str, TenantLimits],
+    def __init__(self, limits: Mapping[str, TenantLimits], hold_s: float = 3600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.budgets = Budgets(limits)
+        self._hold_s = hold_s
         self._clock = clock
+        self._ids = itertools.count()
 
     def limited(self, tenant: str) -> bool:
         return self.budgets.limited(tenant)
 
-    def admit_now(self, tenant: str, tokens: int) -> Verdict:
+    def admit_now(self, tenant: str, tokens: int, rid: str | None = None) -> Verdict:
         now = self._clock()
-        refusal = self.budgets.admit(tenant, tokens, now)
+        rid = rid if rid is not None else str(next(self._ids))
+        refusal = self.budgets.admit(tenant, tokens, now, rid, now + self._hold_s)
         room = self.budgets.headroom(tenant, now)
         if refusal is not None:
             return Verdict(refusal, room)
 
         def finish(used: int | None) -> None:
-            self.finish_now(tenant, tokens, used)
+            self.finish_now(tenant, rid, tokens, used)
 
         return Verdict(None, room, finish)
 
-    def finish_now(self, tenant: str, charged: int, used: int | None) -> None:
-        self.budgets.finish(tenant, charged, used, self._clock())
+    def finish_now(self, tenant: str, rid: str, charged: int, used: int | None) -> None:
+        self.budgets.finish(tenant, rid, charged, used, self._clock())
 
     async def admit(self, tenant: str, tokens: int) -> Verdict:
         return self.admit_now(tenant, tokens)

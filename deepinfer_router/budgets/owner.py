@@ -1,15 +1,19 @@
 """Budgets across --workers without Redis: each tenant's budgets live in one worker (its
 owner, by a hash of the name) and the others ask it over the workers' private sockets
 (one round trip of about 0.2 ms per request of a tenant with budgets; none for the rest).
-So the limits hold for the router as a whole. While the owner cannot be reached (it is
-restarting), a worker admits on its own, within 1/N of each limit; a restarted owner
-starts its tenants' budgets afresh (full buckets, no requests counted running), as a
-restarted router does."""
+So the limits hold for the router as a whole. Every request has an id, and ending it is
+idempotent at the owner, so an admission whose answer came too late is undone by ending
+its id, and an end said twice counts once. While the owner cannot be reached (it is
+restarting, or slower than 1 s), a worker admits on its own, within 1/N of each limit; a
+restarted owner starts its tenants' budgets afresh (full buckets, no requests counted
+running), as a restarted router does."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -36,12 +40,17 @@ def owner_of(tenant: str, count: int) -> int:
 
 
 class OwnerGate:
-    def __init__(self, limits: Mapping[str, TenantLimits], siblings: Siblings) -> None:
+    def __init__(self, limits: Mapping[str, TenantLimits], siblings: Siblings,
+                 hold_s: float = 3600.0) -> None:
         self._siblings = siblings
         self._index = siblings.slot.index
         self._count = siblings.slot.count
-        self.owned = LocalGate(limits)  # the budgets of the tenants this worker owns
-        self._alone = LocalGate({t: share(lim, self._count) for t, lim in limits.items()})
+        # the budgets of the tenants this worker owns
+        self.owned = LocalGate(limits, hold_s)
+        self._alone = LocalGate({t: share(lim, self._count) for t, lim in limits.items()},
+                                hold_s)
+        self._ids = itertools.count()
+        self._prefix = f"w{self._index}-{os.urandom(4).hex()}-"  # unique across restarts
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def limited(self, tenant: str) -> bool:
@@ -49,40 +58,38 @@ class OwnerGate:
 
     async def admit(self, tenant: str, tokens: int) -> Verdict:
         owner = owner_of(tenant, self._count)
+        rid = self._prefix + str(next(self._ids))
         if owner == self._index:
-            return self.owned.admit_now(tenant, tokens)
+            return self.owned.admit_now(tenant, tokens, rid)
         # Shielded: a client that leaves while the owner answers must not leave a place
         # taken there with nobody to give it back.
         ask = asyncio.ensure_future(self._ask(owner, {"op": "admit", "tenant": tenant,
-                                                      "tokens": tokens}))
+                                                      "tokens": tokens, "id": rid}))
         try:
             answer = await asyncio.shield(ask)
         except asyncio.CancelledError:
-            ask.add_done_callback(lambda t: self._give_back_if_taken(t, owner, tenant, tokens))
+            ask.add_done_callback(lambda _t: self._finish(owner, tenant, rid, tokens, 0))
             raise
         if answer is None:
-            return self._alone.admit_now(tenant, tokens)
+            # The owner may have admitted it after all (it answered late): undo that
+            # (a no-op if it did not), and admit here alone.
+            self._finish(owner, tenant, rid, tokens, 0)
+            return self._alone.admit_now(tenant, tokens, rid)
         refusal, room = answer
         if refusal is not None:
             return Verdict(refusal, room)
-        return Verdict(None, room, lambda used: self._finish(owner, tenant, tokens, used))
+        return Verdict(None, room,
+                       lambda used: self._finish(owner, tenant, rid, tokens, used))
 
-    def _give_back_if_taken(self, task: asyncio.Task[Any], owner: int, tenant: str,
-                            tokens: int) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        answer = task.result()
-        if answer is not None and answer[0] is None:
-            self._finish(owner, tenant, tokens, None)
-
-    def _finish(self, owner: int, tenant: str, tokens: int, used: int | None) -> None:
-        task = asyncio.ensure_future(self._tell_finish(owner, tenant, tokens, used))
+    def _finish(self, owner: int, tenant: str, rid: str, tokens: int,
+                used: int | None) -> None:
+        task = asyncio.ensure_future(self._tell_finish(owner, tenant, rid, tokens, used))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _tell_finish(self, owner: int, tenant: str, tokens: int,
+    async def _tell_finish(self, owner: int, tenant: str, rid: str, tokens: int,
                            used: int | None) -> None:
-        body = {"op": "finish", "tenant": tenant, "tokens": tokens, "used": used}
+        body = {"op": "finish", "tenant": tenant, "id": rid, "tokens": tokens, "used": used}
         for attempt in range(_FINISH_TRIES):
             answer = await self._siblings.call_one(
                 owner, "POST", BUDGET_PATH, orjson.dumps(body), _ASK_TIMEOUT_S)
@@ -121,17 +128,18 @@ async def receive_budget(request: web.Request) -> web.Response:
     gate = request.app[STATE].budgets
     try:
         body = orjson.loads(await request.read())
-        op, tenant, tokens = body["op"], body["tenant"], int(body["tokens"])
+        op, tenant, rid = body["op"], body["tenant"], body["id"]
+        tokens = int(body["tokens"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return error_response(400, "Malformed budget request.", "invalid_body")
-    if not isinstance(gate, OwnerGate) or not isinstance(tenant, str) or not gate.limited(
-            tenant):
+    if not isinstance(gate, OwnerGate) or not isinstance(tenant, str) or not isinstance(
+            rid, str) or not gate.limited(tenant):
         return error_response(404, "No budget for this tenant here.", "not_found")
     if op == "finish":
         used = body.get("used")
-        gate.owned.finish_now(tenant, tokens, used if isinstance(used, int) else None)
+        gate.owned.finish_now(tenant, rid, tokens, used if isinstance(used, int) else None)
         return web.json_response({})
-    verdict = gate.owned.admit_now(tenant, tokens)
+    verdict = gate.owned.admit_now(tenant, tokens, rid)
     refusal = verdict.refusal
     return web.Response(body=orjson.dumps({
         "refusal": [refusal.limit, refusal.value, refusal.retry_after_s] if refusal else None,

@@ -4,14 +4,17 @@ request of a tenant with budgets, atomic in Redis, timed by Redis's own clock (t
 routers' clocks do not matter); one more when it ends.
 
 Keys, under `{ns}:budget:{tenant}` (a hash tag, so a cluster keeps a tenant's keys on
-one node): `:running` a sorted set of the requests running (scored by when they expire:
-a router that dies frees its places within --request-timeout-s), `:rpm` and `:tpm` the
+one node): `:running` a sorted set of the requests running, by id (scored by when they
+expire: a router that dies frees its places within --request-timeout-s; an end is
+settled once, whoever says it again), `:rpm` and `:tpm` the
 buckets (hashes `level`, `at`; expiring once full again).
 
 Accuracy: exact while Redis answers. While it does not (down, or slower than 0.25 s),
 each router part admits on its own within its share of each limit (one worker's share
 of the whole limit: with R routers sharing Redis, up to R times the limit in all), logs
-a warning once, and goes back to Redis as soon as it answers again.
+a warning once, and tries Redis again a second later (so a Redis that hangs costs one
+0.25 s wait a second, not one per request). An admission whose answer came too late is
+undone (its id removed; a no-op if it never happened).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 
 from ..fairness.budgets import Headroom, Refusal
@@ -31,10 +35,13 @@ from .gate import LocalGate, Verdict, share
 log = logging.getLogger("deepinfer.budgets")
 
 _TIMEOUT_S = 0.25
+_RETRY_S = 1.0
+_UNDO_AGAIN_S = (1.0, 5.0)
 
 # ARGV: max_concurrency, rpm, tpm (0: none), tokens, request id, expiry in seconds.
-# Returns {refused limit or '', limit, retry after s, requests level, tokens level, now};
-# numbers as strings (Redis would truncate Lua numbers to integers).
+# Returns {refused limit or '', limit, retry after s, requests level, tokens level} (the
+# levels after this admission, or as they are when refused; -1: no such limit); numbers
+# as strings (Redis would truncate Lua numbers to integers).
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -47,32 +54,29 @@ local function level(key, cap)
   if now > at then lv = math.min(cap, lv + (now - at) * cap / 60) end
   return lv
 end
+local rl, tl = -1, -1
+if rpm > 0 then rl = level(KEYS[2], rpm) end
+if tpm > 0 then tl = level(KEYS[3], tpm) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   if redis.call('ZCARD', KEYS[1]) >= conc then
-    return {'max_concurrency', tostring(conc), '1', '', '', tostring(now)}
+    return {'max_concurrency', tostring(conc), '1', tostring(rl), tostring(tl)}
   end
 end
-local rl, tl = -1, -1
-if rpm > 0 then
-  rl = level(KEYS[2], rpm)
-  if rl < 1 then
-    return {'requests_per_minute', tostring(rpm), tostring((1 - rl) * 60 / rpm), '', '',
-            tostring(now)}
-  end
+if rpm > 0 and rl < 1 then
+  return {'requests_per_minute', tostring(rpm), tostring((1 - rl) * 60 / rpm), tostring(rl),
+          tostring(tl)}
 end
 if tpm > 0 then
-  tl = level(KEYS[3], tpm)
   local need = math.min(tokens, tpm)
   if tl < need then
-    return {'tokens_per_minute', tostring(tpm), tostring((need - tl) * 60 / tpm), '', '',
-            tostring(now)}
+    return {'tokens_per_minute', tostring(tpm), tostring((need - tl) * 60 / tpm),
+            tostring(rl), tostring(tl)}
   end
 end
-if conc > 0 then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
-end
+-- every admitted request is held under its id (so that its end counts once)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
 if rpm > 0 then
   rl = rl - 1
   redis.call('HSET', KEYS[2], 'level', tostring(rl), 'at', tostring(now))
@@ -83,23 +87,28 @@ if tpm > 0 then
   redis.call('HSET', KEYS[3], 'level', tostring(tl), 'at', tostring(now))
   redis.call('PEXPIRE', KEYS[3], math.ceil((tpm - tl) * 60000 / tpm) + 1000)
 end
-return {'', '', '', tostring(rl), tostring(tl), tostring(now)}
+return {'', '', '', tostring(rl), tostring(tl)}
 """
 
 # ARGV: request id, tpm (0: none), tokens charged, tokens used (-1: not reported).
 _FINISH_LUA = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  return 0  -- ended already, never admitted, or expired: nothing to settle
+end
 local tpm, charged, used = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tpm > 0 and used >= 0 and used ~= charged then
   local v = redis.call('HMGET', KEYS[2], 'level', 'at')
-  local lv, at = tonumber(v[1]), tonumber(v[2])
-  if lv ~= nil and at ~= nil then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-    if now > at then lv = math.min(tpm, lv + (now - at) * tpm / 60) end
-    lv = math.min(tpm, lv + charged - used)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  -- a key that expired was full again: an underestimate is still paid
+  local lv, at = tonumber(v[1]) or tpm, tonumber(v[2]) or now
+  if now > at then lv = math.min(tpm, lv + (now - at) * tpm / 60) end
+  lv = math.min(tpm, lv + charged - used)
+  if lv < tpm then
     redis.call('HSET', KEYS[2], 'level', tostring(lv), 'at', tostring(now))
     redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - lv) * 60000 / tpm) + 1000)
+  else
+    redis.call('DEL', KEYS[2])
   end
 end
 return 0
@@ -114,11 +123,13 @@ class RedisGate:
         self._limits = dict(limits)
         self._expiry_s = request_timeout_s + 5.0
         # while Redis does not answer: this part's share of each limit
-        self._alone = LocalGate({t: share(lim, parts) for t, lim in limits.items()})
+        self._alone = LocalGate({t: share(lim, parts) for t, lim in limits.items()},
+                                self._expiry_s)
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()  # request ids unique across routers
         self._tasks: set[asyncio.Task[None]] = set()
         self._down = False
+        self._retry_at = 0.0  # while down: when to try Redis again
         self._r = connect(url, socket_timeout=_TIMEOUT_S)
         # EVALSHA, loading the script again after a Redis restart (redis-py's Script)
         self._admit_script = self._r.register_script(_ADMIT_LUA)
@@ -134,6 +145,8 @@ class RedisGate:
     async def admit(self, tenant: str, tokens: int) -> Verdict:
         limits = self._limits[tenant]
         rid = f"{self._prefix}-{next(self._ids)}"
+        if self._down and time.monotonic() < self._retry_at:
+            return self._alone.admit_now(tenant, tokens, rid)
         keys = self._keys(tenant)
         call = asyncio.ensure_future(self._admit_script(keys=keys, args=[
             limits.max_concurrency or 0, limits.requests_per_minute or 0,
@@ -142,20 +155,20 @@ class RedisGate:
             # shielded: a client that leaves while Redis answers gives its place back
             answer = await asyncio.wait_for(asyncio.shield(call), _TIMEOUT_S)
         except asyncio.CancelledError:
-            call.add_done_callback(lambda t: self._give_back(t, tenant, rid, tokens))
+            call.add_done_callback(lambda _t: self._undo(tenant, rid, tokens))
             raise
         except Exception as exc:  # down, slow, refused: admit alone
-            call.add_done_callback(lambda t: self._give_back(t, tenant, rid, tokens))
+            # it may have run in Redis all the same: undo it (a no-op if it did not)
+            call.add_done_callback(lambda _t: self._undo(tenant, rid, tokens))
             self._went_down(exc)
-            return self._alone.admit_now(tenant, tokens)
+            return self._alone.admit_now(tenant, tokens, rid)
         if self._down:
             self._down = False
             log.warning("budgets: Redis answers again; tenants' budgets are shared again")
-        refused, limit, retry, requests, tokens_left, _ = answer
-        if refused:
-            return Verdict(Refusal(refused, int(limit), float(retry)),
-                           self._room(limits, None, None))
+        refused, limit, retry, requests, tokens_left = answer
         room = self._room(limits, float(requests), float(tokens_left))
+        if refused:
+            return Verdict(Refusal(refused, int(limit), float(retry)), room)
         return Verdict(None, room, lambda used: self._finish(tenant, rid, tokens, used))
 
     @staticmethod
@@ -170,19 +183,26 @@ class RedisGate:
                         one(limits.tokens_per_minute, tokens))
 
     def _went_down(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + _RETRY_S
         if not self._down:
             self._down = True
             log.warning("budgets: Redis does not answer (%s); each router part admits "
                         "alone within its share of each limit until it does",
                         type(exc).__name__)
 
-    def _give_back(self, task: asyncio.Future[list[str]], tenant: str, rid: str,
-                   tokens: int) -> None:
-        """An admission that came back after its requester stopped waiting: undo it."""
-        if task.cancelled() or task.exception() is not None:
-            return
-        if not task.result()[0]:
-            self._finish(tenant, rid, tokens, None)
+    def _undo(self, tenant: str, rid: str, tokens: int) -> None:
+        """Take back an admission whose answer did not come: at once, and again a little
+        later, for a command that a stalled Redis runs after the undo (ending an id is
+        idempotent, and a no-op for an id never admitted)."""
+        self._finish(tenant, rid, tokens, 0)
+        for delay in _UNDO_AGAIN_S:
+            task = asyncio.ensure_future(self._later(delay, tenant, rid, tokens))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _later(self, delay: float, tenant: str, rid: str, tokens: int) -> None:
+        await asyncio.sleep(delay)
+        await self._tell_finish(tenant, rid, tokens, 0)
 
     def _finish(self, tenant: str, rid: str, tokens: int, used: int | None) -> None:
         task = asyncio.ensure_future(self._tell_finish(tenant, rid, tokens, used))
@@ -204,4 +224,6 @@ class RedisGate:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=1.0)
+        for task in self._tasks:  # late undos: their places expire in Redis anyway
+            task.cancel()
         await self._r.aclose()

@@ -9,6 +9,13 @@ the tokens bucket gets back what the estimate overstated, or pays what it unders
 (the level may go below zero: the next requests wait for it). A request of more tokens
 than the whole limit is let through once the bucket is full (taking it into debt), so it
 is delayed, never refused for ever.
+
+Each admitted request holds a place under an id until it ends or its expiry passes (a
+request that never reports its end, because the process that ran it died, frees its
+place when it would have timed out anyway). Ending a request is idempotent: an id not
+held (ended already, never admitted here, or held by a process that restarted) changes
+nothing, so a caller that cannot tell whether its admission or its end got through can
+safely say it again.
 """
 
 from __future__ import annotations
@@ -71,7 +78,11 @@ class _Tenant:
     limits: TenantLimits
     requests: Bucket | None
     tokens: Bucket | None
-    running: int = 0
+    running: dict[str, float] = field(default_factory=dict)  # request id -> expiry
+
+    def prune(self, now: float) -> None:
+        for rid in [rid for rid, until in self.running.items() if until <= now]:
+            del self.running[rid]
 
 
 @dataclass(slots=True)
@@ -94,16 +105,20 @@ class Budgets:
                 Bucket(tpm, tpm, now) if tpm else None)
         return t
 
-    def admit(self, tenant: str, tokens: int, now: float) -> Refusal | None:
-        """Take a place in `tenant`'s budgets for a request estimated at `tokens`, or say
-        which limit it is over (nothing is taken then)."""
+    def admit(self, tenant: str, tokens: int, now: float, rid: str,
+              expires_at: float = math.inf) -> Refusal | None:
+        """Take a place in `tenant`'s budgets for request `rid` estimated at `tokens`
+        (held until `finish(rid)` or `expires_at`), or say which limit it is over
+        (nothing is taken then)."""
         if tenant not in self.limits:
             return None
         t = self._tenant(tenant, now)
         limits = t.limits
-        if limits.max_concurrency is not None and t.running >= limits.max_concurrency:
-            # no rate to wait for: a running request ends when it ends
-            return Refusal("max_concurrency", limits.max_concurrency, 1.0)
+        if limits.max_concurrency is not None and len(t.running) >= limits.max_concurrency:
+            t.prune(now)
+            if len(t.running) >= limits.max_concurrency:
+                # no rate to wait for: a running request ends when it ends
+                return Refusal("max_concurrency", limits.max_concurrency, 1.0)
         if t.requests is not None:
             t.requests.refill(now)
             if t.requests.level < 1:
@@ -114,25 +129,27 @@ class Budgets:
             if t.tokens.level < min(tokens, t.tokens.capacity):
                 return Refusal("tokens_per_minute", int(t.tokens.capacity),
                                t.tokens.wait_for(tokens))
-        t.running += 1
+        t.running[rid] = expires_at
         if t.requests is not None:
             t.requests.level -= 1
         if t.tokens is not None:
             t.tokens.level -= tokens
         return None
 
-    def finish(self, tenant: str, charged: int, used: int | None, now: float) -> None:
-        """A request admitted with `charged` tokens ended; it used `used` (None: its
-        answer did not say, the estimate stands)."""
+    def finish(self, tenant: str, rid: str, charged: int, used: int | None,
+               now: float) -> bool:
+        """Request `rid`, admitted with `charged` tokens, ended; it used `used` (None:
+        its answer did not say, the estimate stands). False when `rid` held no place
+        here (nothing changes)."""
         t = self._tenants.get(tenant)
-        if t is None:
-            return
-        t.running = max(t.running - 1, 0)
+        if t is None or t.running.pop(rid, None) is None:
+            return False
         if t.tokens is not None and used is not None:
             t.tokens.refill(now)
             t.tokens.level = min(t.tokens.capacity, t.tokens.level + charged - used)
-        if t.running == 0 and self._idle(t, now):
+        if not t.running and self._idle(t, now):
             del self._tenants[tenant]  # full again: nothing to remember
+        return True
 
     def headroom(self, tenant: str, now: float) -> Headroom:
         t = self._tenants.get(tenant)

@@ -58,6 +58,8 @@ class Dispatcher:
         self._chars_per_token = state.settings.chars_per_token
         self._output_cost = state.settings.output_token_cost
         self._expected_output = state.settings.expected_output_tokens
+        self._token_budgets = frozenset(
+            t for t, lim in state.tenant_table.limits().items() if lim.tokens_per_minute)
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
         state = self.state
@@ -126,6 +128,10 @@ class Dispatcher:
                               headers=headers)
         call.budget_finish = verdict.finish
         call.wants_usage = True
+        # a stream settles its token budget only by its usage: ask for it if the client
+        # did not (the relay takes it out of the client's stream)
+        call.add_usage = call.stream and not call.stream_usage and (
+            call.tenant in self._token_budgets)
         call.extra_headers = list(headers.items())
 
     def _settle(self, call: Call) -> None:
@@ -133,7 +139,9 @@ class Dispatcher:
         its fair-queue charge is corrected, by the answer's usage where it came."""
         usage = call.usage
         if call.budget_finish is not None:
-            call.budget_finish(usage.prompt + usage.completion if usage is not None else None)
+            # no usage: nothing reached an engine (0), or it did not say (the estimate)
+            call.budget_finish(usage.prompt + usage.completion if usage is not None
+                               else None if call.answered else 0)
         charge = call.queue_charge
         if charge is not None and usage is not None:
             output_cost = self._output_cost

@@ -31,11 +31,11 @@ from ..upstream import (
     UpstreamError,
     UpstreamResponse,
 )
+from .body_members import ASK_USAGE, SCHEDULING_LABEL, priority_member, with_members
 from .call import Call
 from .failures import TIMEOUT_MESSAGES, ClientGone, EngineTimeout, Retryable, timeout_kind
 from .headers import EngineHeaders, client_headers
-from .priority import SCHEDULING_LABEL, with_priority
-from .usage import cached_tokens_in, usage_in
+from .usage import UsageStripper, cached_tokens_in, usage_in
 
 log = logging.getLogger("deepinfer.proxy")
 
@@ -43,6 +43,7 @@ _ERROR_BODY_BYTES = 4096  # of an engine's 5xx body, kept for the message; the r
 # A write of at most this much into an empty socket buffer never waits (below the
 # transport's high-water mark): no timer is armed for it.
 _UNTIMED_WRITE = 65536
+_USAGE_TAIL = 512  # bytes of the chunk before, searched with the next for a cut usage
 _CLIENT_LEFT = (ConnectionResetError, aiohttp.ClientConnectionResetError, ClientGone)
 
 
@@ -110,12 +111,18 @@ class Relay:
 
     def _body(self, call: Call, engine: EngineState) -> bytes:
         """The body as the client sent it, or with the request's class as vLLM's
-        `priority` for an engine that schedules by it."""
-        if call.priority is None or not (
-                self._priority_to_all or engine.record.labels.get(
-                    SCHEDULING_LABEL) == "priority"):
+        `priority` for an engine that schedules by it, and with a request for the
+        stream's usage when the router needs it (a tenant's token budget)."""
+        members = []
+        if call.priority is not None and (
+                self._priority_to_all
+                or engine.record.labels.get(SCHEDULING_LABEL) == "priority"):
+            members.append(priority_member(call.priority))
+        if call.add_usage:
+            members.append(ASK_USAGE)
+        if not members:
             return call.body
-        return with_priority(call.body, call.priority)
+        return with_members(call.body, b",".join(members))
 
     async def _relay_whole(
         self, call: Call, upstream: UpstreamResponse, deadline: float
@@ -230,10 +237,12 @@ class Relay:
         last = time.monotonic()
         self._on_first_token(call, engine.id, last)
         itl = self.state.metrics.itl_by(call.model)
-        # Usage comes in the last chunk, only when the client asked for it (never added).
-        usage = call.stream_usage and upstream.status == 200 and (
+        # Usage comes in the last chunk, when the client asked for it, or when the router
+        # did (a tenant's token budget): then it is taken out of what the client gets.
+        usage = (call.stream_usage or call.add_usage) and upstream.status == 200 and (
             call.decision is not None or call.wants_usage)
-        chunk = first
+        strip = UsageStripper() if call.add_usage and upstream.status == 200 else None
+        chunk = previous = first
         if usage:
             self._take_usage(call, first)
         try:
@@ -241,10 +250,12 @@ class Relay:
             # end of the chunked body leave in one send() (and, for the first chunk, the
             # headers too): nothing is held back, there is nothing left to wait for.
             if content.at_eof():
-                await self._write(call, response, first, deadline, eof=True)
+                out = strip.feed(first) + strip.flush() if strip is not None else first
+                await self._write(call, response, out, deadline, eof=True)
                 call.status = upstream.status
                 return response
-            await self._write(call, response, first, deadline)
+            await self._write(call, response,
+                              strip.feed(first) if strip is not None else first, deadline)
             while True:
                 try:
                     async with asyncio.timeout(min(idle, deadline - last)):
@@ -260,12 +271,19 @@ class Relay:
                 itl.observe(now - last)
                 last = now
                 if usage:
-                    self._take_usage(call, chunk)
+                    # (with the end of the chunk before: a read may cut the usage in two)
+                    self._take_usage(call, previous[-_USAGE_TAIL:] + chunk)
+                previous = chunk
+                if strip is not None:
+                    chunk = strip.feed(chunk)
                 if content.at_eof():
+                    if strip is not None:
+                        chunk += strip.flush()
                     await self._write(call, response, chunk, deadline, eof=True)
                     break
                 await self._write(call, response, chunk, deadline)
-            await self._write(call, response, b"", deadline, eof=True)
+            await self._write(call, response, strip.flush() if strip is not None else b"",
+                              deadline, eof=True)
         except _CLIENT_LEFT:
             # The client left: closing `upstream` (in the caller) stops the engine.
             call.status = 499

@@ -65,3 +65,39 @@ def _last_int(data: bytes, key: bytes) -> int | None:
     if j == i or j == n:  # no digits, or they may go on in the next chunk of a stream
         return None
     return int(data[i:j])
+
+
+_EMPTY_CHOICES = b'"choices":[]'
+_USAGE_OBJECT = b'"usage":{'
+
+
+class UsageStripper:
+    """Takes the usage event out of a stream whose client did not ask for it (the router
+    asked the engine for it, to settle a tenant's token budget). SSE events end with a
+    blank line; the usage event is the one with no choices and a usage object (vLLM's
+    and OpenAI's last event before [DONE]). Bytes are held back only while an event is
+    incomplete, which vLLM's streams never leave between chunks."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"\n\n") and _EMPTY_CHOICES not in chunk:
+            return chunk  # the usual case: whole events, none of them the usage
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:cut + 2], data[cut + 2:]
+        if _EMPTY_CHOICES not in complete:
+            return complete
+        events = complete[:-2].split(b"\n\n")
+        kept = [e for e in events if not (_EMPTY_CHOICES in e and _USAGE_OBJECT in e)]
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest

@@ -120,3 +120,21 @@ async def test_tenants_without_budgets_pass_untouched(echo_engines, router):
                                     "messages": [{"role": "user", "content": "x"}]}) as resp:
                 assert resp.status == 200
                 assert "x-ratelimit-limit-requests" not in resp.headers
+
+
+async def test_a_stream_settles_its_token_budget_without_showing_the_usage(
+        echo_engines, router):
+    """The client did not ask for usage: the router asks the engine for it, settles the
+    tenant's token budget by it, and the client's stream has no usage event."""
+    a, r = await budgeted_router(echo_engines, router, tokens_per_minute=1000)
+    budgets = r.app[STATE].budgets.budgets
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await post(s, r.url, max_tokens=40, stream=True, content="x" * 800)
+        assert status == 200
+        raw = body["raw"]
+        assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+        assert raw.count(b"data: ") == 41  # 40 tokens and [DONE]
+    assert a.app[ECHO].received[-1]["stream_options"] == {"include_usage": True}
+    room = budgets.headroom("team", time.monotonic())
+    # charged ~240 (800 characters + 40), settled at 3 + 40 used
+    assert room.tokens is not None and 950 <= room.tokens[1] <= 960

@@ -107,6 +107,13 @@ async def _generate(request: web.Request) -> web.StreamResponse:
             chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": body["model"], "choices": [delta]}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):  # as vLLM: last
+            await resp.write(b"data: " + orjson.dumps({
+                "id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": body["model"], "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": n,
+                          "total_tokens": 3 + n}}) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         st.completed += 1

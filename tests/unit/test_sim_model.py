@@ -250,3 +250,23 @@ def test_priority_preemption_takes_the_lowest_priority() -> None:
 def test_fcfs_refuses_a_priority_as_vllm_does() -> None:
     with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
         engine().new_request("a", toks("a", 4), 1, now=0.0, priority=1)
+
+
+def test_priority_preemption_takes_back_a_request_admitted_before() -> None:
+    """The lowest priority is preempted even when it was admitted first (and scheduled
+    already in this step), as vLLM's priority policy does."""
+    e = engine(num_blocks=8, scheduling_policy="priority", max_num_batched_tokens=64)
+    low = e.new_request("low", toks("l", 12), 12, now=0.0, priority=5)
+    step = e.schedule(0.0)
+    assert step is not None
+    e.finish_step(step)
+    high = e.new_request("high", toks("h", 12), 12, now=step.end, priority=0)
+    now = step.end
+    while not high.finished:
+        step = e.schedule(now)
+        assert step is not None
+        now = step.end
+        e.finish_step(step)
+    assert high.num_preemptions == 0 and low.num_preemptions >= 1
+    e.run_until_idle(now)
+    assert low.finished and low.finish_time > high.finish_time

@@ -307,11 +307,12 @@ class SimEngine:
         self.stats.preemptions += 1
         step.preempted.append(req)
 
-    def _victim(self, first: int) -> int:
-        if not self.by_priority:
-            return -1
+    def _victim(self) -> int:
+        """Where in `running` the request to preempt is."""
         running = self.running
-        return max(range(first, len(running)), key=lambda i: _priority_key(running[i]))
+        if not self.by_priority:
+            return len(running) - 1
+        return max(range(len(running)), key=lambda i: _priority_key(running[i]))
 
     def schedule(self, now: float) -> Step | None:
         """Choose the work of the step starting at `now`; None when there is nothing to do."""
@@ -331,13 +332,27 @@ class SimEngine:
             num_new = min(req.num_tokens - req.num_computed, budget)
             need = self._blocks_needed(req, num_new, len(req.blocks))
             while need > kv.num_free:
-                # the most recently admitted one (priority: the lowest priority's of those
-                # not scheduled yet in this step; vLLM also takes back a scheduled one)
-                victim = running.pop(self._victim(i))
+                # the most recently admitted one (priority: the lowest priority's, even one
+                # scheduled already in this step, whose work is then taken back, as vLLM)
+                at = self._victim()
+                victim = running[at]
+                if at < i:
+                    n = next(n for r, n in scheduled if r is victim)
+                    scheduled.remove((victim, n))
+                    budget += n
+                    if n == 1 and victim.num_output > 0:
+                        decode_seqs -= 1
+                        decode_context -= victim.num_computed
+                    else:
+                        prefill_tokens -= n
+                    i -= 1
+                running.pop(at)
                 self._preempt(victim, step)
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
+                if self.by_priority:
+                    continue  # it preempted itself; those after it have higher priority
                 break  # it preempted itself: everything after it is gone too
             if need > 0:
                 req.blocks.extend(kv.allocate(need))

@@ -78,3 +78,31 @@ async def test_while_redis_is_down_each_router_admits_alone(echo_engines, router
 
         await wait_until(shared_again, timeout=10)
     assert r1.app[STATE].budgets is not None
+
+
+async def test_an_admission_redis_answers_too_late_is_undone(echo_engines, router,
+                                                             redis_server):
+    """Redis stalls past the gate's timeout: the router admits alone, and the place the
+    stalled Redis takes when it wakes up is given back (not held until it expires)."""
+    from tests.support.deploy_cluster import redis_client
+
+    _, (r1, _r2) = await two_routers(echo_engines, router, redis_server, max_concurrency=1)
+    client = redis_client(redis_server.url)
+    try:
+        redis_server.pause()  # SIGSTOP: commands wait in the socket until it resumes
+        try:
+            async with aiohttp.ClientSession() as s:
+                assert (await post(s, r1.url))[0] == 200  # admitted alone
+            await asyncio.sleep(0.3)
+        finally:
+            redis_server.resume()
+
+        async def nothing_held() -> bool:
+            held = 0
+            for key in await client.keys("deepinfer:budget:*:running"):
+                held += await client.zcard(key)
+            return held == 0
+
+        await wait_until(nothing_held, timeout=10)
+    finally:
+        await client.aclose()
