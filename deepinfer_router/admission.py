@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from .fairness.queue import FairQueue
+from .fairness.queue import DEFAULT_CLASSES, FairQueue
 
 
 class AdmissionRejected(Exception):
@@ -32,12 +32,20 @@ class AdmissionRejected(Exception):
 class Admission:
     def __init__(self, max_inflight: int, max_queue: int, queue_timeout_s: float,
                  fair: FairQueue | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 class_reserve: float = 0.0) -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
         self._waiters = fair if fair is not None else FairQueue()  # (an empty one is falsy)
+        # Slots a class of rank r leaves to the classes above it (r x the reserve), so
+        # that their requests find one at once rather than wait for one to free; the top
+        # class may take every slot. limits[r]: the slots in use below which rank r may
+        # take one.
+        per_rank = round(max_inflight * class_reserve)
+        self._limits = [max(max_inflight - per_rank * r, 1) for r in range(
+            len(DEFAULT_CLASSES) if fair is None else fair.class_count)]
         self._clock = clock
         # model -> (ticket, future) of the requests waiting for a slot on an engine
         # serving it, in ticket order (at most max_queue entries in all)
@@ -50,8 +58,12 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters) + self.engine_waiting
 
-    def try_acquire(self) -> bool:
-        if self.inflight < self.max_inflight and not self._waiters:
+    def try_acquire(self, klass: str = "standard") -> bool:
+        """A slot at once, when `klass` may take one and none of its class or above
+        waits for one."""
+        rank = self._waiters.rank(klass) if len(self._limits) > 1 else 0
+        if self.inflight < self._limits[rank] and not (
+                self._waiters and self._waiters.waiting_at_or_above(rank)):
             self.inflight += 1
             return True
         return False
@@ -60,7 +72,7 @@ class Admission:
                       cost: float = 1.0) -> None:
         """Take a slot, waiting in the fair queue if needed (as `tenant`'s request of
         class `klass`, charged `cost`). Raises AdmissionRejected."""
-        if self.try_acquire():
+        if self.try_acquire(klass):
             return
         if self.queued >= self.max_queue:
             raise AdmissionRejected("queue_full")
@@ -78,9 +90,14 @@ class Admission:
             raise
 
     def release(self) -> None:
-        # Hand the slot straight to the next live waiter, so it cannot be stolen.
+        # Hand the slot straight to the next live waiter that may take it (its class's
+        # reserve), so it cannot be stolen.
+        limits = self._limits
+        lowest = len(limits) - 1
+        while lowest > 0 and self.inflight > limits[lowest]:
+            lowest -= 1  # (the slot is one of those reserved for the classes above)
         while self._waiters:
-            item = self._waiters.pop(self._clock())
+            item = self._waiters.pop(self._clock(), lowest)
             if item is None:
                 break
             fut = item.key

@@ -94,7 +94,8 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
         admission=Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s,
                             FairQueue(classes, tenant_table.weights(), aging_s=max(
                                 0.1, settings.queue_timeout_s / (2 * len(classes))),
-                                      order=settings.queue_order)),
+                                      order=settings.queue_order),
+                            class_reserve=settings.class_reserve),
         decisions=DecisionLog(settings.decision_log_size, settings.chars_per_token)
         if settings.decision_log_size else None,
     )

@@ -286,6 +286,13 @@ class RouterSettings(BaseSettings):
         "charged the tokens each request costs the fleet), round-robin (tenants in turn, "
         "classes and cost ignored) or fifo.",
     )
+    class_reserve: float = Field(
+        0.0, ge=0, le=0.5, description="Share of --max-inflight that each class leaves to "
+        "the classes above it (the second class leaves this share, the third twice it, and "
+        "so on; the top class may take every slot), so that a request of a higher class "
+        "finds a slot at once instead of waiting for one to free. 0: every class may take "
+        "every slot.",
+    )
     engine_priority: Literal["labelled", "all", "off"] = Field(
         "labelled", description="Pass a request's class to the engine as vLLM's `priority` "
         "(the class's place in --priority-classes: 0 for the highest), so the engine's own "

@@ -107,6 +107,10 @@ class FairQueue:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def class_count(self) -> int:
+        return len(self._classes) if self._order == "fair" else 1
+
     def weight(self, tenant: str) -> float:
         return self._weights.get(tenant, self._default_weight)
 
@@ -143,11 +147,24 @@ class FairQueue:
         elif c.dead > 2 * c.size + 64:
             self._compact(c)
 
-    def pop(self, now: float) -> Waiting | None:
-        """The next request to serve, or None when nothing waits."""
+    def rank(self, klass: str) -> int:
+        """`klass`'s place in the priority order (0: the highest)."""
+        if self._order != "fair":
+            return 0
+        return self._classes[klass].rank
+
+    def waiting_at_or_above(self, rank: int) -> bool:
+        """Whether a request of a class of rank <= `rank` waits."""
+        return any(c.size for c in self._classes.values() if c.rank <= rank)
+
+    def pop(self, now: float, lowest_rank: int | None = None) -> Waiting | None:
+        """The next request to serve, or None when nothing waits (`lowest_rank`: only
+        from classes of that rank or higher, by their own rank, whatever their age)."""
         best: _Class | None = None
         best_key = (0, 0.0)
         for c in self._classes.values():
+            if lowest_rank is not None and c.rank > lowest_rank:
+                continue
             oldest = self._oldest(c)
             if oldest is None:
                 continue

@@ -88,7 +88,7 @@ class Dispatcher:
                         ) -> web.StreamResponse:
         state = self.state
         admission = state.admission
-        if not admission.try_acquire():
+        if not admission.try_acquire(call.klass):
             wait_started = time.monotonic()
             charge = self._cost(call)
             try:

@@ -204,3 +204,43 @@ async def test_the_configured_queue_is_the_one_used() -> None:
     served = await _queue_and_release(adm, [("bronze", "standard", 10.0)] * 8
                                       + [("gold", "standard", 10.0)] * 8)
     assert [s.split("/")[0] for s in served[:8]].count("gold") == 6
+
+
+async def test_lower_classes_leave_slots_to_the_classes_above() -> None:
+    from deepinfer_router.fairness.queue import FairQueue
+
+    adm = Admission(max_inflight=4, max_queue=100, queue_timeout_s=30.0, fair=FairQueue(),
+                    class_reserve=0.25)  # batch may use 2 slots, standard 3, interactive 4
+    assert adm.try_acquire("batch") and adm.try_acquire("batch")
+    assert not adm.try_acquire("batch")
+    waiting = asyncio.create_task(adm.acquire("a", "batch"))
+    await _spin()
+    assert adm.try_acquire("standard") and not adm.try_acquire("standard")
+    assert adm.try_acquire("interactive")  # the last slot: found at once
+    assert adm.inflight == 4 and not waiting.done()
+    adm.release()  # 3 in use: not below batch's 2, the batch request still waits
+    await _spin()
+    assert not waiting.done() and adm.inflight == 3
+    adm.release()
+    adm.release()  # 1 in use: the batch request takes the freed slot
+    await asyncio.wait_for(waiting, 1)
+    assert adm.inflight == 2
+
+
+@pytest.mark.parametrize("reserve", [0.0, 0.25])
+async def test_every_waiter_is_served_whatever_the_reserve(reserve: float) -> None:
+    from deepinfer_router.fairness.queue import FairQueue
+
+    adm = Admission(max_inflight=4, max_queue=100, queue_timeout_s=30.0, fair=FairQueue(),
+                    class_reserve=reserve)
+    done: list[str] = []
+
+    async def one(i: int, klass: str) -> None:
+        await adm.acquire(f"t{i % 3}", klass)
+        await asyncio.sleep(0.001 * (i % 4))
+        done.append(klass)
+        adm.release()
+
+    classes = ["batch", "standard", "interactive"]
+    await asyncio.wait_for(asyncio.gather(*(one(i, classes[i % 3]) for i in range(60))), 10)
+    assert len(done) == 60 and adm.inflight == 0 and adm.queued == 0
