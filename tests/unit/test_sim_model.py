@@ -215,6 +215,15 @@ def test_block_accounting_invariants(ops: list[tuple[int, int, int, bool]], bloc
     assert e.kv.num_free == blocks
 
 
+def run_until_finished(e: SimEngine, req: Request, now: float) -> float:
+    while not req.finished:
+        step = e.schedule(now)
+        assert step is not None
+        now = step.end
+        e.finish_step(step)
+    return now
+
+
 def test_priority_scheduling_serves_lower_priority_values_first() -> None:
     e = engine(max_num_seqs=1, scheduling_policy="priority")
     batch = [e.new_request(f"b{i}", toks(f"b{i}", 8), 2, now=0.0, priority=2)
@@ -236,12 +245,7 @@ def test_priority_preemption_takes_the_lowest_priority() -> None:
     e = engine(num_blocks=8, scheduling_policy="priority", max_num_batched_tokens=64)
     low = e.new_request("low", toks("l", 12), 12, now=0.0, priority=5)
     high = e.new_request("high", toks("h", 12), 12, now=0.1, priority=0)
-    now = 0.0
-    while not high.finished:
-        step = e.schedule(now)
-        assert step is not None
-        now = step.end
-        e.finish_step(step)
+    now = run_until_finished(e, high, 0.0)
     assert high.num_preemptions == 0 and low.num_preemptions >= 1
     e.run_until_idle(now)
     assert low.finished
@@ -261,12 +265,7 @@ def test_priority_preemption_takes_back_a_request_admitted_before() -> None:
     assert step is not None
     e.finish_step(step)
     high = e.new_request("high", toks("h", 12), 12, now=step.end, priority=0)
-    now = step.end
-    while not high.finished:
-        step = e.schedule(now)
-        assert step is not None
-        now = step.end
-        e.finish_step(step)
+    now = run_until_finished(e, high, step.end)
     assert high.num_preemptions == 0 and low.num_preemptions >= 1
     e.run_until_idle(now)
     assert low.finished and low.finish_time > high.finish_time
