@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import math
 import time
 from collections.abc import Callable
 
@@ -39,13 +40,17 @@ class Admission:
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
         self._waiters = fair if fair is not None else FairQueue()  # (an empty one is falsy)
-        # Slots a class of rank r leaves to the classes above it (r x the reserve), so
-        # that their requests find one at once rather than wait for one to free; the top
-        # class may take every slot. limits[r]: the slots in use below which rank r may
-        # take one.
-        per_rank = round(max_inflight * class_reserve)
-        self._limits = [max(max_inflight - per_rank * r, 1) for r in range(
-            len(DEFAULT_CLASSES) if fair is None else fair.class_count)]
+        # The reserve: the requests of rank r and below (lower classes) may hold at most
+        # limits[r] slots, r x the reserve less than all, so that a request of a higher
+        # class finds a slot at once rather than waiting for one to free. Higher classes'
+        # requests do not count against a lower class's limit: however busy they are, a
+        # lower class keeps its share of what is left (aging still orders the classes
+        # that may take a slot; nothing is starved).
+        ranks = len(DEFAULT_CLASSES) if fair is None else fair.class_count
+        per_rank = math.ceil(max_inflight * class_reserve) if class_reserve > 0 else 0
+        self._limits = [max(max_inflight - per_rank * r, 1) for r in range(ranks)]
+        self._reserve = per_rank > 0 and ranks > 1
+        self._held = [0] * ranks  # slots held per rank
         self._clock = clock
         # model -> (ticket, future) of the requests waiting for a slot on an engine
         # serving it, in ticket order (at most max_queue entries in all)
@@ -58,13 +63,25 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters) + self.engine_waiting
 
+    def _rank(self, klass: str) -> int:
+        return self._waiters.rank(klass) if self._reserve else 0
+
+    def _may_take(self, rank: int, in_use: int) -> bool:
+        """Whether a request of `rank` may take a slot with `in_use` slots held."""
+        if in_use >= self.max_inflight:
+            return False
+        return not self._reserve or rank == 0 or sum(self._held[rank:]) < self._limits[rank]
+
     def try_acquire(self, klass: str = "standard") -> bool:
-        """A slot at once, when `klass` may take one and none of its class or above
-        waits for one."""
-        rank = self._waiters.rank(klass) if len(self._limits) > 1 else 0
-        if self.inflight < self._limits[rank] and not (
-                self._waiters and self._waiters.waiting_at_or_above(rank)):
+        """A slot at once, when `klass` may take one and no request of its class or
+        above that may take one waits for one."""
+        rank = self._rank(klass)
+        in_use = self.inflight
+        if self._may_take(rank, in_use) and not (self._waiters and (
+                self._waiters.waiting_at_or_above(rank, lambda r: self._may_take(r, in_use))
+                if self._reserve else True)):
             self.inflight += 1
+            self._held[rank] += 1
             return True
         return False
 
@@ -84,25 +101,26 @@ class Admission:
             if _handed_over(fut):
                 # The slot was handed over just as we gave up (timed out, or the client
                 # left): give it back, to the next waiter.
-                self.release()
+                self.release(klass)
             else:
                 self._waiters.remove(item)
             raise
 
-    def release(self) -> None:
-        # Hand the slot straight to the next live waiter that may take it (its class's
-        # reserve), so it cannot be stolen.
-        limits = self._limits
-        lowest = len(limits) - 1
-        while lowest > 0 and self.inflight > limits[lowest]:
-            lowest -= 1  # (the slot is one of those reserved for the classes above)
+    def release(self, klass: str = "standard") -> None:
+        """A request of class `klass` gives its slot back."""
+        self._held[self._rank(klass)] -= 1
+        # Hand the slot straight to the next live waiter that may take it (the reserve),
+        # so it cannot be stolen.
+        in_use = self.inflight - 1
+        allowed = (lambda r: self._may_take(r, in_use)) if self._reserve else None
         while self._waiters:
-            item = self._waiters.pop(self._clock(), lowest)
+            item = self._waiters.pop(self._clock(), allowed)
             if item is None:
                 break
             fut = item.key
             assert isinstance(fut, asyncio.Future)
             if not fut.done():
+                self._held[self._rank(item.klass)] += 1
                 fut.set_result(None)
                 return
         self.inflight -= 1

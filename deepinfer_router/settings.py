@@ -288,10 +288,11 @@ class RouterSettings(BaseSettings):
     )
     class_reserve: float = Field(
         0.0, ge=0, le=0.5, description="Share of --max-inflight that each class leaves to "
-        "the classes above it (the second class leaves this share, the third twice it, and "
-        "so on; the top class may take every slot), so that a request of a higher class "
-        "finds a slot at once instead of waiting for one to free. 0: every class may take "
-        "every slot.",
+        "the classes above it: the requests of the second class and below hold at most "
+        "1 - this share of the slots, of the third and below 1 - twice it, and so on (the "
+        "top class may take every slot), so that a request of a higher class finds a slot "
+        "at once instead of waiting for one to free. Acts with --queue-order fair. 0: every "
+        "class may take every slot.",
     )
     engine_priority: Literal["labelled", "all", "off"] = Field(
         "labelled", description="Pass a request's class to the engine as vLLM's `priority` "

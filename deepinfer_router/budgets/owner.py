@@ -11,6 +11,7 @@ running), as a restarted router does."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -26,13 +27,13 @@ from ..fairness.budgets import Headroom, Refusal
 from ..fairness.tenants import TenantLimits
 from ..state import STATE
 from ..workers.siblings import Siblings, via_sibling
+from .ends import Ends
 from .gate import LocalGate, Verdict, share
 
 log = logging.getLogger("deepinfer.budgets")
 
 BUDGET_PATH = "/internal/budget"
 _ASK_TIMEOUT_S = 1.0
-_FINISH_TRIES = 3
 
 
 def owner_of(tenant: str, count: int) -> int:
@@ -51,7 +52,7 @@ class OwnerGate:
                                 hold_s)
         self._ids = itertools.count()
         self._prefix = f"w{self._index}-{os.urandom(4).hex()}-"  # unique across restarts
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ends_by_owner: dict[int, Ends] = {}
 
     def limited(self, tenant: str) -> bool:
         return self.owned.limited(tenant)
@@ -68,36 +69,32 @@ class OwnerGate:
         try:
             answer = await asyncio.shield(ask)
         except asyncio.CancelledError:
-            ask.add_done_callback(lambda _t: self._finish(owner, tenant, rid, tokens, 0))
+            ask.add_done_callback(lambda _t: self._ends(owner).undo(tenant, rid, tokens))
             raise
         if answer is None:
             # The owner may have admitted it after all (it answered late): undo that
             # (a no-op if it did not), and admit here alone.
-            self._finish(owner, tenant, rid, tokens, 0)
+            self._ends(owner).undo(tenant, rid, tokens)
             return self._alone.admit_now(tenant, tokens, rid)
         refusal, room = answer
         if refusal is not None:
             return Verdict(refusal, room)
         return Verdict(None, room,
-                       lambda used: self._finish(owner, tenant, rid, tokens, used))
+                       lambda used: self._ends(owner).finish(tenant, rid, tokens, used))
 
-    def _finish(self, owner: int, tenant: str, rid: str, tokens: int,
-                used: int | None) -> None:
-        task = asyncio.ensure_future(self._tell_finish(owner, tenant, rid, tokens, used))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _ends(self, owner: int) -> Ends:
+        ends = self._ends_by_owner.get(owner)
+        if ends is None:
+            ends = self._ends_by_owner[owner] = Ends(functools.partial(self._tell_finish,
+                                                                       owner))
+        return ends
 
     async def _tell_finish(self, owner: int, tenant: str, rid: str, tokens: int,
-                           used: int | None) -> None:
+                           used: int | None) -> bool:
         body = {"op": "finish", "tenant": tenant, "id": rid, "tokens": tokens, "used": used}
-        for attempt in range(_FINISH_TRIES):
-            answer = await self._siblings.call_one(
-                owner, "POST", BUDGET_PATH, orjson.dumps(body), _ASK_TIMEOUT_S)
-            if answer is not None:
-                return
-            await asyncio.sleep(0.1 * (attempt + 1))
-        # the owner is gone: a restarted one starts its budgets afresh anyway
-        log.debug("budget: worker %d did not hear that a request of %s ended", owner, tenant)
+        answer = await self._siblings.call_one(
+            owner, "POST", BUDGET_PATH, orjson.dumps(body), _ASK_TIMEOUT_S)
+        return answer is not None
 
     async def _ask(self, owner: int, body: dict[str, Any]
                    ) -> tuple[Refusal | None, Headroom] | None:
@@ -117,8 +114,8 @@ class OwnerGate:
         return None
 
     async def close(self) -> None:
-        if self._tasks:  # finishes on their way out
-            await asyncio.wait(list(self._tasks), timeout=_ASK_TIMEOUT_S * _FINISH_TRIES)
+        for ends in self._ends_by_owner.values():  # ends on their way out
+            await ends.close(_ASK_TIMEOUT_S)
 
 
 async def receive_budget(request: web.Request) -> web.Response:

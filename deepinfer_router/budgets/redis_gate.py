@@ -30,13 +30,13 @@ from collections.abc import Mapping
 from ..fairness.budgets import Headroom, Refusal
 from ..fairness.tenants import TenantLimits
 from ..shared.redis_store import connect
+from .ends import Ends
 from .gate import LocalGate, Verdict, share
 
 log = logging.getLogger("deepinfer.budgets")
 
 _TIMEOUT_S = 0.25
 _RETRY_S = 1.0
-_UNDO_AGAIN_S = (1.0, 5.0)
 
 # ARGV: max_concurrency, rpm, tpm (0: none), tokens, request id, expiry in seconds.
 # Returns {refused limit or '', limit, retry after s, requests level, tokens level} (the
@@ -127,7 +127,7 @@ class RedisGate:
                                 self._expiry_s)
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()  # request ids unique across routers
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._ends = Ends(self._tell_finish)
         self._down = False
         self._retry_at = 0.0  # while down: when to try Redis again
         self._r = connect(url, socket_timeout=_TIMEOUT_S)
@@ -155,11 +155,11 @@ class RedisGate:
             # shielded: a client that leaves while Redis answers gives its place back
             answer = await asyncio.wait_for(asyncio.shield(call), _TIMEOUT_S)
         except asyncio.CancelledError:
-            call.add_done_callback(lambda _t: self._undo(tenant, rid, tokens))
+            call.add_done_callback(lambda _t: self._ends.undo(tenant, rid, tokens))
             raise
         except Exception as exc:  # down, slow, refused: admit alone
             # it may have run in Redis all the same: undo it (a no-op if it did not)
-            call.add_done_callback(lambda _t: self._undo(tenant, rid, tokens))
+            call.add_done_callback(lambda _t: self._ends.undo(tenant, rid, tokens))
             self._went_down(exc)
             return self._alone.admit_now(tenant, tokens, rid)
         if self._down:
@@ -169,7 +169,7 @@ class RedisGate:
         room = self._room(limits, float(requests), float(tokens_left))
         if refused:
             return Verdict(Refusal(refused, int(limit), float(retry)), room)
-        return Verdict(None, room, lambda used: self._finish(tenant, rid, tokens, used))
+        return Verdict(None, room, lambda used: self._ends.finish(tenant, rid, tokens, used))
 
     @staticmethod
     def _room(limits: TenantLimits, requests: float | None, tokens: float | None
@@ -190,40 +190,21 @@ class RedisGate:
                         "alone within its share of each limit until it does",
                         type(exc).__name__)
 
-    def _undo(self, tenant: str, rid: str, tokens: int) -> None:
-        """Take back an admission whose answer did not come: at once, and again a little
-        later, for a command that a stalled Redis runs after the undo (ending an id is
-        idempotent, and a no-op for an id never admitted)."""
-        self._finish(tenant, rid, tokens, 0)
-        for delay in _UNDO_AGAIN_S:
-            task = asyncio.ensure_future(self._later(delay, tenant, rid, tokens))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _later(self, delay: float, tenant: str, rid: str, tokens: int) -> None:
-        await asyncio.sleep(delay)
-        await self._tell_finish(tenant, rid, tokens, 0)
-
-    def _finish(self, tenant: str, rid: str, tokens: int, used: int | None) -> None:
-        task = asyncio.ensure_future(self._tell_finish(tenant, rid, tokens, used))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _tell_finish(self, tenant: str, rid: str, tokens: int, used: int | None) -> None:
+    async def _tell_finish(self, tenant: str, rid: str, tokens: int,
+                           used: int | None) -> bool:
         keys = self._keys(tenant)
         tpm = self._limits[tenant].tokens_per_minute or 0
         try:
             await self._finish_script(keys=[keys[0], keys[2]], args=[
                 rid, tpm, tokens, -1 if used is None else used])
-        except Exception as exc:  # its place expires with the request timeout
+        except Exception as exc:  # retried by Ends; else the place expires
             self._went_down(exc)
+            return False
+        return True
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
-        for task in self._tasks:  # late undos: their places expire in Redis anyway
-            task.cancel()
+        await self._ends.close()
         await self._r.aclose()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .tenants import TenantLimits
 
 PER_MINUTE_S = 60.0
+_PRUNE_AT = 1024  # running ids kept before expired ones are looked for (no concurrency limit)
 LIMIT_WORDS = {
     "max_concurrency": "concurrent requests",
     "requests_per_minute": "requests per minute",
@@ -114,9 +115,10 @@ class Budgets:
             return None
         t = self._tenant(tenant, now)
         limits = t.limits
-        if limits.max_concurrency is not None and len(t.running) >= limits.max_concurrency:
-            t.prune(now)
-            if len(t.running) >= limits.max_concurrency:
+        if len(t.running) >= (limits.max_concurrency or _PRUNE_AT):
+            t.prune(now)  # (ends never told: places past their expiry)
+            if limits.max_concurrency is not None and len(
+                    t.running) >= limits.max_concurrency:
                 # no rate to wait for: a running request ends when it ends
                 return Refusal("max_concurrency", limits.max_concurrency, 1.0)
         if t.requests is not None:

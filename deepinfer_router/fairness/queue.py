@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -153,17 +153,20 @@ class FairQueue:
             return 0
         return self._classes[klass].rank
 
-    def waiting_at_or_above(self, rank: int) -> bool:
-        """Whether a request of a class of rank <= `rank` waits."""
-        return any(c.size for c in self._classes.values() if c.rank <= rank)
+    def waiting_at_or_above(self, rank: int,
+                            allowed: Callable[[int], bool] | None = None) -> bool:
+        """Whether a request of a class of rank <= `rank` (and `allowed`) waits."""
+        return any(c.size for c in self._classes.values()
+                   if c.rank <= rank and (allowed is None or allowed(c.rank)))
 
-    def pop(self, now: float, lowest_rank: int | None = None) -> Waiting | None:
-        """The next request to serve, or None when nothing waits (`lowest_rank`: only
-        from classes of that rank or higher, by their own rank, whatever their age)."""
+    def pop(self, now: float, allowed: Callable[[int], bool] | None = None
+            ) -> Waiting | None:
+        """The next request to serve, or None when nothing waits (`allowed`: only from
+        the classes whose rank it accepts, by their own rank, whatever their age)."""
         best: _Class | None = None
         best_key = (0, 0.0)
         for c in self._classes.values():
-            if lowest_rank is not None and c.rank > lowest_rank:
+            if allowed is not None and c.size and not allowed(c.rank):
                 continue
             oldest = self._oldest(c)
             if oldest is None:

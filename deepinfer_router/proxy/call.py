@@ -28,6 +28,7 @@ class Call:
     engine: str = ""
     status: int = 499  # until known: the client went away
     answered: bool = False  # the engine's response head arrived (this attempt)
+    sent: bool = False  # some attempt sent it to an engine (never reset)
     stream_usage: bool = False  # a stream whose client asked for usage (stream_options)
     decision: DecisionRecord | None = None  # this attempt's, while decisions are logged
     cached_tokens: int | None = None  # what this attempt's engine reported cached

@@ -48,6 +48,8 @@ _MAX_TOKENIZE_CHARS = MAX_TOKEN_IDS * 8
 # the rest is encoded after, off its path (prompt_tokens/warmer.py), for when it returns.
 _HEAD_FIRST_CHARS = 2048
 _HEAD_TOKENS = 256
+# Where vLLM takes stream_options.include_usage (the router adds it for token budgets).
+_USAGE_ROUTES = ("/chat/completions", "/v1/completions")
 
 
 class Dispatcher:
@@ -112,7 +114,7 @@ class Dispatcher:
                 parsed = None
             return await self._route_with_retries(call)
         finally:
-            admission.release()
+            admission.release(call.klass)
 
     async def _take_budget(self, call: Call, gate: BudgetGate) -> None:
         """A place in the tenant's budgets, or 429 naming the limit it is over (with
@@ -131,7 +133,8 @@ class Dispatcher:
         # a stream settles its token budget only by its usage: ask for it if the client
         # did not (the relay takes it out of the client's stream)
         call.add_usage = call.stream and not call.stream_usage and (
-            call.tenant in self._token_budgets)
+            call.tenant in self._token_budgets) and call.request.path.endswith(
+            _USAGE_ROUTES)
         call.extra_headers = list(headers.items())
 
     def _settle(self, call: Call) -> None:
@@ -139,9 +142,10 @@ class Dispatcher:
         its fair-queue charge is corrected, by the answer's usage where it came."""
         usage = call.usage
         if call.budget_finish is not None:
-            # no usage: nothing reached an engine (0), or it did not say (the estimate)
+            # no usage: it was never sent to an engine (0), or the engine did not say
+            # (the estimate stands)
             call.budget_finish(usage.prompt + usage.completion if usage is not None
-                               else None if call.answered else 0)
+                               else None if call.sent else 0)
         charge = call.queue_charge
         if charge is not None and usage is not None:
             output_cost = self._output_cost

@@ -43,7 +43,7 @@ _ERROR_BODY_BYTES = 4096  # of an engine's 5xx body, kept for the message; the r
 # A write of at most this much into an empty socket buffer never waits (below the
 # transport's high-water mark): no timer is armed for it.
 _UNTIMED_WRITE = 65536
-_USAGE_TAIL = 512  # bytes of the chunk before, searched with the next for a cut usage
+_USAGE_TAIL = 1024  # bytes of the stream so far searched with a chunk, for a cut usage
 _CLIENT_LEFT = (ConnectionResetError, aiohttp.ClientConnectionResetError, ClientGone)
 
 
@@ -74,6 +74,7 @@ class Relay:
         request = call.request
         deadline = call.started + self._total_timeout
         first_byte_by = time.monotonic() + self._first_byte_timeout
+        call.sent = True  # from here an engine may be doing the work
         try:
             upstream = await self.state.upstream_pool().request(
                 request.method,
@@ -242,7 +243,7 @@ class Relay:
         usage = (call.stream_usage or call.add_usage) and upstream.status == 200 and (
             call.decision is not None or call.wants_usage)
         strip = UsageStripper() if call.add_usage and upstream.status == 200 else None
-        chunk = previous = first
+        chunk = tail = first
         if usage:
             self._take_usage(call, first)
         try:
@@ -271,9 +272,11 @@ class Relay:
                 itl.observe(now - last)
                 last = now
                 if usage:
-                    # (with the end of the chunk before: a read may cut the usage in two)
-                    self._take_usage(call, previous[-_USAGE_TAIL:] + chunk)
-                previous = chunk
+                    # (with what came before, when it did not end an event: reads may
+                    # cut the usage anywhere)
+                    scan = chunk if tail.endswith(b"\n\n") else tail + chunk
+                    self._take_usage(call, scan)
+                    tail = scan[-_USAGE_TAIL:]
                 if strip is not None:
                     chunk = strip.feed(chunk)
                 if content.at_eof():

@@ -69,26 +69,34 @@ def _last_int(data: bytes, key: bytes) -> int | None:
 
 _EMPTY_CHOICES = b'"choices":[]'
 _USAGE_OBJECT = b'"usage":{'
+_MAX_PENDING = 65536
 
 
 class UsageStripper:
     """Takes the usage event out of a stream whose client did not ask for it (the router
     asked the engine for it, to settle a tenant's token budget). SSE events end with a
     blank line; the usage event is the one with no choices and a usage object (vLLM's
-    and OpenAI's last event before [DONE]). Bytes are held back only while an event is
-    incomplete, which vLLM's streams never leave between chunks."""
+    and OpenAI's last event before [DONE], written compactly as vLLM does). Bytes are
+    held back only while an event is incomplete, which vLLM's streams never leave
+    between chunks; a stream framed otherwise (events not ending in a blank line within
+    _MAX_PENDING bytes) is passed through as it comes, usage included."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_off", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._off = False
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._pending and chunk.endswith(b"\n\n") and _EMPTY_CHOICES not in chunk:
+        if self._off or (not self._pending and chunk.endswith(b"\n\n")
+                         and _EMPTY_CHOICES not in chunk):
             return chunk  # the usual case: whole events, none of them the usage
         data = self._pending + chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
+            if len(data) > _MAX_PENDING:  # not framed as expected: stop holding bytes
+                self._off, self._pending = True, b""
+                return data
             self._pending = data
             return b""
         complete, self._pending = data[:cut + 2], data[cut + 2:]

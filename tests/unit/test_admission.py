@@ -210,7 +210,7 @@ async def test_lower_classes_leave_slots_to_the_classes_above() -> None:
     from deepinfer_router.fairness.queue import FairQueue
 
     adm = Admission(max_inflight=4, max_queue=100, queue_timeout_s=30.0, fair=FairQueue(),
-                    class_reserve=0.25)  # batch may use 2 slots, standard 3, interactive 4
+                    class_reserve=0.25)  # batch may hold 2 slots, standard + batch 3
     assert adm.try_acquire("batch") and adm.try_acquire("batch")
     assert not adm.try_acquire("batch")
     waiting = asyncio.create_task(adm.acquire("a", "batch"))
@@ -218,13 +218,29 @@ async def test_lower_classes_leave_slots_to_the_classes_above() -> None:
     assert adm.try_acquire("standard") and not adm.try_acquire("standard")
     assert adm.try_acquire("interactive")  # the last slot: found at once
     assert adm.inflight == 4 and not waiting.done()
-    adm.release()  # 3 in use: not below batch's 2, the batch request still waits
+    adm.release("interactive")  # batch still holds its 2: the batch request waits
     await _spin()
     assert not waiting.done() and adm.inflight == 3
-    adm.release()
-    adm.release()  # 1 in use: the batch request takes the freed slot
+    adm.release("batch")  # a batch slot freed: the waiting batch request takes it
     await asyncio.wait_for(waiting, 1)
-    assert adm.inflight == 2
+    assert adm.inflight == 3
+
+
+async def test_busy_higher_classes_do_not_starve_a_lower_one() -> None:
+    """The limit counts a class's own requests (and lower ones'), not the higher
+    classes': with interactive requests holding most slots, batch still gets the rest."""
+    from deepinfer_router.fairness.queue import FairQueue
+
+    adm = Admission(max_inflight=10, max_queue=100, queue_timeout_s=30.0, fair=FairQueue(),
+                    class_reserve=0.2)  # batch 6, standard + batch 8
+    for _ in range(7):
+        assert adm.try_acquire("interactive")
+    assert adm.try_acquire("batch") and adm.try_acquire("batch") and adm.try_acquire("batch")
+    assert not adm.try_acquire("batch") and adm.inflight == 10
+    waiting = asyncio.create_task(adm.acquire("a", "batch"))
+    await _spin()
+    adm.release("interactive")  # batch holds 3 of its 6: it takes the freed slot
+    await asyncio.wait_for(waiting, 1)
 
 
 @pytest.mark.parametrize("reserve", [0.0, 0.25])
@@ -239,7 +255,7 @@ async def test_every_waiter_is_served_whatever_the_reserve(reserve: float) -> No
         await adm.acquire(f"t{i % 3}", klass)
         await asyncio.sleep(0.001 * (i % 4))
         done.append(klass)
-        adm.release()
+        adm.release(klass)
 
     classes = ["batch", "standard", "interactive"]
     await asyncio.wait_for(asyncio.gather(*(one(i, classes[i % 3]) for i in range(60))), 10)

@@ -178,3 +178,37 @@ def test_members_are_spliced_into_the_body():
         out = json.loads(with_members(body, members))
         assert out["priority"] == 2 and out["stream_options"] == {"include_usage": True}
     assert with_members(b"[1]", members) == b"[1]"
+
+
+async def test_an_end_is_told_again_until_heard(monkeypatch):
+    import asyncio
+
+    from deepinfer_router.budgets import ends as ends_module
+
+    monkeypatch.setattr(ends_module, "RETRY_DELAYS_S", (0.0, 0.01, 0.01, 0.01))
+    monkeypatch.setattr(ends_module, "UNDO_AGAIN_S", (0.02, 0.04))
+    told: list[tuple[str, int | None]] = []
+    answers = iter([False, False, True])
+
+    async def tell(tenant: str, rid: str, tokens: int, used: int | None) -> bool:
+        told.append((rid, used))
+        return next(answers, True)
+
+    e = ends_module.Ends(tell)
+    e.finish("a", "r1", 10, 5, ends_module.RETRY_DELAYS_S)
+    await asyncio.sleep(0.1)
+    assert told == [("r1", 5)] * 3  # heard at the third try, then no more
+    told.clear()
+    e.undo("a", "r2", 10)  # at once, and again later (idempotent where it lands)
+    await asyncio.sleep(0.1)
+    assert told == [("r2", 0)] * 3
+    await e.close()
+
+
+def test_a_stream_framed_otherwise_is_passed_through():
+    from deepinfer_router.proxy.usage import UsageStripper
+
+    s = UsageStripper()
+    crlf = b'data: {"choices":[],"usage":{"prompt_tokens":1}}\r\n\r\n' * 2000
+    out = s.feed(crlf[:40000]) + s.feed(crlf[40000:]) + s.flush()
+    assert out == crlf  # nothing held back for ever, nothing lost
