@@ -75,11 +75,16 @@ class Admission:
     def try_acquire(self, klass: str = "standard") -> bool:
         """A slot at once, when `klass` may take one and no request of its class or
         above that may take one waits for one."""
+        if not self._reserve:  # (the hot path: no per-class counts)
+            if self.inflight < self.max_inflight and not self._waiters:
+                self.inflight += 1
+                return True
+            return False
         rank = self._rank(klass)
         in_use = self.inflight
         if self._may_take(rank, in_use) and not (self._waiters and (
-                self._waiters.waiting_at_or_above(rank, lambda r: self._may_take(r, in_use))
-                if self._reserve else True)):
+                self._waiters.waiting_at_or_above(
+                    rank, lambda r: self._may_take(r, in_use)))):
             self.inflight += 1
             self._held[rank] += 1
             return True
@@ -108,11 +113,14 @@ class Admission:
 
     def release(self, klass: str = "standard") -> None:
         """A request of class `klass` gives its slot back."""
-        self._held[self._rank(klass)] -= 1
+        reserve = self._reserve
+        allowed = None
+        if reserve:
+            self._held[self._rank(klass)] -= 1
+            in_use = self.inflight - 1
+            allowed = lambda r: self._may_take(r, in_use)  # noqa: E731
         # Hand the slot straight to the next live waiter that may take it (the reserve),
         # so it cannot be stolen.
-        in_use = self.inflight - 1
-        allowed = (lambda r: self._may_take(r, in_use)) if self._reserve else None
         while self._waiters:
             item = self._waiters.pop(self._clock(), allowed)
             if item is None:
@@ -120,7 +128,8 @@ class Admission:
             fut = item.key
             assert isinstance(fut, asyncio.Future)
             if not fut.done():
-                self._held[self._rank(item.klass)] += 1
+                if reserve:
+                    self._held[self._rank(item.klass)] += 1
                 fut.set_result(None)
                 return
         self.inflight -= 1
