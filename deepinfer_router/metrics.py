@@ -285,6 +285,15 @@ class RouterMetrics:
             ["tenant", "class", "status"],
             registry=r,
         )
+        self.tenant_tokens = Counter(
+            "deepinfer_tenant_tokens_total",
+            "Tokens of answered requests by tenant (configured names; others `other`) and "
+            "kind: prompt, cached (of the prompt, where the engine reports it) and "
+            "completion, from the usage in each answer (JSON answers; streams whose client "
+            "asked for usage, or whose tenant has a token budget).",
+            ["tenant", "kind"],
+            registry=r,
+        )
         self.budget_refusals = Counter(
             "deepinfer_tenant_budget_rejected_total",
             "Requests refused with 429 because their tenant was over a budget, by tenant and "
@@ -301,6 +310,7 @@ class RouterMetrics:
         self.routing_decisions_by = LabelCache(self.routing_decisions)
         self.misroutes_by = LabelCache(self.misroutes)
         self.budget_refusals_by = LabelCache(self.budget_refusals)
+        self.tenant_tokens_by = LabelCache(self.tenant_tokens)
 
     def watch_fleet(
         self,

@@ -41,6 +41,5 @@ class Call:
     queue_charge: float | None = None  # what the fair queue charged it (if it waited)
     budget_finish: Finish | None = None  # its tenant's budgets were charged: settle them
     extra_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the client
-    wants_usage: bool = False  # a charge to correct by the answer's usage
     add_usage: bool = False  # a stream whose usage the router asks for (and strips)
     usage: Usage | None = None  # the answer's, when wanted and reported

@@ -104,7 +104,6 @@ class Dispatcher:
                     headers={"Retry-After": "1"},
                 ) from None
             call.queue_charge = charge
-            call.wants_usage = True
             waited = time.monotonic() - wait_started
             state.metrics.queue_wait.observe(waited)
             state.metrics.tenant_queue_wait.labels(call.tenant_label, call.klass).observe(waited)
@@ -129,7 +128,6 @@ class Dispatcher:
             raise RouterError(429, refusal_message(call.tenant, refusal), refusal.limit,
                               headers=headers)
         call.budget_finish = verdict.finish
-        call.wants_usage = True
         # a stream settles its token budget only by its usage: ask for it if the client
         # did not (the relay takes it out of the client's stream)
         call.add_usage = call.stream and not call.stream_usage and (
@@ -141,6 +139,13 @@ class Dispatcher:
         """The request is over: its tenant's budget gets back what it did not use, and
         its fair-queue charge is corrected, by the answer's usage where it came."""
         usage = call.usage
+        if usage is not None:
+            tokens = self.state.metrics.tenant_tokens_by
+            label = call.tenant_label
+            tokens(label, "prompt").inc(usage.prompt)
+            tokens(label, "completion").inc(usage.completion)
+            if usage.cached is not None:
+                tokens(label, "cached").inc(usage.cached)
         if call.budget_finish is not None:
             # no usage: it was never sent to an engine (0), or the engine did not say
             # (the estimate stands)

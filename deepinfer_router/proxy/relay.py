@@ -144,10 +144,10 @@ class Relay:
             raise Retryable("reset", 502, f"engine response broke off: {exc}") from None
         call.status = upstream.status
         if upstream.status == 200:
-            if call.wants_usage:
-                call.usage = usage_in(payload)
+            usage = call.usage = usage_in(payload)
             if call.decision is not None:
-                call.cached_tokens = cached_tokens_in(payload)
+                call.cached_tokens = (usage.cached if usage is not None
+                                      else cached_tokens_in(payload))
         response = web.Response(
             status=upstream.status,
             body=payload,
@@ -240,8 +240,7 @@ class Relay:
         itl = self.state.metrics.itl_by(call.model)
         # Usage comes in the last chunk, when the client asked for it, or when the router
         # did (a tenant's token budget): then it is taken out of what the client gets.
-        usage = (call.stream_usage or call.add_usage) and upstream.status == 200 and (
-            call.decision is not None or call.wants_usage)
+        usage = (call.stream_usage or call.add_usage) and upstream.status == 200
         strip = UsageStripper() if call.add_usage and upstream.status == 200 else None
         chunk = tail = first
         if usage:
@@ -298,7 +297,7 @@ class Relay:
     def _take_usage(call: Call, chunk: bytes) -> None:
         if call.decision is not None and (found := cached_tokens_in(chunk)) is not None:
             call.cached_tokens = found
-        if call.wants_usage and (got := usage_in(chunk)) is not None:
+        if (got := usage_in(chunk)) is not None:
             call.usage = got
 
     async def _fail_stream(

@@ -86,9 +86,15 @@ async def test_the_tenants_table_sets_keys_and_default_classes(echo_engines, rou
                           **{"X-Priority": "interactive"}) == 200  # cannot raise
         assert await chat(s, r.url, Authorization="Bearer key-plain-77c2") == 200
         async with s.get(r.url + "/metrics") as resp:
-            counts = tenant_counts(await resp.text())
+            text = await resp.text()
+    counts = tenant_counts(text)
     assert counts == {("chat", "interactive", "200"): 1.0, ("chat", "standard", "200"): 1.0,
                       ("etl", "batch", "200"): 1.0, ("default", "standard", "200"): 1.0}
+    # tokens from each answer's usage (the echo engine reports 3 prompt tokens and
+    # max_tokens completion tokens, no cached tokens)
+    assert 'deepinfer_tenant_tokens_total{kind="prompt",tenant="chat"} 6.0' in text
+    assert 'deepinfer_tenant_tokens_total{kind="completion",tenant="chat"} 4.0' in text
+    assert 'kind="cached"' not in text
 
 
 async def test_the_class_reaches_engines_that_schedule_by_priority(echo_engines, router):
