@@ -71,6 +71,7 @@ the CPU share of the router, fleet and load generator. Seeds are frozen per scen
     python benchmarks/fairness.py --quick                      # shorter runs (~2.5 min)
     python benchmarks/fairness.py --quick --scenarios B --orders fifo,fair
     python benchmarks/fairness.py --quick --scenarios B --engine-priority  # engines by class
+    python benchmarks/fairness.py --held-back                  # other seeds, 4 engines x 4
     python benchmarks/fairness.py --src DIR                    # measure another source tree
 
 Writes the JSON to benchmarks/results/fairness.json (--out) and prints the table.
@@ -81,6 +82,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -117,6 +119,11 @@ from routing_workloads import MODEL, Text  # noqa: E402
 ORDERS = ("fifo", "round-robin", "fair", "fair+reserve")
 RESERVE = 0.125
 DEFAULT_OUT = HERE / "results" / "fairness.json"
+HELD_BACK_OUT = HERE / "results" / "fairness_held_back.json"
+# --held-back: the same scenarios on a fleet shaped otherwise, with other seeds (frozen
+# here, never tuned on): 4 engines x 4 sequences
+HELD_BACK_SEED_OFFSET = 7919
+HELD_BACK_FLEET = (4, 4)
 
 # --- calibration (recorded in the JSON) ---------------------------------------------------
 N_ENGINES = 2
@@ -636,10 +643,17 @@ def main() -> None:
     ap.add_argument("--class-reserve", type=float, default=RESERVE,
                     help="the router's --class-reserve in the fair+reserve order (the share "
                     "of slots each class leaves to the classes above it)")
+    ap.add_argument("--held-back", action="store_true",
+                    help="the held-back run: other seeds and 4 engines x 4 sequences "
+                    f"(written to {HELD_BACK_OUT.relative_to(HERE.parent)} unless --out)")
     ap.add_argument("--src", help="measure the router and engines of this source tree "
                     "(default: this checkout)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON written")
+    ap.add_argument("--out", default=None, help="the JSON written")
     args = ap.parse_args()
+    if args.held_back:
+        args.engines, args.max_num_seqs = HELD_BACK_FLEET
+    if args.out is None:
+        args.out = str(HELD_BACK_OUT if args.held_back else DEFAULT_OUT)
     if args.src:
         os.environ["DEEPINFER_BENCH_SRC"] = str(Path(args.src).resolve())
         os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()),
@@ -656,7 +670,10 @@ def main() -> None:
     for key in keys:
         for order in orders:
             t = time.monotonic()
-            r = asyncio.run(run_one(SCENARIOS[key], order, args))
+            sc = SCENARIOS[key]
+            if args.held_back:
+                sc = dataclasses.replace(sc, seed=sc.seed + HELD_BACK_SEED_OFFSET)
+            r = asyncio.run(run_one(sc, order, args))
             r["wall_s"] = time.monotonic() - t
             results.append(r)
             report_line(r, r["wall_s"])
@@ -681,6 +698,8 @@ def main() -> None:
             "speed": args.speed,
             "policy": args.policy,
             "engine_priority": args.engine_priority,
+            "held_back": args.held_back,
+            "seed_offset": HELD_BACK_SEED_OFFSET if args.held_back else 0,
             "class_reserve": args.class_reserve,
             "horizon_s": horizon,
             "warmup_s": warmup,
