@@ -46,6 +46,7 @@ from . import reasons
 from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures, Weighed
 from .features import MAX_SESSION_KEY, request_features
 from .guard import BoundedLoad
+from .hint_outbox import take_oldest
 from .prefix_index import PrefixIndex
 from .scoring import LoadWeights, engine_seed, load_cost, rendezvous
 from .session_affinity import SessionAffinity, SessionTable
@@ -537,11 +538,7 @@ class KvAwarePolicy(PolicyBase):
         """Placements made since the last export (oldest first, at most `hint_outbox`
         kept): plain JSON-able dicts {engine, instance, chunk_chars, hashes, session} for
         other routers' `import_hints`. Empty unless `hint_outbox` > 0."""
-        out: list[dict[str, Any]] = []
-        box = self._outbox
-        while box and (limit <= 0 or len(out) < limit):
-            out.append(box.popleft())
-        return out
+        return take_oldest(self._outbox, limit)
 
     def import_hints(
         self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup

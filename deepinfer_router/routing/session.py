@@ -13,6 +13,7 @@ from . import reasons
 from .base import Candidate, Decision, EngineLookup, PolicyBase, RequestFeatures
 from .features import MAX_SESSION_KEY
 from .guard import BoundedLoad
+from .hint_outbox import take_oldest
 from .least_conn import least_loaded
 from .session_affinity import SessionAffinity, SessionTable
 
@@ -92,11 +93,7 @@ class SessionPolicy(PolicyBase):
 
     def export_hints(self, limit: int = 0) -> list[dict[str, Any]]:
         """Bindings made since the last export, in kv-aware's hint shape (no chain)."""
-        out: list[dict[str, Any]] = []
-        box = self._outbox
-        while box and (limit <= 0 or len(out) < limit):
-            out.append(box.popleft())
-        return out
+        return take_oldest(self._outbox, limit)
 
     def import_hints(
         self, hints: Iterable[Mapping[str, Any]], now: float, lookup: EngineLookup
