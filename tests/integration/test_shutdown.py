@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support.procs import Proc, Procs
+from tests.support.procs import Proc, Procs, refuses_connections
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
 
 
 async def start_fleet(procs: Procs, *router_args: str, sims: int = 2) -> Proc:
@@ -42,18 +32,6 @@ async def start_fleet(procs: Procs, *router_args: str, sims: int = 2) -> Proc:
 
         await wait_until(all_healthy, timeout=10)
     return router
-
-
-def refuses_connections(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        try:
-            s.connect(("127.0.0.1", port))
-        except (ConnectionRefusedError, TimeoutError, ConnectionResetError):
-            # a reset: the connection reached the accept queue just as the listener
-            # closed, and the kernel dropped it; refused all the same
-            return True
-    return False
 
 
 async def open_streams(session: aiohttp.ClientSession, url: str, n: int, max_tokens: int

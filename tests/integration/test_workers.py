@@ -9,27 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.support.procs import Proc, Procs
+from tests.support.procs import Proc, Procs, refuses_connections
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = "sim-model"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
 
 
 @pytest.fixture
@@ -225,16 +217,6 @@ async def test_a_parent_killed_outright_takes_its_workers_with_it(procs, fresh):
 
     await wait_until(lambda: all(gone(p) for p in pids), timeout=15)
     await wait_until(lambda: refuses_connections(router.port), timeout=5)
-
-
-def refuses_connections(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        try:
-            s.connect(("127.0.0.1", port))
-        except (ConnectionRefusedError, TimeoutError, ConnectionResetError):
-            return True
-    return False
 
 
 async def test_sigterm_drains_open_streams_on_every_worker(procs, fresh):

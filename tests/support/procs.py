@@ -22,6 +22,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def refuses_connections(port: int) -> bool:
+    """Nothing accepts connections on 127.0.0.1:`port` (a router that has stopped)."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except (ConnectionRefusedError, TimeoutError, ConnectionResetError):
+            # a reset: the connection reached the accept queue just as the listener
+            # closed, and the kernel dropped it; refused all the same
+            return True
+    return False
+
+
 def console_script(name: str) -> str:
     """The installed console script beside this interpreter (a venv's bin/), else PATH."""
     beside = Path(sys.executable).parent / name
