@@ -106,8 +106,6 @@ def build_app(settings: RouterSettings, slot: WorkerSlot | None = None) -> web.A
     policy.explaining = state.decisions is not None
     fleet.on_routable(state.admission.engines_available)
     state.tenant_table = tenant_table
-    state.tenant_keys = tenant_table.keys
-    state.tenants = tenant_table.names
     app[STATE] = state
     proxy = Proxy(state)
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .decision_log import DecisionLog
-from .fairness.tenants import TenantKey, TenantTable
+from .fairness.tenants import TenantTable
 from .fleet import Fleet
 from .metrics import RouterMetrics
 from .routing.base import RoutingPolicy
@@ -45,9 +45,7 @@ class RouterState:
     estimate_correction: EstimateCorrection | None = None
     tokenizers: PromptTokenizers | None = None  # with --kv-events auto --tokenize auto
     shutting_down: bool = False
-    tenant_keys: list[TenantKey] = field(default_factory=list)  # --api-key NAME:KEY
-    tenants: frozenset[str] = frozenset()  # configured tenant names (metric labels)
-    tenant_table: TenantTable = field(default_factory=TenantTable)
+    tenant_table: TenantTable = field(default_factory=TenantTable)  # keys, names, classes
     budgets: BudgetGate | None = None  # when some tenant has budgets
 
     def client(self) -> aiohttp.ClientSession:

@@ -15,7 +15,7 @@ from ..state import STATE
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
-        check_api_key(state.tenant_keys, request.headers.get("Authorization", ""))
+        check_api_key(state.tenant_table.keys, request.headers.get("Authorization", ""))
     except RouterError as exc:
         return exc.response()
     now = time.monotonic()

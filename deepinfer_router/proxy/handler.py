@@ -43,9 +43,9 @@ class Proxy:
         self._ids = RequestIds()
         # Fixed for the router's life: computed once, not per request.
         settings = state.settings
-        self._tenant_keys = state.tenant_keys
+        self._tenant_keys = state.tenant_table.keys
         self._tenant_header = settings.tenant_header
-        self._tenants = state.tenants
+        self._tenants = state.tenant_table.names
         self._tenant_table = state.tenant_table
         self._engine_priority = settings.engine_priority != "off"
         self._max_body = max_body_bytes(settings.max_body_mb)
