@@ -144,10 +144,7 @@ class Relay:
             raise Retryable("reset", 502, f"engine response broke off: {exc}") from None
         call.status = upstream.status
         if upstream.status == 200:
-            usage = call.usage = usage_in(payload)
-            if call.decision is not None:
-                call.cached_tokens = (usage.cached if usage is not None
-                                      else cached_tokens_in(payload))
+            self._take_usage(call, payload)
         response = web.Response(
             status=upstream.status,
             body=payload,
@@ -294,11 +291,16 @@ class Relay:
         return response
 
     @staticmethod
-    def _take_usage(call: Call, chunk: bytes) -> None:
-        if call.decision is not None and (found := cached_tokens_in(chunk)) is not None:
-            call.cached_tokens = found
-        if (got := usage_in(chunk)) is not None:
-            call.usage = got
+    def _take_usage(call: Call, data: bytes) -> None:
+        """The usage in `data` (an answer, or a stream's chunk), and the cached tokens
+        the decision is graded by (read once, from the usage when it is whole)."""
+        usage = usage_in(data)
+        if usage is not None:
+            call.usage = usage
+        if call.decision is not None:
+            found = usage.cached if usage is not None else cached_tokens_in(data)
+            if found is not None:
+                call.cached_tokens = found
 
     async def _fail_stream(
         self,
