@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 RETRY_DELAYS_S = (0.0, 1.0, 5.0, 30.0)
 UNDO_AGAIN_S = (1.0, 5.0)
@@ -24,6 +26,28 @@ class Ends:
     def __init__(self, tell: Tell) -> None:
         self._tell = tell
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def admission(self, ask: Awaitable[T | None], tenant: str, rid: str, tokens: int,
+                        timeout_s: float | None = None,
+                        on_failure: Callable[[Exception], None] | None = None) -> T | None:
+        """The store's answer to admitting request `rid`, or None when it gave none
+        (failed, or not within `timeout_s`): the admission is undone then, since the
+        store may have made it all the same. Shielded: a client that leaves while the
+        store answers has its place given back rather than left taken."""
+        call = asyncio.ensure_future(ask)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda _t: self.undo(tenant, rid, tokens))
+            raise
+        except Exception as exc:
+            call.add_done_callback(lambda _t: self.undo(tenant, rid, tokens))
+            if on_failure is not None:
+                on_failure(exc)
+            return None
+        if answer is None:
+            self.undo(tenant, rid, tokens)
+        return answer
 
     def finish(self, tenant: str, rid: str, tokens: int, used: int | None,
                delays: tuple[float, ...] = RETRY_DELAYS_S) -> None:

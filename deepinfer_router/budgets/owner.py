@@ -10,7 +10,6 @@ running), as a restarted router does."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import logging
@@ -62,25 +61,16 @@ class OwnerGate:
         rid = self._prefix + str(next(self._ids))
         if owner == self._index:
             return self.owned.admit_now(tenant, tokens, rid)
-        # Shielded: a client that leaves while the owner answers must not leave a place
-        # taken there with nobody to give it back.
-        ask = asyncio.ensure_future(self._ask(owner, {"op": "admit", "tenant": tenant,
-                                                      "tokens": tokens, "id": rid}))
-        try:
-            answer = await asyncio.shield(ask)
-        except asyncio.CancelledError:
-            ask.add_done_callback(lambda _t: self._ends(owner).undo(tenant, rid, tokens))
-            raise
-        if answer is None:
-            # The owner may have admitted it after all (it answered late): undo that
-            # (a no-op if it did not), and admit here alone.
-            self._ends(owner).undo(tenant, rid, tokens)
+        ends = self._ends(owner)
+        answer = await ends.admission(
+            self._ask(owner, {"op": "admit", "tenant": tenant, "tokens": tokens, "id": rid}),
+            tenant, rid, tokens)
+        if answer is None:  # (undone there, in case it answered late): admit here alone
             return self._alone.admit_now(tenant, tokens, rid)
         refusal, room = answer
         if refusal is not None:
             return Verdict(refusal, room)
-        return Verdict(None, room,
-                       lambda used: self._ends(owner).finish(tenant, rid, tokens, used))
+        return Verdict(None, room, lambda used: ends.finish(tenant, rid, tokens, used))
 
     def _ends(self, owner: int) -> Ends:
         ends = self._ends_by_owner.get(owner)

@@ -19,7 +19,6 @@ undone (its id removed; a no-op if it never happened).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
@@ -148,19 +147,12 @@ class RedisGate:
         if self._down and time.monotonic() < self._retry_at:
             return self._alone.admit_now(tenant, tokens, rid)
         keys = self._keys(tenant)
-        call = asyncio.ensure_future(self._admit_script(keys=keys, args=[
-            limits.max_concurrency or 0, limits.requests_per_minute or 0,
-            limits.tokens_per_minute or 0, tokens, rid, self._expiry_s]))
-        try:
-            # shielded: a client that leaves while Redis answers gives its place back
-            answer = await asyncio.wait_for(asyncio.shield(call), _TIMEOUT_S)
-        except asyncio.CancelledError:
-            call.add_done_callback(lambda _t: self._ends.undo(tenant, rid, tokens))
-            raise
-        except Exception as exc:  # down, slow, refused: admit alone
-            # it may have run in Redis all the same: undo it (a no-op if it did not)
-            call.add_done_callback(lambda _t: self._ends.undo(tenant, rid, tokens))
-            self._went_down(exc)
+        answer = await self._ends.admission(
+            self._admit_script(keys=keys, args=[
+                limits.max_concurrency or 0, limits.requests_per_minute or 0,
+                limits.tokens_per_minute or 0, tokens, rid, self._expiry_s]),
+            tenant, rid, tokens, _TIMEOUT_S, self._went_down)
+        if answer is None:  # down, slow, refused (undone there): admit alone
             return self._alone.admit_now(tenant, tokens, rid)
         if self._down:
             self._down = False
